@@ -1,0 +1,246 @@
+"""Averaging math: one flat float32 buffer per model, its fingerprint, merge and checks.
+
+Torch only, no I/O. The exchange moves and merges flat buffers, so everything on the hot path
+(snapshot, merge, validation) is a handful of vectorised ops over one contiguous tensor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+LAYOUT_VERSION = 1
+FLAT_DTYPE = torch.float32
+FLAT_ITEMSIZE = 4
+# Merge and checks work in slices of this many elements (4 MiB of float32): small temporaries
+# instead of one as large as the model.
+CHUNK_ELEMENTS = 1 << 20
+# A model whose L2 norm exceeds this times sqrt(numel) is treated as garbage, not as weights.
+MAX_NORM_PER_SQRT_N = 1e6
+
+
+def averaged_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Floating-point parameters and buffers in state_dict order, as the live objects.
+
+    Integer buffers (e.g. BatchNorm's num_batches_tracked) stay local. A tensor registered
+    under two names (tied weights) appears once, under its first name.
+    """
+    seen: set[int] = set()
+    result: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if not tensor.is_floating_point() or id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        result.append((name, tensor))
+    return result
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    offset: int  # in elements of the flat buffer
+    numel: int
+
+
+@dataclass(frozen=True)
+class FlatLayout:
+    """Where each averaged tensor lives inside the flat float32 buffer."""
+
+    slots: tuple[TensorSlot, ...]
+    numel: int
+
+    @classmethod
+    def from_model(cls, model: nn.Module) -> FlatLayout:
+        slots: list[TensorSlot] = []
+        offset = 0
+        for name, tensor in averaged_tensors(model):
+            n = tensor.numel()
+            slots.append(TensorSlot(name, tuple(tensor.shape), tensor.dtype, offset, n))
+            offset += n
+        return cls(tuple(slots), offset)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * FLAT_ITEMSIZE
+
+    @property
+    def names(self) -> list[str]:
+        return [s.name for s in self.slots]
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [s.shape for s in self.slots]
+
+    @property
+    def dtypes(self) -> list[torch.dtype]:
+        return [s.dtype for s in self.slots]
+
+    @property
+    def offsets(self) -> list[int]:
+        return [s.offset for s in self.slots]
+
+    @property
+    def all_float32(self) -> bool:
+        return all(s.dtype == FLAT_DTYPE for s in self.slots)
+
+    def new_buffer(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.zeros(self.numel, dtype=FLAT_DTYPE, device=device)
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Views of `flat` shaped like each tensor (no copies)."""
+        check_flat(flat, self.numel)
+        return [flat[s.offset : s.offset + s.numel].view(s.shape) for s in self.slots]
+
+    def describe(self) -> str:
+        """Canonical text of names, shapes and dtypes (what the fingerprint hashes)."""
+        return json.dumps(
+            {
+                "layout_version": LAYOUT_VERSION,
+                "flat_dtype": str(FLAT_DTYPE),
+                "tensors": [[s.name, list(s.shape), str(s.dtype)] for s in self.slots],
+            },
+            separators=(",", ":"),
+        )
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(self.describe().encode()).hexdigest()
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 hex of the layout (names, shapes, dtypes, layout version); values do not count."""
+    return FlatLayout.from_model(model).fingerprint()
+
+
+def check_flat(flat: torch.Tensor, numel: int) -> None:
+    if flat.dtype != FLAT_DTYPE or flat.dim() != 1 or not flat.is_contiguous():
+        raise ValueError(f"flat buffer must be a contiguous 1-D float32 tensor, got {flat.dtype} {tuple(flat.shape)}")
+    if flat.numel() != numel:
+        raise ValueError(f"flat buffer has {flat.numel()} elements, model needs {numel}")
+
+
+def _is_bound(tensors: list[torch.Tensor], views: list[torch.Tensor]) -> bool:
+    return all(t.data_ptr() == v.data_ptr() and t.device == v.device for t, v in zip(tensors, views))
+
+
+def flatten_into(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy the model's averaged tensors into `flat` (converting dtype and device)."""
+    layout = FlatLayout.from_model(model)
+    views = layout.views(flat)
+    tensors = [t.detach() for _, t in averaged_tensors(model)]
+    if not tensors or _is_bound(tensors, views):
+        return  # already views into this buffer
+    with torch.no_grad():
+        torch._foreach_copy_(views, tensors)
+
+
+def unflatten_from(flat: torch.Tensor, model: nn.Module) -> None:
+    """Copy `flat` into the model's averaged tensors (converting dtype and device)."""
+    layout = FlatLayout.from_model(model)
+    views = layout.views(flat)
+    tensors = [t.detach() for _, t in averaged_tensors(model)]
+    if not tensors or _is_bound(tensors, views):
+        return
+    with torch.no_grad():
+        torch._foreach_copy_(tensors, views)
+
+
+def bind_to_flat(model: nn.Module, flat: torch.Tensor) -> None:
+    """Copy the model's averaged tensors into `flat`, then make them views into it.
+
+    Afterwards the optimizer's in-place updates write straight into `flat`, so publishing the
+    weights needs no copy. Needs every averaged tensor to be float32 on `flat`'s device.
+    """
+    layout = FlatLayout.from_model(model)
+    if not layout.all_float32:
+        raise ValueError("bind_to_flat needs float32 tensors; use flatten_into/unflatten_from")
+    views = layout.views(flat)
+    by_id = {id(t): v for (_, t), v in zip(averaged_tensors(model), views)}
+    flatten_into(model, flat)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        view = by_id.get(id(tensor))
+        if view is None:
+            continue
+        if isinstance(tensor, nn.Parameter):
+            tensor.data = view  # keeps the Parameter object, so optimizers still track it
+        else:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            owner._buffers[leaf] = view
+
+
+def mixing_weight(own_samples: float, peer_samples: float) -> float:
+    """Share of the peer's model in a pairwise merge: peer / (own + peer); 0.5 when unknown."""
+    own = own_samples if math.isfinite(own_samples) and own_samples > 0 else 0.0
+    peer = peer_samples if math.isfinite(peer_samples) and peer_samples > 0 else 0.0
+    total = own + peer
+    if total <= 0.0:
+        return 0.5
+    return peer / total
+
+
+def merge_(
+    local: torch.Tensor,
+    sent: torch.Tensor,
+    received: torch.Tensor,
+    alpha: float,
+    *,
+    chunk: int = CHUNK_ELEMENTS,
+) -> torch.Tensor:
+    """local += alpha * (received - sent), in place, slice by slice.
+
+    `sent` is the snapshot we sent the peer; local steps taken since then are kept.
+    """
+    n = local.numel()
+    check_flat(local, n)
+    check_flat(sent, n)
+    check_flat(received, n)
+    scratch = torch.empty(min(chunk, n), dtype=local.dtype, device=local.device)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            part = scratch[: stop - start]
+            torch.sub(received[start:stop], sent[start:stop], out=part)
+            local[start:stop].add_(part, alpha=alpha)
+    return local
+
+
+def delta_into(
+    out: torch.Tensor, sent: torch.Tensor, received: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """out = alpha * (received - sent), written into `out` without temporaries."""
+    n = out.numel()
+    check_flat(out, n)
+    check_flat(sent, n)
+    check_flat(received, n)
+    with torch.no_grad():
+        torch.sub(received, sent, out=out)
+        out.mul_(alpha)
+    return out
+
+
+def check_values(buf: torch.Tensor, *, max_norm_per_sqrt_n: float = MAX_NORM_PER_SQRT_N) -> str | None:
+    """A reason the buffer must not be merged (non-finite values, absurd norm), else None."""
+    flat = buf.reshape(-1)
+    n = flat.numel()
+    if n == 0:
+        return None
+    total = 0.0
+    with torch.no_grad():
+        for start in range(0, n, CHUNK_ELEMENTS):
+            part = flat[start : start + CHUNK_ELEMENTS]
+            if not bool(torch.isfinite(part).all()):
+                bad = int(torch.nonzero(~torch.isfinite(part))[0, 0]) + start
+                return f"non-finite value at index {bad} ({float(flat[bad])})"
+            total += float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+    norm = math.sqrt(total)
+    limit = max_norm_per_sqrt_n * math.sqrt(n)
+    if not math.isfinite(norm) or norm > limit:
+        return f"norm {norm:.3g} exceeds limit {limit:.3g}"
+    return None

@@ -1,0 +1,278 @@
+"""The `peerfed` command: argument parsing and printing only; the work lives in config.py and
+identity.py. Expected failures (PeerfedError) print one `peerfed: error: ...` message on stderr
+and exit with their documented code, without a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from peerfed import __version__
+from peerfed.config import CONFIG_FILE_NAME, KEY_FILE_NAME, edit_bootstrap, load_config, write_default_config
+from peerfed.errors import AlreadyExistsError, ConfigError, ExitCode, PeerfedError
+
+# peerfed.identity is imported inside the commands that use the key: it pulls in libp2p, which
+# takes ~0.6 s to import, and `config check` or `bootstrap list` should not wait for that.
+
+Handler = Callable[[argparse.Namespace], int]
+
+EXIT_CODES_HELP = "exit codes: " + ", ".join(f"{int(c)} {c.name.lower()}" for c in ExitCode)
+BOOTSTRAP_WARNING = ("warning: bootstrap peers are trusted to introduce this node to the swarm; "
+                     "add only peers you trust")
+
+
+# ---- where things are ----
+
+def default_home() -> Path:
+    """$PEERFED_HOME, else ~/.peerfed."""
+    return Path(os.environ.get("PEERFED_HOME") or "~/.peerfed").expanduser()
+
+
+def home_of(args: argparse.Namespace) -> Path:
+    return Path(args.home).expanduser().absolute() if args.home else default_home().absolute()
+
+
+def config_path_of(args: argparse.Namespace) -> Path:
+    """--config FILE, else HOME/peerfed.toml."""
+    if getattr(args, "config", None):
+        return Path(args.config).expanduser().absolute()
+    return home_of(args) / CONFIG_FILE_NAME
+
+
+def add_home_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--home", metavar="DIR",
+                        help="node folder (default: $PEERFED_HOME, else ~/.peerfed)")
+
+
+def add_location_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--home", metavar="DIR",
+                       help="node folder holding peerfed.toml (default: $PEERFED_HOME, else ~/.peerfed)")
+    group.add_argument("--config", metavar="FILE", help="config file (default: HOME/peerfed.toml)")
+
+
+# ---- init ----
+
+def add_init_arguments(parser: argparse.ArgumentParser) -> None:
+    add_home_option(parser)
+    parser.add_argument("--network", metavar="NAME", help="swarm id shared by all its nodes")
+    parser.add_argument("--p2p-listen", metavar="MULTIADDR", action="append",
+                        help="libp2p listen address (repeatable), e.g. /ip4/0.0.0.0/tcp/7401")
+    parser.add_argument("--exchange-listen", metavar="HOST:PORT", help="weight exchange address")
+    parser.add_argument("--api-listen", metavar="HOST:PORT", help="local admin API (loopback only)")
+    parser.add_argument("--bootstrap", metavar="MULTIADDR", action="append", default=[],
+                        help="peer to contact first, ending /p2p/<PeerID> (repeatable)")
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from peerfed.identity import create_identity, peer_id_of
+
+    home = home_of(args)
+    key_path, config_path = home / KEY_FILE_NAME, home / CONFIG_FILE_NAME
+    existing = [str(p) for p in (key_path, config_path) if os.path.lexists(p)]
+    if existing:
+        raise AlreadyExistsError(
+            f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; init never "
+            f"overwrites them. To start over, move {home} away (keep {KEY_FILE_NAME}: it is this "
+            f"node's identity), or use --home DIR for another node")
+    try:  # validates every option before it writes anything
+        cfg = write_default_config(config_path, network=args.network, p2p_listen=args.p2p_listen,
+                                   exchange_listen=args.exchange_listen, api_listen=args.api_listen,
+                                   bootstrap=args.bootstrap)
+    except ConfigError as exc:
+        raise ConfigError("invalid init options; nothing was written:",
+                          [p.removeprefix(f"{config_path}: ") for p in exc.problems]) from None
+    try:
+        key_pair = create_identity(cfg.identity)
+    except BaseException:
+        config_path.unlink()  # leave no half-made node folder behind
+        raise
+    print(f"initialized peerfed node in {home}")
+    print(f"peer id:  {peer_id_of(key_pair)}")
+    print(f"identity: {key_path} (private: back it up, never share it)")
+    print(f"config:   {config_path}")
+    return ExitCode.OK
+
+
+# ---- id ----
+
+def add_id_arguments(parser: argparse.ArgumentParser) -> None:
+    add_location_options(parser)
+    parser.add_argument("--json", action="store_true", help='print {"peer_id": ..., "addrs": [...]}')
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    from peerfed.identity import load_identity, peer_id_of
+
+    cfg = load_config(config_path_of(args))
+    peer_id = peer_id_of(load_identity(cfg.identity))
+    addrs = [f"{addr}/p2p/{peer_id}" for addr in (cfg.p2p.announce or cfg.p2p.listen)]
+    if args.json:
+        print(json.dumps({"peer_id": peer_id, "addrs": addrs}))
+    else:
+        print(peer_id)
+        for addr in addrs:
+            print(addr)
+    return ExitCode.OK
+
+
+# ---- config check ----
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add_location_options(actions.add_parser("check", help="validate the config file"))
+
+
+def cmd_config(args: argparse.Namespace) -> int:
+    cfg = load_config(config_path_of(args))  # only "check" exists so far
+    print(f"ok: {cfg.path}")
+    return ExitCode.OK
+
+
+# ---- bootstrap list|add|rm ----
+
+def add_bootstrap_arguments(parser: argparse.ArgumentParser) -> None:
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    add_location_options(actions.add_parser("list", help="print the bootstrap peers"))
+    for name, verb in (("add", "add to"), ("rm", "remove from")):
+        sub = actions.add_parser(name, help=f"{verb} the list (edits the file, keeps its comments)")
+        sub.add_argument("addrs", nargs="+", metavar="ADDR", help="multiaddr ending /p2p/<PeerID>")
+        add_location_options(sub)
+
+
+def cmd_bootstrap(args: argparse.Namespace) -> int:
+    path = config_path_of(args)
+    before = load_config(path).p2p.bootstrap
+    if args.action == "list":
+        for addr in before:
+            print(addr)
+    elif args.action == "add":
+        after = edit_bootstrap(path, add=args.addrs)
+        print(BOOTSTRAP_WARNING, file=sys.stderr)
+        for addr in args.addrs:
+            print(f"{'already listed' if addr in before else 'added'}: {addr}")
+        print(f"{len(after)} bootstrap peer(s) in {path}")
+    else:
+        after = edit_bootstrap(path, remove=args.addrs)
+        for addr in args.addrs:
+            print(f"removed: {addr}")
+        print(f"{len(after)} bootstrap peer(s) in {path}")
+    return ExitCode.OK
+
+
+# ---- command table ----
+
+# ---- run / status / peers ----
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    add_location_options(parser)
+    parser.add_argument("--log-level", choices=("debug", "info", "warning", "error"),
+                        help="overrides log_level from the config")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from peerfed.daemon import run_daemon
+    from peerfed.ops.logs import setup_logging
+
+    cfg = load_config(config_path_of(args))
+    setup_logging(args.log_level or cfg.log_level)
+    run_daemon(cfg, log_level_override=args.log_level)
+    return ExitCode.OK
+
+
+def add_query_arguments(parser: argparse.ArgumentParser) -> None:
+    add_location_options(parser)
+    parser.add_argument("--json", action="store_true", help="print the local API's JSON")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from peerfed.ops.api import fetch_json
+
+    cfg = load_config(config_path_of(args))
+    status = fetch_json(cfg.api.host, cfg.api.port, "/status")
+    if args.json:
+        print(json.dumps(status, indent=1))
+        return ExitCode.OK
+    for key in ("peer_id", "network", "version", "uptime_s", "peers_connected", "step", "samples"):
+        if key in status:
+            print(f"{key:16} {status[key]}")
+    for key in ("metrics", "exchanges"):
+        if status.get(key):
+            print(f"{key:16} " + ", ".join(f"{k}={v}" for k, v in status[key].items()))
+    return ExitCode.OK
+
+
+def cmd_peers(args: argparse.Namespace) -> int:
+    from peerfed.ops.api import fetch_json
+
+    cfg = load_config(config_path_of(args))
+    peers = fetch_json(cfg.api.host, cfg.api.port, "/peers")
+    if args.json:
+        print(json.dumps(peers, indent=1))
+        return ExitCode.OK
+    for peer in peers:
+        rtt = f"{peer['rtt_ms']:.1f} ms" if peer.get("rtt_ms") is not None else "-"
+        print(f"{peer['peer_id']}  {peer['state']:9}  rtt {rtt:>9}  {' '.join(peer['addrs'][:1])}")
+    if not peers:
+        print("no peers known yet")
+    return ExitCode.OK
+
+
+@dataclass(frozen=True)
+class Command:
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    handler: Handler
+
+
+# Subcommand name -> Command (handlers return an ExitCode and raise PeerfedError subclasses
+# for expected failures).
+COMMANDS: dict[str, Command] = {
+    "init": Command("create a node folder: identity key and commented config", add_init_arguments, cmd_init),
+    "id": Command("print this node's PeerID and addresses", add_id_arguments, cmd_id),
+    "config": Command("config file tools (check)", add_config_arguments, cmd_config),
+    "bootstrap": Command("list or edit the bootstrap peers", add_bootstrap_arguments, cmd_bootstrap),
+    "run": Command("run the node: join the swarm, train, exchange weights", add_run_arguments, cmd_run),
+    "status": Command("show the running node's status (from its local API)", add_query_arguments, cmd_status),
+    "peers": Command("list the running node's peers (from its local API)", add_query_arguments, cmd_peers),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peerfed", description="Peer-to-peer PyTorch training daemon (gossip weight averaging).",
+        epilog=EXIT_CODES_HELP)
+    parser.add_argument("--version", action="version", version=f"peerfed {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, command in COMMANDS.items():
+        sub = commands.add_parser(name, help=command.help, description=command.help, epilog=EXIT_CODES_HELP)
+        command.add_arguments(sub)
+        sub.set_defaults(handler=command.handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits on --help (0) and on usage errors (2)
+        return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return ExitCode.USAGE
+    try:
+        return int(args.handler(args))
+    except PeerfedError as exc:
+        print(f"peerfed: error: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    except OSError as exc:  # e.g. a folder we may not write: say which, no traceback
+        print(f"peerfed: error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), file=sys.stderr)
+        return ExitCode.INTERNAL
+    except KeyboardInterrupt:
+        return 130  # the shell convention for Ctrl+C

@@ -1,0 +1,492 @@
+"""The node's TOML config: schema (frozen pydantic models), loading with operator-friendly errors,
+the commented default file written by `peerfed init`, and in-place bootstrap list edits.
+
+Every problem is reported as `FILE: key.path: what is wrong (got VALUE)`, all problems at once.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import ipaddress
+import json
+import os
+import re
+import tempfile
+import tomllib
+from collections.abc import Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import multiaddr
+import tomlkit
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator,
+                      PrivateAttr, Strict, ValidationError, ValidationInfo, field_validator)
+
+from peerfed.core.peerid import is_valid_peer_id
+from peerfed.errors import AlreadyExistsError, ConfigError
+
+CONFIG_FILE_NAME = "peerfed.toml"
+KEY_FILE_NAME = "identity.key"  # default `identity`, next to the config
+_NETWORK_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+_DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
+_TASK_RE = re.compile(r"[a-z0-9][a-z0-9._-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
+_EXAMPLE_BOOTSTRAP = "/ip4/203.0.113.5/tcp/7401/p2p/12D3KooW..."
+
+
+# ---- value checks (raise ValueError with the text shown after the key path) ----
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """'0.0.0.0:7402', 'localhost:7403', '[::1]:7403' -> (host, port); port 0 = pick a free one."""
+    if value.startswith("["):
+        host, sep, port_text = value[1:].partition("]:")
+        try:
+            ok = bool(sep) and ipaddress.ip_address(host).version == 6
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError("an IPv6 address must be written [ADDRESS]:PORT, e.g. [::1]:7403")
+    else:
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:7402 or [::1]:7403")
+        if ":" in host:
+            raise ValueError("put an IPv6 address in brackets, e.g. [::1]:7403")
+        if not _HOSTNAME_RE.fullmatch(host) or (re.fullmatch(r"[\d.]+", host) and not _is_ipv4(host)):
+            raise ValueError(f"{host!r} is not an IP address or host name")
+    if not (port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535):
+        raise ValueError("port must be a number from 0 to 65535 (0 = pick a free one)")
+    return host, int(port_text)
+
+
+def _is_ipv4(text: str) -> bool:
+    try:
+        return ipaddress.ip_address(text).version == 4
+    except ValueError:
+        return False
+
+
+def _check_host_port(value: str) -> str:
+    parse_host_port(value)
+    return value
+
+
+def _check_loopback_host_port(value: str) -> str:
+    host = parse_host_port(value)[0]
+    try:
+        loopback = host.lower() in ("localhost", "localhost.") or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # another host name
+        loopback = False
+    if not loopback:
+        raise ValueError("the admin API is never exposed: use a loopback address "
+                         "(127.0.0.1, ::1 or localhost), e.g. 127.0.0.1:7403")
+    return value
+
+
+def _parse_multiaddr(value: str) -> multiaddr.Multiaddr:
+    if not value:
+        raise ValueError("must not be empty")
+    try:
+        return multiaddr.Multiaddr(value)
+    except Exception as exc:  # the package raises several types; all mean "bad address"
+        reason = str(exc).split(" (string:")[0].split("': ")[-1]
+        raise ValueError(f"not a valid multiaddr: {reason} (e.g. /ip4/0.0.0.0/tcp/7401)") from exc
+
+
+def _check_listen_addr(value: str) -> str:
+    if any(p.name == "p2p" for p in _parse_multiaddr(value).protocols()):
+        raise ValueError("must not contain /p2p/ (the node's own PeerID is added when shown)")
+    return value
+
+
+def check_peer_id(value: str) -> str:
+    if not is_valid_peer_id(value):
+        raise ValueError("not a valid Ed25519 PeerID (12D3KooW..., see `peerfed id`)")
+    return value
+
+
+def check_bootstrap_address(value: str) -> str:
+    """A dialable multiaddr ending in /p2p/<PeerID>; raises ValueError saying what is wrong."""
+    names = [p.name for p in _parse_multiaddr(value).protocols()]
+    if len(names) < 2 or names[-1] != "p2p":
+        raise ValueError(f"must be an address ending in /p2p/<PeerID>, e.g. {_EXAMPLE_BOOTSTRAP}")
+    peer_id = value.rstrip("/").rsplit("/", 1)[-1]
+    if not is_valid_peer_id(peer_id):
+        raise ValueError(f"{peer_id!r} after /p2p/ is not a valid Ed25519 PeerID (12D3KooW...)")
+    return value
+
+
+def _check_pattern(regex: re.Pattern[str], allowed: str) -> Any:
+    def check(value: str) -> str:
+        if not regex.fullmatch(value):
+            raise ValueError(f"must be {allowed}")
+        return value
+    return AfterValidator(check)
+
+
+def _check_url(value: str) -> str:
+    if value and not re.fullmatch(r"https?://[^/\s:]+(:\d+)?(/\S*)?|https?://\[[0-9a-fA-F:.]+\](:\d+)?(/\S*)?", value):
+        raise ValueError('must be empty or an http(s) URL such as "http://203.0.113.5:7402"')
+    return value
+
+
+def _to_path(value: Any) -> Path:
+    if isinstance(value, Path):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError("must be a non-empty path string")
+    return Path(value).expanduser()
+
+
+def _check_scalar(value: Any) -> Any:
+    if isinstance(value, (str, int, float, bool)):
+        return value
+    raise ValueError("task options must be a string, number or boolean")
+
+
+Str = Annotated[str, Strict()]
+Int = Annotated[int, Strict()]
+Float = Annotated[float, Strict()]
+ListenAddr = Annotated[Str, AfterValidator(_check_listen_addr)]
+BootstrapAddr = Annotated[Str, AfterValidator(check_bootstrap_address)]
+PeerIdStr = Annotated[Str, AfterValidator(check_peer_id)]
+HostPort = Annotated[Str, AfterValidator(_check_host_port)]
+LoopbackHostPort = Annotated[Str, AfterValidator(_check_loopback_host_port)]
+FilePath = Annotated[Path, BeforeValidator(_to_path)]
+
+
+# ---- schema ----
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", validate_default=True)
+
+
+class P2PConfig(_Section):
+    listen: tuple[ListenAddr, ...] = ("/ip4/0.0.0.0/tcp/7401",)
+    announce: tuple[ListenAddr, ...] = ()
+    bootstrap: tuple[BootstrapAddr, ...] = ()
+    allowlist: tuple[PeerIdStr, ...] = ()
+    max_peers: Int = Field(64, ge=1)
+
+    @field_validator("listen")
+    @classmethod
+    def _not_empty(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError('must list at least one address, e.g. ["/ip4/0.0.0.0/tcp/7401"]')
+        return value
+
+
+class ExchangeConfig(_Section):
+    listen: HostPort = "0.0.0.0:7402"
+    advertise_url: Annotated[Str, AfterValidator(_check_url)] = ""
+    interval: Float = Field(10.0, gt=0)
+    connect_timeout: Float = Field(5.0, gt=0)
+    transfer_timeout: Float = Field(120.0, gt=0)
+    max_incoming: Int = Field(2, ge=1)
+
+    @property
+    def listen_host(self) -> str:
+        return parse_host_port(self.listen)[0]
+
+    @property
+    def listen_port(self) -> int:
+        return parse_host_port(self.listen)[1]
+
+
+class TrainConfig(_Section):
+    task: Annotated[Str, _check_pattern(_TASK_RE, 'a built-in task name or "module:factory"')] = "digits-mlp"
+    device: Annotated[Str, _check_pattern(_DEVICE_RE, "auto, cpu, cuda, cuda:N or mps")] = "auto"
+    batch_size: Int = Field(32, ge=1)
+    lr: Float = Field(0.05, gt=0)
+    seed: Int = Field(0, ge=0)
+    threads: Int = Field(0, ge=0)
+    eval_interval: Float = Field(5.0, gt=0)
+    init: Literal["auto", "peer", "local"] = "auto"
+    node_index: Int = Field(0, ge=0)
+    node_count: Int = Field(1, ge=1)
+    options: dict[Str, Annotated[Any, PlainValidator(_check_scalar)]] = Field(default_factory=dict)
+
+
+class ApiConfig(_Section):
+    listen: LoopbackHostPort = "127.0.0.1:7403"
+
+    @property
+    def host(self) -> str:
+        return parse_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return parse_host_port(self.listen)[1]
+
+
+class CheckpointConfig(_Section):
+    interval: Float = Field(300.0, gt=0)
+    keep: Int = Field(3, ge=1)
+
+
+class Config(_Section):
+    network: Annotated[Str, _check_pattern(_NETWORK_RE, "1-64 of a-z 0-9 . _ - starting with a letter or digit")] = "peerfed"
+    identity: FilePath = Path(KEY_FILE_NAME)
+    state_dir: FilePath = Path("state")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    p2p: P2PConfig = P2PConfig()
+    exchange: ExchangeConfig = ExchangeConfig()
+    train: TrainConfig = TrainConfig()
+    api: ApiConfig = ApiConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    _path: Path | None = PrivateAttr(None)
+
+    @field_validator("identity", "state_dir")
+    @classmethod
+    def _resolve(cls, value: Path, info: ValidationInfo) -> Path:
+        base = (info.context or {}).get("base_dir")
+        return Path(base) / value if base is not None and not value.is_absolute() else value
+
+    @property
+    def path(self) -> Path | None:
+        """The file this config was loaded from (None when built in code)."""
+        return self._path
+
+    def __eq__(self, other: object) -> bool:
+        # Equal settings are equal configs, whichever file they came from (pydantic would
+        # also compare the private _path).
+        return isinstance(other, Config) and self.model_dump() == other.model_dump()
+
+    __hash__ = None  # type: ignore[assignment]  # train.options is a dict; compare digest() instead
+
+    def digest(self) -> str:
+        """sha256 hex of the normalized settings (two nodes' configs compare equal by this)."""
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+# ---- loading and error reporting ----
+
+def _key_path(loc: Sequence[int | str]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _section_model(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        annotation = field.annotation if field else None
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return model
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, dict):
+        return "a table"
+    text = json.dumps(value) if isinstance(value, (str, bool)) else repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _describe(err: Any) -> str:
+    kind, loc = err["type"], err["loc"]
+    if kind == "extra_forbidden":
+        model = _section_model(loc[:-1])
+        known = list(model.model_fields) if model else []
+        where = f"[{_key_path(loc[:-1])}]" if loc[:-1] else "the top level"
+        close = difflib.get_close_matches(str(loc[-1]), known, n=1, cutoff=0.7)
+        if close:
+            return f"unknown key; did you mean '{close[0]}'?"
+        return f"unknown key (known keys in {where}: {', '.join(known)})"
+    if kind == "value_error":
+        message = str(err["ctx"]["error"])
+    elif kind in ("model_type", "model_attributes_type", "dict_type"):
+        message = "must be a table"
+    elif kind in ("tuple_type", "list_type"):
+        message = "must be a list, e.g. [\"...\"]"
+    elif kind == "bool_type":
+        message = "must be true or false"
+    else:
+        message = err["msg"].replace("Input should be", "must be")
+    return f"{message} (got {_show(err['input'])})"
+
+
+def _cross_checks(cfg: Config) -> list[tuple[str, str]]:
+    problems = []
+    if cfg.train.node_index >= cfg.train.node_count:
+        problems.append(("train.node_index", f"must be less than train.node_count "
+                         f"({cfg.train.node_count}) (got {cfg.train.node_index})"))
+    return problems
+
+
+def parse_config(data: dict[str, Any], *, base_dir: Path | None, source: str = "<config>") -> Config:
+    """Validate already-parsed TOML data; relative paths resolve against base_dir."""
+    try:
+        cfg = Config.model_validate(data, context={"base_dir": base_dir})
+    except ValidationError as exc:
+        problems = [f"{source}: {_key_path(e['loc'])}: {_describe(e)}" for e in exc.errors()]
+    else:
+        problems = [f"{source}: {key}: {text}" for key, text in _cross_checks(cfg)]
+        if not problems:
+            return cfg
+    count = f"{len(problems)} problem" + ("s" if len(problems) > 1 else "")
+    raise ConfigError(f"invalid config {source} ({count}):", problems)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"no config file at {path}; create one with `peerfed init` "
+                          f"(or `peerfed init --home DIR`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read config {path}: {exc}") from None
+
+
+def _parse_toml(text: str, path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        # Python 3.11 puts the position only in the message: "... (at line 3, column 9)".
+        match = re.search(r"^(.*) \(at line (\d+), column (\d+)\)$", str(exc))
+        if match:
+            reason, line, column = match.groups()
+        else:  # "(at end of document)"
+            reason, line, column = str(exc).split(" (at ")[0], str(text.count("\n") + 1), "end"
+        raise ConfigError(f"{path}:{line}: TOML syntax error: {reason} "
+                          f"(line {line}, column {column})") from None
+
+
+def load_config(path: str | os.PathLike[str]) -> Config:
+    """Read and validate a config file; raises ConfigError listing every problem found."""
+    path = Path(path).expanduser().absolute()
+    cfg = parse_config(_parse_toml(_read_text(path), path), base_dir=path.parent, source=str(path))
+    cfg._path = path
+    return cfg
+
+
+# ---- writing ----
+
+def make_private_dir(folder: Path) -> None:
+    """Create `folder` (and parents) with the last one 0700; leave an existing folder alone."""
+    if not folder.is_dir():
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(folder, 0o700)  # mkdir's mode is filtered by the umask
+
+
+def write_file_atomically(path: Path, data: bytes, *, mode: int, overwrite: bool) -> None:
+    """Write via a temp file in the same folder so readers never see a partial file.
+
+    overwrite=False links the temp file into place, which fails if the path exists (like
+    O_CREAT|O_EXCL): AlreadyExistsError. overwrite=True uses os.replace.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            os.fsync(f.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise AlreadyExistsError(f"{path} already exists; not overwriting it") from None
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the new name itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def default_config_text() -> str:
+    """The commented template shipped with the package (all settings at their defaults)."""
+    return resources.files("peerfed").joinpath("default_config.toml").read_text(encoding="utf-8")
+
+
+def _array(values: Iterable[str]) -> Any:
+    array = tomlkit.array()
+    array.extend(values)
+    return array.multiline(len(array) > 1)
+
+
+def write_default_config(path: str | os.PathLike[str], *, network: str | None = None,
+                         p2p_listen: str | Sequence[str] | None = None,
+                         exchange_listen: str | None = None, api_listen: str | None = None,
+                         bootstrap: Sequence[str] = ()) -> Config:
+    """Write the commented template with these values filled in and return it loaded.
+
+    The result is validated before anything is written (a bad value leaves no file or folder
+    behind: ConfigError); a missing folder is created 0700; never overwrites (AlreadyExistsError).
+    """
+    path = Path(path).expanduser().absolute()
+    doc = tomlkit.parse(default_config_text())
+    p2p: Any = doc["p2p"]
+    # Assigning a value keeps the template's comment on that line.
+    if network is not None:
+        doc["network"] = network
+    if p2p_listen is not None:
+        p2p["listen"] = _array([p2p_listen] if isinstance(p2p_listen, str) else p2p_listen)
+    if bootstrap:
+        p2p["bootstrap"] = _array(bootstrap)
+    if exchange_listen is not None:
+        doc["exchange"]["listen"] = exchange_listen  # type: ignore[index]
+    if api_listen is not None:
+        doc["api"]["listen"] = api_listen  # type: ignore[index]
+    text = tomlkit.dumps(doc)
+    parse_config(_parse_toml(text, path), base_dir=path.parent, source=str(path))
+    make_private_dir(path.parent)
+    write_file_atomically(path, text.encode(), mode=0o644, overwrite=False)
+    return load_config(path)
+
+
+def _same_address(a: str, b: str) -> bool:
+    try:
+        return a == b or str(multiaddr.Multiaddr(a)) == str(multiaddr.Multiaddr(b))
+    except Exception:  # an unparsable entry only matches itself
+        return False
+
+
+def edit_bootstrap(path: str | os.PathLike[str], *, add: Sequence[str] = (),
+                   remove: Sequence[str] = ()) -> tuple[str, ...]:
+    """Add/remove p2p.bootstrap entries in place, keeping the file's comments and layout.
+
+    Adding an entry already present is a no-op; removing an absent one is a ConfigError.
+    The edited file is validated before it atomically replaces the old one.
+    Returns the new bootstrap list.
+    """
+    path = Path(path).expanduser().absolute()
+    text = _read_text(path)
+    _parse_toml(text, path)  # tomllib's syntax errors carry line numbers; tomlkit's are vaguer
+    for addr in add:
+        try:
+            check_bootstrap_address(addr)
+        except ValueError as exc:
+            raise ConfigError(f"bootstrap address {addr!r}: {exc}") from None
+    doc = tomlkit.parse(text)
+    p2p = doc.setdefault("p2p", tomlkit.table())
+    if not isinstance(p2p, dict) or not isinstance(p2p.setdefault("bootstrap", tomlkit.array()), list):
+        raise ConfigError(f"{path}: p2p.bootstrap: must be a list inside a [p2p] table")
+    array = p2p["bootstrap"]
+    for addr in remove:
+        index = next((i for i, v in enumerate(array) if _same_address(str(v), addr)), None)
+        if index is None:
+            raise ConfigError(f"{addr} is not in p2p.bootstrap of {path} "
+                              f"(`peerfed bootstrap list` shows the entries)")
+        del array[index]
+    for addr in add:
+        if not any(_same_address(str(v), addr) for v in array):
+            array.append(addr)
+    if len(array) > 1 and "\n" not in array.as_string():
+        array.multiline(True)  # one address per line reads better than one long line
+    new_text = tomlkit.dumps(doc)
+    cfg = parse_config(_parse_toml(new_text, path), base_dir=path.parent, source=str(path))
+    real = path.resolve()  # edit a symlinked config's target, keep the link
+    write_file_atomically(real, new_text.encode(), mode=os.stat(real).st_mode & 0o7777, overwrite=True)
+    return cfg.p2p.bootstrap

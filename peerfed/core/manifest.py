@@ -1,0 +1,177 @@
+"""Manifests for bulk payloads, and hashing those payloads as they stream.
+
+Weights are not signed byte by byte: a signed envelope carries a Manifest with
+the payload's length and sha256, and the receiver hashes the bytes while they
+arrive (StreamDigest) and merges nothing unless ``check()`` passes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from peerfed.core.errors import DigestMismatch, LengthMismatch, Malformed
+
+DIGEST_SIZE = 32
+NONCE_SIZE = 16
+PURPOSES: tuple[str, ...] = ("push", "reply", "model")
+MAX_LENGTH = (1 << 63) - 1  # msgpack's int64 range; real payloads are far smaller
+MAX_TEXT = 256  # fingerprints and similar short strings
+_MISSING: Any = object()
+
+
+def read_field(wire: dict[str, Any], name: str, kinds: type | tuple[type, ...],
+               default: Any = _MISSING) -> Any:
+    """``wire[name]`` checked to be one of ``kinds``; Malformed if missing or mistyped.
+
+    Shared by the body kinds of envelope.py. ``bool`` never passes for ``int``/``float``
+    (it is an int subclass in Python, but a different msgpack type).
+    """
+    if not isinstance(wire, dict):
+        raise Malformed(f"body must be a map, not {type(wire).__name__}")
+    if name not in wire:
+        if default is _MISSING:
+            raise Malformed(f"missing field {name!r}")
+        return default
+    value = wire[name]
+    kinds_t = kinds if isinstance(kinds, tuple) else (kinds,)
+    if not isinstance(value, kinds_t) or (isinstance(value, bool) and bool not in kinds_t):
+        names = "/".join(k.__name__ for k in kinds_t)
+        raise Malformed(f"field {name!r} must be {names}, not {type(value).__name__}")
+    return value
+
+
+def read_text(wire: dict[str, Any], name: str, default: Any = _MISSING,
+              max_chars: int = MAX_TEXT) -> str:
+    value = read_field(wire, name, str, default)
+    if len(value) > max_chars:
+        raise Malformed(f"field {name!r} is longer than {max_chars} characters")
+    return value
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Announces a bulk payload: its model fingerprint, length, sha256 and weight."""
+
+    KIND: ClassVar[str] = "manifest"
+
+    fingerprint: str
+    length: int
+    digest: bytes  # sha256 of the payload, 32 bytes
+    sample_weight: float
+    purpose: str  # "push" | "reply" | "model"
+    in_reply_to: bytes = b""  # nonce of the push this reply answers
+
+    def to_wire(self) -> dict[str, Any]:
+        # Sorted keys: the signed encoding must not depend on dict order.
+        return {
+            "digest": bytes(self.digest),
+            "fingerprint": self.fingerprint,
+            "in_reply_to": bytes(self.in_reply_to),
+            "length": int(self.length),
+            "purpose": self.purpose,
+            "sample_weight": float(self.sample_weight),
+        }
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> Manifest:
+        fingerprint = read_text(wire, "fingerprint")
+        length = read_field(wire, "length", int)
+        if not 0 <= length <= MAX_LENGTH:
+            raise Malformed(f"manifest length {length} out of range")
+        digest = read_field(wire, "digest", bytes)
+        if len(digest) != DIGEST_SIZE:
+            raise Malformed(f"manifest digest must be {DIGEST_SIZE} bytes, not {len(digest)}")
+        weight = read_field(wire, "sample_weight", (float, int))
+        if not math.isfinite(weight) or weight < 0:
+            raise Malformed(f"manifest sample_weight {weight!r} must be finite and >= 0")
+        purpose = read_text(wire, "purpose")
+        if purpose not in PURPOSES:
+            raise Malformed(f"manifest purpose {purpose!r} is not one of {', '.join(PURPOSES)}")
+        in_reply_to = read_field(wire, "in_reply_to", bytes, b"")
+        if len(in_reply_to) not in (0, NONCE_SIZE):
+            raise Malformed(f"manifest in_reply_to must be empty or {NONCE_SIZE} bytes")
+        return cls(fingerprint=fingerprint, length=length, digest=digest,
+                   sample_weight=float(weight), purpose=purpose, in_reply_to=in_reply_to)
+
+    @classmethod
+    def for_buffer(cls, buf: bytes | bytearray | memoryview, *, fingerprint: str,
+                   sample_weight: float, purpose: str, in_reply_to: bytes = b"") -> Manifest:
+        """Manifest describing ``buf`` (hashes it: run it off the event loop for big buffers)."""
+        view = _byte_view(buf)
+        return cls(fingerprint=fingerprint, length=view.nbytes, digest=digest_buffer(view),
+                   sample_weight=sample_weight, purpose=purpose, in_reply_to=in_reply_to)
+
+
+def _byte_view(chunk: bytes | bytearray | memoryview) -> memoryview:
+    # A flat unsigned-byte view of any C-contiguous buffer, without copying it.
+    view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+    if not view.c_contiguous:
+        raise ValueError("StreamDigest needs C-contiguous buffers")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return view
+
+
+class StreamDigest:
+    """Length and sha256 of the bytes seen so far; chunks are hashed in place, not copied.
+
+    With ``expected_length`` set, ``update`` raises LengthMismatch as soon as more
+    bytes arrive than announced, so a receiver can stop reading at once.
+    """
+
+    def __init__(self, expected_length: int | None = None) -> None:
+        self._hash = hashlib.sha256()
+        self._length = 0
+        self.expected_length = expected_length
+
+    def update(self, chunk: bytes | bytearray | memoryview) -> None:
+        view = _byte_view(chunk)
+        size = view.nbytes
+        if self.expected_length is not None and self._length + size > self.expected_length:
+            raise LengthMismatch(
+                f"received more than the announced {self.expected_length} bytes")
+        self._hash.update(view)  # hashlib reads the buffer directly (and drops the GIL)
+        self._length += size
+
+    @property
+    def length(self) -> int:
+        return self._length
+
+    def digest(self) -> bytes:
+        return self._hash.digest()
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def check(self, manifest: Manifest) -> None:
+        """Raise LengthMismatch or DigestMismatch unless the bytes seen match ``manifest``."""
+        if self._length != manifest.length:
+            raise LengthMismatch(
+                f"received {self._length} bytes, manifest announced {manifest.length}")
+        if self._hash.digest() != manifest.digest:
+            raise DigestMismatch("sha256 of the received bytes does not match the manifest")
+
+
+def digest_buffer(buf: bytes | bytearray | memoryview, chunk: int = 1 << 20) -> bytes:
+    """sha256 of ``buf``, fed in ``chunk``-byte slices of one memoryview (no copies)."""
+    if chunk <= 0:
+        raise ValueError("chunk must be positive")
+    view = _byte_view(buf)
+    h = hashlib.sha256()
+    for start in range(0, view.nbytes, chunk):
+        h.update(view[start:start + chunk])
+    return h.digest()
+
+
+__all__ = [
+    "DIGEST_SIZE",
+    "PURPOSES",
+    "Manifest",
+    "StreamDigest",
+    "digest_buffer",
+    "read_field",
+    "read_text",
+]

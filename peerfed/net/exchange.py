@@ -1,0 +1,368 @@
+"""The data plane: push-pull weight exchange and state sync over aiohttp.
+
+``POST /v1/exchange`` carries the initiator's signed manifest in a header and its snapshot
+in the body; the response carries the responder's manifest and snapshot, and streams while
+the request is still uploading, so both directions move at once. The initiator sends
+``Expect: 100-continue``: every refusal (401 bad signature or not allowed, 409 other model,
+413 wrong length, 429 busy, 400 malformed) is answered before a single bulk byte crosses.
+``GET /v1/model`` serves the current weights to a newcomer (state sync).
+
+Each side merges what it received only once all of it is here and its digest matches its
+signed manifest: ``x <- x + a * (received - sent)``, which keeps the local steps taken while
+bytes were in flight. Nothing half-received or unverified is ever merged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import aiohttp
+import torch
+from aiohttp import web
+
+from peerfed.averaging import check_values, mixing_weight
+from peerfed.core.envelope import Envelope, ModelRequest, Verifier, decode, seal
+from peerfed.core.errors import ProtocolError, Rejected
+from peerfed.core.manifest import Manifest
+from peerfed.core.peerid import Signer
+from peerfed.net.transfer import (
+    MANIFEST_HEADER, REQUEST_HEADER, ViewPayload, byte_view, decode_header, digest_of,
+    encode_header, receive_into, write_view,
+)
+
+log = logging.getLogger("peerfed.exchange")
+
+
+class Weights(Protocol):
+    """What the exchange needs from the trainer (TrainerHandle implements it)."""
+
+    fingerprint: str
+    nbytes: int
+    num_samples: int
+
+    def snapshot_into(self, dst: torch.Tensor) -> None: ...
+    def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> None: ...
+
+
+@dataclass
+class Slot:
+    """Send and receive buffers for one exchange at a time, allocated on first use."""
+
+    numel: int
+    send: torch.Tensor | None = None
+    recv: torch.Tensor | None = None
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.send is None or self.recv is None:
+            self.send = torch.empty(self.numel, dtype=torch.float32)
+            self.recv = torch.empty(self.numel, dtype=torch.float32)
+        return self.send, self.recv
+
+
+class Refused(Exception):
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status, self.reason = status, reason
+
+
+OUTCOMES = ("ok", "busy", "refused", "failed")
+
+
+class Exchange:
+    """Both roles of the exchange for one node, sharing buffers, limits and counters."""
+
+    def __init__(
+        self,
+        *,
+        signer: Signer,
+        network: str,
+        weights: Weights,
+        verifier: Verifier,
+        max_incoming: int,
+        connect_timeout: float,
+        transfer_timeout: float,
+        on_rejected: Callable[[str], None] | None = None,
+        on_finished: Callable[[str, str, float, int, int], None] | None = None,
+    ) -> None:
+        self._signer, self._network, self._weights = signer, network, weights
+        self._verifier = verifier
+        numel = weights.nbytes // 4
+        self._free_slots = [Slot(numel) for _ in range(max_incoming + 1)]
+        self._outgoing_busy = False
+        self._incoming = 0
+        self._max_incoming = max_incoming
+        self._connect_timeout, self._transfer_timeout = connect_timeout, transfer_timeout
+        self._on_rejected, self._on_finished = on_rejected, on_finished
+        self._session: aiohttp.ClientSession | None = None
+        self.accepting = True
+        self.counts: dict[str, int] = {o: 0 for o in OUTCOMES}
+        self.bytes_sent = self.bytes_received = 0
+        self.last_exchange: dict[str, Any] | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
+        app.router.add_get("/v1/model", self._serve_model)
+
+    async def close(self) -> None:
+        self.accepting = False
+        if self._session is not None:
+            await self._session.close()
+
+    def set_verifier(self, verifier: Verifier) -> None:
+        self._verifier = verifier
+
+    def statistics(self) -> dict[str, Any]:
+        return {**self.counts, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "incoming_now": self._incoming, "outgoing_now": int(self._outgoing_busy),
+                "last": self.last_exchange}
+
+    @property
+    def busy(self) -> bool:
+        return self._outgoing_busy or self._incoming > 0
+
+    # -- responder ------------------------------------------------------------------------
+
+    def _check_push(self, request: web.Request) -> Envelope:
+        """Everything we can refuse on from the headers alone; raises Refused."""
+        if not self.accepting:
+            raise Refused(429, "shutting down")
+        env = self._verify_header(request.headers.get(MANIFEST_HEADER), Manifest)
+        m: Manifest = env.body
+        if m.purpose != "push":
+            raise Refused(400, f"manifest purpose {m.purpose!r} is not 'push'")
+        if m.fingerprint != self._weights.fingerprint:
+            raise Refused(409, "model fingerprint differs from ours")
+        if m.length != self._weights.nbytes or request.content_length != m.length:
+            raise Refused(413, f"length must be {self._weights.nbytes} bytes (the model's)")
+        if self._incoming >= self._max_incoming or not self._free_slots:
+            raise Refused(429, "busy")
+        return env
+
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        try:
+            request["peerfed.push"] = self._check_push(request)
+        except Refused as exc:
+            return self._refusal(exc)
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0
+        return None
+
+    async def _serve_exchange(self, request: web.Request) -> web.StreamResponse:
+        env = request.get("peerfed.push")
+        if env is None:  # the client did not send Expect: 100-continue
+            try:
+                env = self._check_push(request)
+            except Refused as exc:
+                return self._refusal(exc)
+        theirs: Manifest = env.body
+        self._incoming += 1
+        slot = self._free_slots.pop()
+        started = time.monotonic()
+        outcome, sent, got = "failed", 0, 0
+        response = web.StreamResponse()
+        try:
+            send, recv = slot.buffers()
+            send_view, recv_view = byte_view(send), byte_view(recv)
+            receiving = asyncio.create_task(receive_into(request.content, recv_view, theirs))
+            try:
+                await asyncio.to_thread(self._weights.snapshot_into, send)
+                ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
+                                digest=await digest_of(send_view), sample_weight=self._weights.num_samples,
+                                purpose="reply", in_reply_to=env.nonce)
+                sealed = seal(self._signer, network=self._network, recipient=env.sender, body=ours,
+                              now=time.time())
+                response.headers[MANIFEST_HEADER] = encode_header(sealed)
+                response.content_length = send_view.nbytes
+                await response.prepare(request)
+                await asyncio.wait_for(write_view(response, send_view), self._transfer_timeout)
+                sent = send_view.nbytes
+                got = await asyncio.wait_for(receiving, self._transfer_timeout)
+            finally:
+                receiving.cancel()
+            outcome = await self._merge(recv, send, theirs, env.sender)
+            await response.write_eof()
+        except Rejected as exc:
+            outcome = "refused"
+            self._count_rejected(exc.reason)
+            log.warning("exchange from %s refused: %s (%s); nothing merged", env.sender, exc.reason, exc)
+            response.force_close()
+        except (ConnectionError, asyncio.TimeoutError, OSError) as exc:
+            log.info("exchange from %s failed: %s; nothing merged", env.sender, exc or type(exc).__name__)
+            response.force_close()
+        finally:
+            self._free_slots.append(slot)
+            self._incoming -= 1
+            self._finished("responder", env.sender, outcome, started, sent, got)
+        if not response.prepared:
+            return web.json_response({"error": f"exchange {outcome}"}, status=400)
+        return response
+
+    async def _serve_model(self, request: web.Request) -> web.StreamResponse:
+        """State sync: our current weights for a node of our network that asked, signed."""
+        try:
+            if not self._free_slots:
+                raise Refused(429, "busy")
+            env = self._verify_header(request.headers.get(REQUEST_HEADER), ModelRequest)
+            if env.body.fingerprint != self._weights.fingerprint:
+                raise Refused(409, "model fingerprint differs from ours")
+        except Refused as exc:
+            return self._refusal(exc)
+        slot = self._free_slots.pop()
+        try:
+            send, _ = slot.buffers()
+            view = byte_view(send)
+            await asyncio.to_thread(self._weights.snapshot_into, send)
+            manifest = Manifest(fingerprint=self._weights.fingerprint, length=view.nbytes,
+                                digest=await digest_of(view), sample_weight=self._weights.num_samples,
+                                purpose="model", in_reply_to=env.nonce)
+            sealed = seal(self._signer, network=self._network, recipient=env.sender, body=manifest, now=time.time())
+            response = web.StreamResponse(headers={MANIFEST_HEADER: encode_header(sealed)})
+            response.content_length = view.nbytes
+            await response.prepare(request)
+            await asyncio.wait_for(write_view(response, view), self._transfer_timeout)
+            await response.write_eof()
+            self.bytes_sent += view.nbytes
+            return response
+        finally:
+            self._free_slots.append(slot)
+
+    # -- initiator ------------------------------------------------------------------------
+
+    async def exchange_with(self, peer_id: str, url: str) -> str:
+        """One push-pull with ``peer_id``; returns the outcome: ok, busy, refused or failed."""
+        if self._outgoing_busy or not self._free_slots or not self.accepting:
+            return "busy"
+        self._outgoing_busy = True
+        slot = self._free_slots.pop()
+        started = time.monotonic()
+        outcome, sent, got = "failed", 0, 0
+        try:
+            send, recv = slot.buffers()
+            send_view, recv_view = byte_view(send), byte_view(recv)
+            await asyncio.to_thread(self._weights.snapshot_into, send)
+            ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
+                            digest=await digest_of(send_view), sample_weight=self._weights.num_samples,
+                            purpose="push")
+            sealed = seal(self._signer, network=self._network, recipient=peer_id, body=ours, now=time.time())
+            push_nonce = _nonce_of(sealed)
+            async with self._http().post(
+                url.rstrip("/") + "/v1/exchange", data=ViewPayload(send_view), expect100=True,
+                headers={MANIFEST_HEADER: encode_header(sealed), "Content-Length": str(send_view.nbytes)},
+                timeout=aiohttp.ClientTimeout(total=self._transfer_timeout, sock_connect=self._connect_timeout),
+            ) as response:
+                if response.status != 200:
+                    reason = (await response.text())[:200].strip()
+                    outcome = "busy" if response.status == 429 else "refused"
+                    log.info("exchange with %s: %s %s", peer_id, response.status, reason)
+                    return outcome
+                env = self._verify_header(response.headers.get(MANIFEST_HEADER), Manifest)
+                theirs: Manifest = env.body
+                if env.sender != peer_id or theirs.purpose != "reply" or theirs.in_reply_to != push_nonce:
+                    raise Refused(401, "reply manifest does not answer our push")
+                if theirs.fingerprint != self._weights.fingerprint:
+                    raise Refused(409, "reply is for another model")
+                got = await receive_into(response.content, recv_view, theirs)
+                sent = send_view.nbytes
+            outcome = await self._merge(recv, send, theirs, peer_id)
+            return outcome
+        except Refused as exc:
+            log.info("exchange with %s: refused its reply: %s", peer_id, exc.reason)
+            outcome = "refused"
+            return outcome
+        except Rejected as exc:
+            self._count_rejected(exc.reason)
+            log.warning("exchange with %s: its reply was refused: %s (%s); nothing merged", peer_id, exc.reason, exc)
+            outcome = "refused"
+            return outcome
+        except (ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.info("exchange with %s failed: %s", peer_id, exc or type(exc).__name__)
+            return "failed"
+        finally:
+            self._free_slots.append(slot)
+            self._outgoing_busy = False
+            self._finished("initiator", peer_id, outcome, started, sent, got)
+
+    async def fetch_model(self, peer_id: str, url: str, dst: torch.Tensor) -> bool:
+        """State sync: download ``peer_id``'s weights into ``dst`` and verify them."""
+        sealed = seal(self._signer, network=self._network, recipient=peer_id,
+                      body=ModelRequest(fingerprint=self._weights.fingerprint), now=time.time())
+        request_nonce = _nonce_of(sealed)
+        try:
+            async with self._http().get(
+                url.rstrip("/") + "/v1/model", headers={REQUEST_HEADER: encode_header(sealed)},
+                timeout=aiohttp.ClientTimeout(total=self._transfer_timeout, sock_connect=self._connect_timeout),
+            ) as response:
+                if response.status != 200:
+                    log.info("state sync from %s: %s %s", peer_id, response.status, (await response.text())[:200])
+                    return False
+                env = self._verify_header(response.headers.get(MANIFEST_HEADER), Manifest)
+                m: Manifest = env.body
+                if env.sender != peer_id or m.purpose != "model" or m.in_reply_to != request_nonce:
+                    raise Refused(401, "model manifest does not answer our request")
+                await receive_into(response.content, byte_view(dst), m)
+                self.bytes_received += m.length
+        except (Refused, ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+            log.info("state sync from %s failed: %s", peer_id, exc or type(exc).__name__)
+            return False
+        problem = check_values(dst)
+        if problem:
+            log.warning("state sync from %s: refusing its weights: %s", peer_id, problem)
+            return False
+        return True
+
+    # -- shared ---------------------------------------------------------------------------
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+        return self._session
+
+    def _verify_header(self, value: str | None, kind: type[Any]) -> Envelope:
+        raw = decode_header(value)
+        if raw is None:
+            self._count_rejected("malformed")
+            raise Refused(401, "missing or unreadable signed manifest header")
+        try:
+            return self._verifier.verify(raw, expected_kind=kind)
+        except Rejected as exc:
+            self._count_rejected(exc.reason)
+            status = 400 if exc.reason == "malformed" else 401
+            raise Refused(status, f"{exc.reason}: {exc}") from None
+
+    async def _merge(self, received: torch.Tensor, sent: torch.Tensor, theirs: Manifest, peer_id: str) -> str:
+        problem = await asyncio.to_thread(check_values, received)
+        if problem:
+            self._count_rejected("bad_values")
+            log.warning("not merging weights from %s: %s", peer_id, problem)
+            return "refused"
+        alpha = mixing_weight(self._weights.num_samples, theirs.sample_weight)
+        await asyncio.to_thread(self._weights.merge, received, sent, alpha)
+        return "ok"
+
+    def _refusal(self, exc: Refused) -> web.Response:
+        return web.json_response({"error": exc.reason}, status=exc.status)
+
+    def _count_rejected(self, reason: str) -> None:
+        if self._on_rejected is not None:
+            self._on_rejected(reason)
+
+    def _finished(self, role: str, peer_id: str, outcome: str, started: float, sent: int, got: int) -> None:
+        duration = time.monotonic() - started
+        self.counts[outcome] += 1
+        self.bytes_sent += sent
+        self.bytes_received += got
+        self.last_exchange = {"peer_id": peer_id, "role": role, "outcome": outcome,
+                              "duration_s": round(duration, 4), "at": time.time()}
+        if self._on_finished is not None:
+            self._on_finished(role, outcome, duration, sent, got)
+
+
+def _nonce_of(sealed: bytes) -> bytes:
+    return decode(sealed, max_size=len(sealed)).nonce

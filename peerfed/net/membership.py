@@ -1,0 +1,308 @@
+"""Membership: bootstrap, peer exchange, liveness and the saved peer table.
+
+Every node keeps a signed record of itself (addresses, exchange URL, model fingerprint) and
+swaps the records it knows with its peers over ``/peerfed/<network>/peers/1.0.0``: the caller
+sends a ``peer_list`` envelope addressed to the remote, the remote answers with its own.
+Any one contact is enough to learn the swarm, and a record can only be made by its subject,
+so a relaying node cannot forge one. A peer counts as connected once we hold a live libp2p
+connection to it *and* a verified record of it; anyone else is disconnected after a grace
+period, which keeps other networks and strangers out of the peer table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from peerfed.core.envelope import PeerList, PeerRecord, Verifier, seal, verify_peer_record
+from peerfed.core.errors import Rejected
+from peerfed.core.peerid import Signer
+from peerfed.core.peers import PeerState, PeerTable
+from peerfed.net.p2p import DialError, P2PHost
+
+log = logging.getLogger("peerfed.membership")
+
+DIAL_TICK = 1.0
+GOSSIP_INTERVAL = 5.0
+PING_INTERVAL = 10.0
+SAVE_INTERVAL = 30.0
+RECORD_REFRESH = 600.0       # re-sign our record well before others consider it expired
+RECORD_MAX_AGE = 3600.0
+UNVERIFIED_GRACE = 10.0      # a connection without a verified record is closed after this
+MAX_PARALLEL_DIALS = 8
+
+
+class Membership:
+    def __init__(
+        self,
+        *,
+        host: P2PHost,
+        signer: Signer,
+        network: str,
+        table: PeerTable,
+        bootstrap: Sequence[str],
+        allowlist: frozenset[str] | None,
+        state_file: Path,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+        on_rejected: Callable[[str], None] | None = None,
+    ) -> None:
+        self._host = host
+        self._signer = signer
+        self._network = network
+        self.table = table
+        self._bootstrap = list(bootstrap)
+        self._allowlist = allowlist
+        self._state_file = state_file
+        self._clock = clock
+        self._rng = rng or random.Random()
+        self._on_rejected = on_rejected
+        self._verifier = self._new_verifier()
+        self._own_fields: dict[str, Any] = {"exchange_url": "", "fingerprint": ""}
+        self._own_record: bytes = b""
+        self._own_record_time = 0.0
+        self._live: set[str] = set()          # PeerIDs with an open libp2p connection
+        self._connected_at: dict[str, float] = {}
+        self._dialing: set[str] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dirty = False
+        self._rejected: dict[str, int] = {}
+
+    def _new_verifier(self) -> Verifier:
+        return Verifier(network=self._network, own_peer_id=self._signer.peer_id, clock=self._clock,
+                        allowlist=self._allowlist)
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for addr in self._bootstrap:
+            self._add_bootstrap(addr)
+        loops = (self._dial_loop, self._gossip_loop, self._ping_loop, self._save_loop)
+        self._tasks = [asyncio.create_task(loop(), name=loop.__name__) for loop in loops]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.save()
+
+    def reload(self, *, bootstrap: Sequence[str], allowlist: frozenset[str] | None) -> None:
+        """Apply a new bootstrap list and allowlist without a restart (SIGHUP)."""
+        self._bootstrap = list(bootstrap)
+        self._allowlist = allowlist
+        self._verifier = self._new_verifier()
+        for addr in self._bootstrap:
+            self._add_bootstrap(addr)
+        if allowlist:
+            for peer_id in list(self._live):
+                if peer_id not in allowlist:
+                    asyncio.create_task(self._host.disconnect(peer_id))
+
+    def set_own_fields(self, **fields: Any) -> None:
+        """Change what our record says (exchange URL, fingerprint); it is re-signed now."""
+        self._own_fields.update(fields)
+        self._own_record = b""
+
+    # -- what others ask for --------------------------------------------------------------
+
+    async def handle_request(self, remote: str, data: bytes) -> bytes:
+        """An inbound peer_list from ``remote``: absorb it, answer with ours."""
+        env = self._verify(data)
+        if env is None or env.sender != remote:
+            if env is not None:
+                self._count_rejected("sender_mismatch")
+            raise PermissionError("peer list rejected")
+        self._absorb(env.body.records, direct_from=remote)
+        return self._sealed_peer_list(remote)
+
+    def on_connection_change(self, peer_id: str, up: bool) -> None:
+        now = self._clock()
+        if up:
+            self._live.add(peer_id)
+            self._connected_at[peer_id] = now
+            asyncio.create_task(self._exchange_with(peer_id))
+        else:
+            self._live.discard(peer_id)
+            self._connected_at.pop(peer_id, None)
+            if self.table.get(peer_id) is not None:
+                self.table.mark_disconnected(peer_id, now)
+                self._dirty = True
+
+    # -- views ----------------------------------------------------------------------------
+
+    def connected_peers(self) -> list[str]:
+        return [p for p in self.table.connected() if p in self._live]
+
+    def peers_snapshot(self) -> list[dict[str, Any]]:
+        return self.table.snapshot()
+
+    def statistics(self) -> dict[str, Any]:
+        return {"peers_connected": len(self.connected_peers()), "known": len(self.table),
+                "rejected": dict(self._rejected), "verifier": self._verifier.statistics(),
+                "table": self.table.statistics(), "host": self._host.statistics()}
+
+    def save(self) -> None:
+        """Write the peer table atomically so a restarted node rejoins without bootstrap."""
+        self._state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self._state_file.with_name(self._state_file.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(self.table.to_dict(), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._state_file)
+        self._dirty = False
+
+    # -- internals ------------------------------------------------------------------------
+
+    def _add_bootstrap(self, addr: str) -> None:
+        peer_id = addr.rsplit("/p2p/", 1)[-1]
+        if peer_id != self._signer.peer_id:
+            self.table.add_address(peer_id, (addr,), self._clock(), pinned=True)
+
+    def _own_peer_record(self) -> bytes:
+        now = self._clock()
+        if not self._own_record or now - self._own_record_time > RECORD_REFRESH:
+            body = PeerRecord(addrs=tuple(self._host.addrs()), version=_version(), **self._own_fields)
+            self._own_record = seal(self._signer, network=self._network, body=body, now=now)
+            self._own_record_time = now
+        return self._own_record
+
+    def _sealed_peer_list(self, recipient: str) -> bytes:
+        records = [self._own_peer_record(), *self.table.records_for_exchange()]
+        return seal(self._signer, network=self._network, recipient=recipient,
+                    body=PeerList(records=tuple(records)), now=self._clock())
+
+    def _verify(self, data: bytes) -> Any:
+        try:
+            return self._verifier.verify(data, expected_kind=PeerList)
+        except Rejected as exc:
+            self._count_rejected(exc.reason)
+            log.info("rejected peer list: %s (%s)", exc.reason, exc)
+            return None
+
+    def _count_rejected(self, reason: str) -> None:
+        self._rejected[reason] = self._rejected.get(reason, 0) + 1
+        if self._on_rejected is not None:
+            self._on_rejected(reason)
+
+    def _absorb(self, records: Sequence[bytes], *, direct_from: str) -> None:
+        now = self._clock()
+        for raw in records:
+            try:
+                env = verify_peer_record(raw, network=self._network, now=now, max_age=RECORD_MAX_AGE,
+                                         allowlist=self._allowlist)
+            except Rejected as exc:
+                self._count_rejected("record_" + exc.reason)
+                log.debug("dropped a peer record: %s (%s)", exc.reason, exc)
+                continue
+            if env.sender == self._signer.peer_id:
+                continue
+            rec: PeerRecord = env.body
+            if self.table.add_record(env.sender, addrs=rec.addrs, exchange_url=rec.exchange_url,
+                                     fingerprint=rec.fingerprint, record=raw, record_time=env.timestamp,
+                                     now=now):
+                self._dirty = True
+            if env.sender == direct_from and direct_from in self._live:
+                self.table.mark_connected(direct_from, now)
+
+    async def _exchange_with(self, peer_id: str) -> None:
+        try:
+            reply = await self._host.request(peer_id, self._sealed_peer_list(peer_id))
+        except Exception as exc:  # noqa: BLE001 - any failure means "no verified record yet"
+            log.debug("peer exchange with %s failed: %s", peer_id, exc)
+            return
+        env = self._verify(reply)
+        if env is None or env.sender != peer_id:
+            return
+        self._absorb(env.body.records, direct_from=peer_id)
+
+    async def _dial(self, peer_id: str) -> None:
+        info = self.table.get(peer_id)
+        if info is None:
+            return
+        self._dialing.add(peer_id)
+        try:
+            for addr in info.addrs:
+                try:
+                    got = await self._host.dial(addr)
+                except DialError as exc:
+                    log.info("%s", exc)
+                    continue
+                if got != peer_id:
+                    log.warning("refusing %s: it answered as %s", addr, got)
+                    continue
+                return
+            self.table.record_failure(peer_id, self._clock())
+        finally:
+            self._dialing.discard(peer_id)
+
+    async def _dial_loop(self) -> None:
+        while True:
+            now = self._clock()
+            due = [p for p in self.table.due_for_dial(now) if p not in self._live and p not in self._dialing]
+            room = MAX_PARALLEL_DIALS - len(self._dialing)
+            for peer_id in due[:max(0, room)]:
+                asyncio.create_task(self._dial(peer_id))
+            for peer_id, since in list(self._connected_at.items()):
+                info = self.table.get(peer_id)
+                verified = info is not None and info.state == PeerState.CONNECTED
+                if not verified and now - since > UNVERIFIED_GRACE:
+                    log.info("closing connection to %s: no valid peer record from it", peer_id)
+                    self._connected_at.pop(peer_id, None)
+                    asyncio.create_task(self._host.disconnect(peer_id))
+            for peer_id in self.table.evict_stale(now):
+                log.info("forgot peer %s (unreachable for long)", peer_id)
+                self._dirty = True
+            await asyncio.sleep(DIAL_TICK)
+
+    async def _gossip_loop(self) -> None:
+        while True:
+            await asyncio.sleep(GOSSIP_INTERVAL * self._rng.uniform(0.8, 1.2))
+            live = self.connected_peers()
+            if live:
+                await self._exchange_with(self._rng.choice(live))
+
+    async def _ping_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PING_INTERVAL)
+            await asyncio.gather(*(self._ping(p) for p in self.connected_peers()))
+
+    async def _ping(self, peer_id: str) -> None:
+        try:
+            rtt = await self._host.ping(peer_id)
+        except Exception as exc:  # noqa: BLE001
+            log.info("ping to %s failed: %s", peer_id, exc or type(exc).__name__)
+            self.table.record_failure(peer_id, self._clock())
+            return
+        self.table.record_ping(peer_id, rtt, self._clock())
+
+    async def _save_loop(self) -> None:
+        while True:
+            await asyncio.sleep(SAVE_INTERVAL)
+            if self._dirty:
+                await asyncio.to_thread(self.save)
+
+
+def load_peer_table(path: Path, own_peer_id: str, **kwargs: Any) -> PeerTable:
+    """The saved table, or an empty one if there is none or it is unreadable (logged)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return PeerTable.from_dict(json.load(f), own_peer_id, **kwargs)
+    except FileNotFoundError:
+        return PeerTable(own_peer_id, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        log.warning("ignoring unreadable peer table %s: %s", path, exc)
+        return PeerTable(own_peer_id, **kwargs)
+
+
+def _version() -> str:
+    from peerfed import __version__
+
+    return __version__

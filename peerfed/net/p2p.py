@@ -1,0 +1,292 @@
+"""The libp2p host: identity, secure connections, and our small request/response streams.
+
+Runs on trio in the bridge's thread. Public methods are asyncio coroutines that cross the
+bridge; the ``_trio_*`` methods run in trio. Decisions (whom to dial, what to answer) are
+not made here: inbound requests are handed to an asyncio callback, outbound ones are asked
+for by the membership service.
+
+py-libp2p 0.8.1 workarounds (design.md section 5):
+- Noise is the only security transport and yamux the only muxer: a default host would also
+  accept plaintext and secio peers.
+- ``max_connections`` is huge because each inbound connection's limiter slot is never
+  released; ``max_connections_per_peer=1`` also avoids a fixed 250 ms dial delay.
+  Our own limit on connected peers is applied in ``_on_connected``.
+- A stream whose reader pauses over 5 s is reset, so inbound requests are read at once.
+- Its negative dial cache would override our own backoff, so it is cleared before a dial.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p import new_host
+from libp2p.abc import INetConn, INotifee
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.host.ping import ID as PING_PROTOCOL, perform_ping_roundtrip
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+
+from peerfed.core.framing import FrameDecoder, encode_frame
+from peerfed.errors import AddressInUseError, ConfigError
+from peerfed.net.bridge import Bridge
+
+log = logging.getLogger("peerfed.p2p")
+
+# Called from trio for an inbound request: (remote PeerID, request bytes) -> reply bytes.
+RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
+
+REQUEST_TIMEOUT = 10.0
+MAX_REQUEST_BYTES = 1 << 20
+
+
+class DialError(Exception):
+    """A dial failed; the message says why in one line."""
+
+
+def peers_protocol(network: str) -> str:
+    return f"/peerfed/{network}/peers/1.0.0"
+
+
+def check_listen_addrs(addrs: Sequence[str]) -> None:
+    """Fail early, with a clear message, when a TCP listen address cannot be bound.
+
+    py-libp2p only logs a failed listener and carries on with no addresses.
+    """
+    for text in addrs:
+        try:
+            maddr = multiaddr.Multiaddr(text)
+            host = maddr.value_for_protocol("ip4") if "ip4" in text else maddr.value_for_protocol("ip6")
+            port = int(maddr.value_for_protocol("tcp"))
+        except Exception as exc:  # noqa: BLE001 - multiaddr raises many types
+            raise ConfigError(f"p2p.listen: {text!r} is not a TCP multiaddr ({exc})") from exc
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+        probe = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUseError(f"p2p.listen: {text} is already in use by another process") from exc
+            raise ConfigError(f"p2p.listen: cannot listen on {text}: {exc.strerror}") from exc
+        finally:
+            probe.close()
+
+
+class _Notifee(INotifee):
+    def __init__(self, owner: P2PHost) -> None:
+        self._owner = owner
+
+    async def opened_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def closed_stream(self, network: Any, stream: Any) -> None:
+        pass
+
+    async def connected(self, network: Any, conn: INetConn) -> None:
+        await self._owner._on_connected(conn)
+
+    async def disconnected(self, network: Any, conn: INetConn) -> None:
+        self._owner._on_disconnected(conn)
+
+    async def listen(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+    async def listen_close(self, network: Any, multiaddr: Any) -> None:
+        pass
+
+
+class P2PHost:
+    def __init__(
+        self,
+        key_pair: KeyPair,
+        *,
+        network: str,
+        listen: Sequence[str],
+        announce: Sequence[str] = (),
+        bridge: Bridge,
+        on_request: RequestHandler,
+        on_connection_change: Callable[[str, bool], None],
+        max_connected: int = 64,
+    ) -> None:
+        self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
+        self._key_pair = key_pair
+        self._protocol = peers_protocol(network)
+        self._listen = [multiaddr.Multiaddr(a) for a in listen]
+        self._announce = [multiaddr.Multiaddr(a) for a in announce]
+        self._bridge = bridge
+        self._on_request = on_request
+        self._on_connection_change = on_connection_change
+        self._max_connected = max_connected
+        self._host: Any = None
+        self._stop: trio.Event | None = None
+        self._stats = {"dials_ok": 0, "dials_failed": 0, "requests_in": 0, "requests_out": 0,
+                       "inbound_refused_full": 0, "inbound_errors": 0}
+
+    # -- asyncio side ---------------------------------------------------------------------
+
+    async def start(self) -> list[str]:
+        """Listen and return our full addresses (each ending in /p2p/<PeerID>)."""
+        check_listen_addrs([str(a) for a in self._listen])
+        return await self._bridge.run_trio(self._trio_start)
+
+    async def stop(self) -> None:
+        if self._stop is not None and self._bridge.running:
+            await self._bridge.run_trio(self._trio_stop)
+
+    async def dial(self, addr: str) -> str:
+        """Connect to ``addr`` (ending in /p2p/<PeerID>); return the verified PeerID."""
+        return await self._bridge.run_trio(self._trio_dial, addr)
+
+    async def request(self, peer_id: str, payload: bytes) -> bytes:
+        """Send one framed request on our protocol and return the framed reply."""
+        return await self._bridge.run_trio(self._trio_request, peer_id, payload)
+
+    async def ping(self, peer_id: str) -> float:
+        """Round-trip time in milliseconds (raises on failure)."""
+        return await self._bridge.run_trio(self._trio_ping, peer_id)
+
+    async def disconnect(self, peer_id: str) -> None:
+        await self._bridge.run_trio(self._trio_disconnect, peer_id)
+
+    def addrs(self) -> list[str]:
+        return [str(a) for a in self._host.get_addrs()] if self._host is not None else []
+
+    def statistics(self) -> dict[str, Any]:
+        connected = len(self._host.get_connected_peers()) if self._host is not None else 0
+        return {**self._stats, "libp2p_connected": connected}
+
+    # -- trio side ------------------------------------------------------------------------
+
+    def _new_host(self) -> Any:
+        noise = NoiseTransport(self._key_pair, noise_privkey=new_x25519_key_pair().private_key)
+        return new_host(
+            key_pair=self._key_pair,
+            sec_opt={NOISE_PROTOCOL_ID: noise},
+            muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
+            connection_config=ConnectionConfig(max_connections=1_000_000, max_connections_per_peer=1),
+            listen_addrs=self._listen,
+            announce_addrs=self._announce or None,
+        )
+
+    async def _trio_start(self) -> list[str]:
+        nursery = self._bridge.nursery
+        return await nursery.start(self._trio_serve)
+
+    async def _trio_serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        self._host = self._new_host()
+        self._host.set_stream_handler(self._protocol, self._trio_handle_stream)
+        self._host.get_network().register_notifee(_Notifee(self))
+        self._stop = trio.Event()
+        async with self._host.run(listen_addrs=self._listen):
+            if not self._host.get_transport_addrs():
+                raise AddressInUseError("p2p.listen: could not listen on " + ", ".join(map(str, self._listen)))
+            task_status.started(self.addrs())
+            await self._stop.wait()
+
+    async def _trio_stop(self) -> None:
+        assert self._stop is not None
+        with trio.move_on_after(3):
+            for peer in list(self._host.get_connected_peers()):
+                await self._host.disconnect(peer)
+        self._stop.set()
+
+    async def _trio_dial(self, addr: str) -> str:
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:  # noqa: BLE001
+            raise DialError(f"bad address {addr}: {exc}") from exc
+        self._host.get_network().unblock_peer(info.peer_id)
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                await self._host.connect(info)
+        except Exception as exc:  # noqa: BLE001 - libp2p raises many types; all mean "failed"
+            self._stats["dials_failed"] += 1
+            reason = "handshake failed: the peer there may have another PeerID" if "handshake" in repr(exc.__cause__ or exc) or "upgrade" in str(exc) else str(exc) or type(exc).__name__
+            raise DialError(f"could not connect to {addr}: {reason}") from exc
+        self._stats["dials_ok"] += 1
+        return info.peer_id.to_base58()
+
+    async def _trio_request(self, peer_id: str, payload: bytes) -> bytes:
+        self._stats["requests_out"] += 1
+        with trio.fail_after(REQUEST_TIMEOUT):
+            stream = await self._host.new_stream(ID.from_base58(peer_id), [self._protocol])
+            try:
+                await stream.write(encode_frame(payload))
+                return await _read_frame(stream, MAX_REQUEST_BYTES)
+            finally:
+                with trio.move_on_after(1):
+                    await stream.close()
+
+    async def _trio_handle_stream(self, stream: Any) -> None:
+        remote = stream.muxed_conn.peer_id.to_base58()
+        self._stats["requests_in"] += 1
+        try:
+            with trio.fail_after(REQUEST_TIMEOUT):
+                request = await _read_frame(stream, MAX_REQUEST_BYTES)
+                reply = await self._bridge.run_asyncio(self._on_request, remote, request)
+                await stream.write(encode_frame(reply))
+        except Exception as exc:  # noqa: BLE001 - a bad peer must not take the host down
+            self._stats["inbound_errors"] += 1
+            log.info("request from %s failed: %s", remote, exc or type(exc).__name__)
+            with trio.move_on_after(1):
+                await stream.reset()
+            return
+        with trio.move_on_after(1):
+            await stream.close()
+
+    async def _trio_ping(self, peer_id: str) -> float:
+        started = time.monotonic()
+        with trio.fail_after(REQUEST_TIMEOUT):
+            stream = await self._host.new_stream(ID.from_base58(peer_id), [PING_PROTOCOL])
+            try:
+                await perform_ping_roundtrip(stream)
+            finally:
+                with trio.move_on_after(1):
+                    await stream.close()
+        return (time.monotonic() - started) * 1000.0
+
+    async def _trio_disconnect(self, peer_id: str) -> None:
+        with trio.move_on_after(3):
+            await self._host.disconnect(ID.from_base58(peer_id))
+
+    async def _on_connected(self, conn: INetConn) -> None:
+        peer_id = conn.muxed_conn.peer_id
+        if len(self._host.get_connected_peers()) > self._max_connected + 8:
+            # Slack above max_peers lets newcomers introduce themselves before pruning.
+            self._stats["inbound_refused_full"] += 1
+            log.info("too many connections (%d); closing the one from %s",
+                     len(self._host.get_connected_peers()), peer_id)
+            with trio.move_on_after(2):
+                await conn.close()
+            return
+        self._bridge.call_asyncio_soon(self._on_connection_change, peer_id.to_base58(), True)
+
+    def _on_disconnected(self, conn: INetConn) -> None:
+        peer_id = conn.muxed_conn.peer_id
+        if self._host is not None and peer_id in self._host.get_connected_peers():
+            return  # another connection to the same peer is still open
+        self._bridge.call_asyncio_soon(self._on_connection_change, peer_id.to_base58(), False)
+
+
+async def _read_frame(stream: Any, max_frame: int) -> bytes:
+    decoder = FrameDecoder(max_frame)
+    while True:
+        chunk = await stream.read(65536)
+        if not chunk:
+            raise EOFError("stream closed before a whole frame arrived")
+        frames = decoder.feed(chunk)
+        if frames:
+            return frames[0]

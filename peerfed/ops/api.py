@@ -1,0 +1,91 @@
+"""The local admin API: /healthz, /status, /peers, /metrics, on loopback only.
+
+It only reads snapshots that the daemon hands it through callables, so it holds no state of
+its own and can never change the node. The CLI's ``status`` and ``peers`` commands use
+``fetch_json``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from typing import Any
+
+from aiohttp import web
+
+from peerfed.errors import AddressInUseError, NotRunningError
+
+JSONSource = Callable[[], Any]
+
+
+class LocalAPI:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        status: JSONSource,
+        peers: JSONSource,
+        metrics: Callable[[], tuple[bytes, str]] | None = None,
+    ) -> None:
+        self._host, self._port = host, port
+        self._status, self._peers, self._metrics = status, peers, metrics
+        self._runner: web.AppRunner | None = None
+        self.bound_port: int | None = None
+
+    async def start(self) -> None:
+        app = web.Application()
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/status", self._json_of(self._status))
+        app.router.add_get("/peers", self._json_of(self._peers))
+        app.router.add_get("/metrics", self._metrics_handler)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUseError(f"api.listen: {self._host}:{self._port} is already in use") from exc
+            raise AddressInUseError(f"api.listen: cannot listen on {self._host}:{self._port}: {exc.strerror}") from exc
+        server = site._server  # aiohttp keeps the asyncio server here; we need the real port
+        sockets = getattr(server, "sockets", None) or []
+        self.bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _healthz(self, _: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    def _json_of(self, source: JSONSource) -> Callable[[web.Request], Any]:
+        async def handler(_: web.Request) -> web.Response:
+            return web.json_response(source(), dumps=lambda v: json.dumps(v, indent=1))
+
+        return handler
+
+    async def _metrics_handler(self, _: web.Request) -> web.Response:
+        if self._metrics is None:
+            raise web.HTTPNotFound(text="metrics are not enabled\n")
+        body, content_type = self._metrics()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+def fetch_json(host: str, port: int, path: str, timeout: float = 5.0) -> Any:
+    """GET a local API path; NotRunningError if nothing answers there."""
+    url = f"http://{_url_host(host)}:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        raise NotRunningError(f"no peerfed daemon answers on {url} (is `peerfed run` running?)") from exc
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host

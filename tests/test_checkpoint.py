@@ -1,0 +1,105 @@
+"""Checkpoint files: atomic writes, retention, fallback past a broken newest file."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from peerfed.train.checkpoint import (
+    CORRUPT_SUFFIX,
+    FORMAT_VERSION,
+    CheckpointError,
+    checkpoint_name,
+    list_checkpoints,
+    load_checkpoint,
+    load_newest_valid,
+    save_checkpoint,
+)
+
+
+def save(directory: Path, step: int, keep: int = 3, model: nn.Module | None = None) -> Path:
+    model = model or nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    return save_checkpoint(
+        directory, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
+        step=step, samples=step * 32, config_digest="digest", fingerprint="fp", keep=keep,
+    )
+
+
+def test_names_sort_by_step() -> None:
+    assert checkpoint_name(123) == "ckpt-000000123.pt"
+    assert sorted([checkpoint_name(s) for s in (10, 9, 1000)]) == [checkpoint_name(s) for s in (9, 10, 1000)]
+
+
+def test_round_trip_with_weights_only(tmp_path: Path) -> None:
+    model = nn.Linear(3, 2)
+    path = save(tmp_path, 7, model=model)
+    data = load_checkpoint(path)
+    assert data["format"] == FORMAT_VERSION and data["step"] == 7 and data["samples"] == 224
+    assert data["config_digest"] == "digest" and data["fingerprint"] == "fp" and data["time"] > 0
+    assert torch.equal(data["model"]["weight"], model.weight.detach())
+    fresh = torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1, momentum=0.9)
+    fresh.load_state_dict(data["optimizer"])  # momentum buffers came back
+    assert len(fresh.state) == 2
+
+
+def test_atomic_write_leaves_no_temp_and_failure_keeps_old(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    first = save(tmp_path, 1)
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]
+
+    def broken_save(obj: object, f: object) -> None:
+        f.write(b"partial")  # type: ignore[attr-defined]
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError):
+        save(tmp_path, 2)
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp file, no half file
+    assert load_newest_valid(tmp_path)[0] == first  # type: ignore[index]
+
+
+def test_keep_last_k(tmp_path: Path) -> None:
+    for step in (5, 10, 15, 20, 25):
+        save(tmp_path, step, keep=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [checkpoint_name(20), checkpoint_name(25)]
+
+
+def test_stale_temp_files_are_cleaned(tmp_path: Path) -> None:
+    stale = tmp_path / f".{checkpoint_name(3)}.99999999.tmp"
+    stale.write_bytes(b"junk")
+    save(tmp_path, 4)
+    assert not stale.exists()
+
+
+def test_truncated_newest_falls_back_with_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    save(tmp_path, 10)
+    newest = save(tmp_path, 20)
+    size = newest.stat().st_size
+    with open(newest, "r+b") as f:
+        f.truncate(size // 2)
+    with caplog.at_level(logging.WARNING, logger="peerfed.checkpoint"):
+        found = load_newest_valid(tmp_path)
+    assert found is not None
+    path, data = found
+    assert path.name == checkpoint_name(10) and data["step"] == 10
+    assert any(checkpoint_name(20) in r.getMessage() for r in caplog.records)
+    # set aside, so that it neither shadows nor displaces newer good files
+    assert not newest.exists() and newest.with_name(newest.name + CORRUPT_SUFFIX).exists()
+
+
+def test_garbage_and_foreign_files(tmp_path: Path) -> None:
+    (tmp_path / checkpoint_name(1)).write_bytes(os.urandom(100))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / checkpoint_name(1))
+    torch.save({"format": 99}, tmp_path / checkpoint_name(2))
+    with pytest.raises(CheckpointError, match="format"):
+        load_checkpoint(tmp_path / checkpoint_name(2))
+    assert load_newest_valid(tmp_path, quarantine=False) is None
+    assert load_newest_valid(tmp_path / "missing") is None

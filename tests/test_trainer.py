@@ -1,0 +1,219 @@
+"""The trainer process and its handle: a real child process training digits-mlp on CPU."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from peerfed.averaging import FlatLayout, check_values
+from peerfed.train.checkpoint import list_checkpoints, load_newest_valid
+from peerfed.train.shared import REQ_LOAD, REQ_MERGE, REQ_SNAPSHOT, WeightStore
+from peerfed.train.tasks import TrainSettings
+from peerfed.train.trainer import TrainerError, TrainerHandle, TrainerUnavailable
+
+READY_TIMEOUT = 60.0
+
+
+def settings(tmp_path: Path, **kw: Any) -> TrainSettings:
+    base: dict[str, Any] = dict(
+        task="digits-mlp", device="cpu", threads=1, eval_interval=0.5,
+        checkpoint_interval=0.5, checkpoint_keep=3, checkpoint_dir=tmp_path / "checkpoints",
+    )
+    base.update(kw)
+    return TrainSettings(**base)
+
+
+def wait_for(handle: TrainerHandle, condition: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        handle.poll()
+        stats = handle.statistics()
+        if condition(stats):
+            return stats
+        assert time.monotonic() < deadline, f"timed out; last statistics: {stats}"
+        time.sleep(0.02)
+
+
+@pytest.fixture
+def handles() -> Iterator[list[TrainerHandle]]:
+    made: list[TrainerHandle] = []
+    yield made
+    for h in made:
+        h.stop(timeout=5)
+
+
+def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path, handles: list[TrainerHandle]) -> None:
+    handle = TrainerHandle(settings(tmp_path))
+    handles.append(handle)
+    with pytest.raises(TrainerUnavailable):
+        handle.snapshot_into(torch.empty(1))
+    handle.start()
+    info = handle.wait_ready(READY_TIMEOUT)
+    assert info.mode == "direct" and info.device == "cpu" and info.num_samples == 1437
+    assert info.nbytes == 4 * info.numel == 4 * (64 * 32 + 32 + 32 * 10 + 10)
+    assert info.resumed_step == 0 and handle.fingerprint == info.fingerprint
+    time.sleep(0.3)
+    assert handle.statistics()["step"] == 0  # waits for begin_training
+    handle.begin_training()
+    stats = wait_for(handle, lambda s: s["step"] > 300 and s["metrics"])
+    assert 0.0 <= stats["metrics"]["accuracy"] <= 1.0 and stats["alive"] and stats["training"]
+
+    first, second = torch.empty(info.numel), torch.empty(info.numel)
+    handle.snapshot_into(first)
+    wait_for(handle, lambda s: s["step"] > stats["step"] + 100)
+    handle.snapshot_into(second)
+    assert check_values(first) is None and check_values(second) is None
+    assert not torch.equal(first, second)  # taken while training
+    with pytest.raises(ValueError):
+        handle.snapshot_into(torch.empty(info.numel + 1))
+
+    # kill -9: restarted from its last checkpoint, training again without being told
+    with_checkpoint = wait_for(handle, lambda s: s["last_checkpoint"] is not None and s["last_checkpoint"]["step"] > 0)
+    progress = handle.progress_counter()
+    os.kill(handle._gen.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    wait_for(handle, lambda s: not s["alive"], timeout=5)
+    killed_at = handle.statistics()["step"]
+    checkpointed = handle.statistics()["last_checkpoint"]["step"]
+    assert checkpointed >= with_checkpoint["last_checkpoint"]["step"]
+    with pytest.raises(TrainerUnavailable):
+        handle.snapshot_into(first)
+    after = wait_for(handle, lambda s: s["ready"], timeout=READY_TIMEOUT)
+    assert after["restarts"] == 1
+    assert handle.ready_info.resumed_step == checkpointed <= killed_at
+    steps_per_interval = stats["steps_per_s"] * 0.5
+    assert killed_at - checkpointed <= max(2 * steps_per_interval, 2000)
+    wait_for(handle, lambda s: s["step"] > checkpointed + 50)
+    assert handle.progress_counter() > progress  # heartbeat keeps counting across restarts
+
+    handle.stop(timeout=10)
+    final_step = handle.statistics()["last_checkpoint"]["step"]
+    found = load_newest_valid(tmp_path / "checkpoints")
+    assert found is not None
+    path, data = found
+    assert data["step"] == final_step > checkpointed and data["fingerprint"] == info.fingerprint
+    assert len(list_checkpoints(tmp_path / "checkpoints")) <= 3
+    assert not handle.statistics()["alive"]
+
+
+@pytest.mark.parametrize("mirror", [False, True], ids=["direct", "mirror"])
+def test_load_and_merge_are_exact_on_a_frozen_trainer(tmp_path: Path, handles: list[TrainerHandle], mirror: bool) -> None:
+    # lr = 0: steps run but leave the weights as they are, so the effects can be checked exactly.
+    handle = TrainerHandle(settings(tmp_path, lr=0.0, checkpoint_dir=None), _force_mirror=mirror)
+    handles.append(handle)
+    handle.start()
+    info = handle.wait_ready(READY_TIMEOUT)
+    assert info.mode == ("mirror" if mirror else "direct")
+
+    peer = torch.randn(info.numel, generator=torch.Generator().manual_seed(7)) * 0.1
+    handle.load_weights(peer)  # state sync before the first step
+    got = torch.empty(info.numel)
+    handle.snapshot_into(got)
+    assert torch.equal(got, peer)
+
+    handle.begin_training()
+    wait_for(handle, lambda s: s["step"] > 100)
+    sent = torch.empty(info.numel)
+    handle.snapshot_into(sent)
+    assert torch.equal(sent, peer)
+    handle.merge(sent + 1.0, sent, 0.25)  # while it trains
+    handle.snapshot_into(got)
+    assert torch.allclose(got, sent + 0.25, atol=1e-6)
+    # the trainer really trains on the merged weights: its evaluation sees them
+    handle.load_weights(torch.zeros(info.numel))
+    wait_for(handle, lambda s: abs(s["metrics"].get("loss", 0.0) - 2.302585) < 1e-4, timeout=10)
+
+
+def test_bad_task_fails_fast_with_its_name(tmp_path: Path, handles: list[TrainerHandle]) -> None:
+    handle = TrainerHandle(settings(tmp_path, task="no_such_module_qq:factory"))
+    handles.append(handle)
+    handle.start()
+    with pytest.raises(TrainerError, match="no_such_module_qq"):
+        handle.wait_ready(READY_TIMEOUT)
+    assert not handle.statistics()["alive"] and handle.statistics()["restarts"] == 0
+
+
+def _run_daemon_then_die(checkpoint_dir: str, pid_file: str) -> None:
+    handle = TrainerHandle(settings(Path(checkpoint_dir), checkpoint_interval=1000.0))
+    handle.start()
+    handle.wait_ready(READY_TIMEOUT)
+    handle.begin_training()
+    Path(pid_file).write_text(str(handle._gen.process.pid))  # type: ignore[union-attr]
+    time.sleep(60)
+
+
+def test_trainer_exits_when_the_daemon_dies(tmp_path: Path) -> None:
+    pid_file = tmp_path / "trainer.pid"
+    daemon = mp.get_context("spawn").Process(target=_run_daemon_then_die, args=(str(tmp_path), str(pid_file)))
+    daemon.start()
+    deadline = time.monotonic() + READY_TIMEOUT
+    while not pid_file.exists():
+        assert time.monotonic() < deadline and daemon.is_alive()
+        time.sleep(0.05)
+    trainer_pid = int(pid_file.read_text())
+    os.kill(daemon.pid, signal.SIGKILL)
+    daemon.join()
+    deadline = time.monotonic() + 10
+    while _alive(trainer_pid):
+        assert time.monotonic() < deadline, "the trainer outlived its daemon"
+        time.sleep(0.05)
+    found = load_newest_valid(tmp_path / "checkpoints")  # no periodic one: written on the way out
+    assert found is not None and found[1]["step"] > 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie (not yet reaped by init) counts as gone
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_stop_before_ready_and_stop_twice(tmp_path: Path) -> None:
+    handle = TrainerHandle(settings(tmp_path))
+    handle.start()
+    handle.stop(timeout=20)  # the child may still be importing torch
+    handle.stop()
+    assert not handle.statistics()["alive"]
+    with pytest.raises(TrainerUnavailable):
+        handle.snapshot_into(torch.empty(1))
+
+
+# --------------------------------------------------------------- trainer-side weight store, in-process
+
+
+def _store_setup(model: torch.nn.Module) -> tuple[WeightStore, torch.Tensor, torch.Tensor]:
+    layout = FlatLayout.from_model(model)
+    shared, delta = layout.new_buffer(), layout.new_buffer()
+    return WeightStore(model, layout, shared, delta, mirror=True, device=torch.device("cpu")), shared, delta
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["mirror", "copy"])
+def test_weight_store_serves_requests(dtype: torch.dtype) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2).to(dtype))
+    store, shared, delta = _store_setup(model)
+    assert store.mode == ("mirror" if dtype == torch.float32 else "copy")
+    before = shared.clone()  # published at creation
+    assert torch.allclose(before[:12], model[0].weight.reshape(-1))
+    delta.fill_(0.5)
+    store.serve(REQ_MERGE)
+    store.serve(REQ_SNAPSHOT)
+    assert torch.allclose(shared, before + 0.5, atol=1e-6)
+    assert torch.allclose(model[1].bias, (before[-2:] + 0.5).to(dtype), atol=1e-6)
+    shared.copy_(torch.arange(shared.numel(), dtype=torch.float32))
+    store.serve(REQ_LOAD)
+    assert float(model[1].bias[1]) == shared.numel() - 1
+    assert shared.data_ptr() != model[0].weight.data_ptr()  # mirrored, not shared
