@@ -235,10 +235,14 @@ def check_values(buf: torch.Tensor, *, max_norm_per_sqrt_n: float = MAX_NORM_PER
     with torch.no_grad():
         for start in range(0, n, CHUNK_ELEMENTS):
             part = flat[start : start + CHUNK_ELEMENTS]
-            if not bool(torch.isfinite(part).all()):
-                bad = int(torch.nonzero(~torch.isfinite(part))[0, 0]) + start
-                return f"non-finite value at index {bad} ({float(flat[bad])})"
-            total += float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+            squares = float(torch.dot(part, part))  # one pass, no temporary
+            if not math.isfinite(squares):  # NaN/Inf inside, or a float32 overflow (absurd anyway)
+                finite = torch.isfinite(part)
+                if not bool(finite.all()):
+                    bad = int(torch.nonzero(~finite)[0, 0]) + start
+                    return f"non-finite value at index {bad} ({float(flat[bad])})"
+                squares = float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+            total += squares
     norm = math.sqrt(total)
     limit = max_norm_per_sqrt_n * math.sqrt(n)
     if not math.isfinite(norm) or norm > limit:

@@ -149,6 +149,7 @@ def _check_scalar(value: Any) -> Any:
 Str = Annotated[str, Strict()]
 Int = Annotated[int, Strict()]
 Float = Annotated[float, Strict()]
+Bool = Annotated[bool, Strict()]
 ListenAddr = Annotated[Str, AfterValidator(_check_listen_addr)]
 BootstrapAddr = Annotated[Str, AfterValidator(check_bootstrap_address)]
 PeerIdStr = Annotated[Str, AfterValidator(check_peer_id)]
@@ -196,6 +197,7 @@ class ExchangeConfig(_Section):
 
 
 class TrainConfig(_Section):
+    enabled: Bool = True
     task: Annotated[Str, _check_pattern(_TASK_RE, 'a built-in task name or "module:factory"')] = "digits-mlp"
     device: Annotated[Str, _check_pattern(_DEVICE_RE, "auto, cpu, cuda, cuda:N or mps")] = "auto"
     batch_size: Int = Field(32, ge=1)

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import libp2p  # noqa: F401  (importing it cuts its logger off; setup_logging must undo that)
 
 from peerfed.ops.logs import set_level, setup_logging
 

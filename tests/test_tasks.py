@@ -139,3 +139,12 @@ def test_settings_from_config_reads_attributes(tmp_path) -> None:
     assert (s.task, s.batch_size, s.node_index, s.checkpoint_keep, s.config_digest) == ("digits-lr", 8, 1, 2, "abc")
     assert s.checkpoint_dir == tmp_path / "checkpoints" and s.options == {"alpha": 0.1}
     hash(s)  # usable as a key despite the options dict
+
+
+def test_settings_from_the_real_config(tmp_path) -> None:
+    config = pytest.importorskip("peerfed.config")
+    cfg = config.Config()
+    s = TrainSettings.from_config(cfg)
+    assert s.task == cfg.train.task and s.checkpoint_interval == cfg.checkpoint.interval
+    assert s.checkpoint_dir is not None and s.checkpoint_dir.name == "checkpoints"
+    assert s.config_digest == cfg.digest()

@@ -87,9 +87,10 @@ def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path
         handle.snapshot_into(first)
     after = wait_for(handle, lambda s: s["ready"], timeout=READY_TIMEOUT)
     assert after["restarts"] == 1
-    assert handle.ready_info.resumed_step == checkpointed <= killed_at
+    resumed = handle.ready_info.resumed_step
+    assert checkpointed <= resumed <= killed_at  # (a checkpoint may land just before the kill)
     steps_per_interval = stats["steps_per_s"] * 0.5
-    assert killed_at - checkpointed <= max(2 * steps_per_interval, 2000)
+    assert killed_at - resumed <= max(2 * steps_per_interval, 2000)  # lost at most ~one interval
     wait_for(handle, lambda s: s["step"] > checkpointed + 50)
     assert handle.progress_counter() > progress  # heartbeat keeps counting across restarts
 
@@ -215,5 +216,5 @@ def test_weight_store_serves_requests(dtype: torch.dtype) -> None:
     assert torch.allclose(model[1].bias, (before[-2:] + 0.5).to(dtype), atol=1e-6)
     shared.copy_(torch.arange(shared.numel(), dtype=torch.float32))
     store.serve(REQ_LOAD)
-    assert float(model[1].bias[1]) == shared.numel() - 1
+    assert model[1].bias[1].item() == shared.numel() - 1
     assert shared.data_ptr() != model[0].weight.data_ptr()  # mirrored, not shared

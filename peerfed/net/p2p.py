@@ -12,7 +12,8 @@ py-libp2p 0.8.1 workarounds (design.md section 5):
   released; ``max_connections_per_peer=1`` also avoids a fixed 250 ms dial delay.
   Our own limit on connected peers is applied in ``_on_connected``.
 - A stream whose reader pauses over 5 s is reset, so inbound requests are read at once.
-- Its negative dial cache would override our own backoff, so it is cleared before a dial.
+- Its negative dial cache would override our own backoff, so it is cleared before a dial,
+  and its auto-connector is stopped.
 """
 
 from __future__ import annotations
@@ -43,8 +44,10 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from peerfed.core.framing import FrameDecoder, encode_frame
 from peerfed.errors import AddressInUseError, ConfigError
 from peerfed.net.bridge import Bridge
+from peerfed.ops.logs import adopt_libp2p_logger
 
 log = logging.getLogger("peerfed.p2p")
+adopt_libp2p_logger()
 
 # Called from trio for an inbound request: (remote PeerID, request bytes) -> reply bytes.
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
@@ -191,6 +194,9 @@ class P2PHost:
         self._host.get_network().register_notifee(_Notifee(self))
         self._stop = trio.Event()
         async with self._host.run(listen_addrs=self._listen):
+            # Its auto-connector redials anything in the peerstore (strangers we closed
+            # included) towards 150 connections; whom we dial is membership's decision.
+            await self._host.get_network().auto_connector.stop()
             if not self._host.get_transport_addrs():
                 raise AddressInUseError("p2p.listen: could not listen on " + ", ".join(map(str, self._listen)))
             task_status.started(self.addrs())

@@ -113,3 +113,12 @@ def _apply_level(levelno: int) -> None:
     # Records from "peerfed.*" reach the root handler whatever the root level is; the root
     # level only filters other libraries, whose debug output would drown ours.
     logging.getLogger().setLevel(max(levelno, logging.WARNING))
+    adopt_libp2p_logger()
+
+
+def adopt_libp2p_logger() -> None:
+    """py-libp2p cuts its logger off from ours when imported (unless LIBP2P_DEBUG is set),
+    which would hide its warnings; call again after importing it."""
+    libp2p_logger = logging.getLogger("libp2p")
+    libp2p_logger.propagate = True
+    libp2p_logger.setLevel(logging.NOTSET)

@@ -81,6 +81,7 @@ class _Generation:
     link: TrainerLink
     started_at: float
     ready: bool = False
+    error: str | None = None  # the last error it reported
 
 
 class TrainerHandle:
@@ -361,13 +362,15 @@ class TrainerHandle:
             if checkpoint:
                 self._last_checkpoint = checkpoint
         elif kind == "error":
-            self._last_error = str(body)
+            self._last_error = gen.error = str(body)
             if self._info is None:  # never got going: a restart would fail the same way
                 self._fatal = str(body)
             log.error("trainer: %s", body)
 
     def _on_hello(self, gen: _Generation, hello: dict[str, Any]) -> None:
         numel, mirror = int(hello["numel"]), bool(hello["mirror"])
+        if self._stopped:
+            return  # stop() already asked it to go
         if self._info is not None and hello["fingerprint"] != self._info.fingerprint:
             self._fatal = "the restarted trainer has a different model (fingerprint changed)"
             self._send(gen, ("stop",))
@@ -386,11 +389,11 @@ class TrainerHandle:
         self._close_generation(gen)
         self._gen = None
         if self._fatal is None and self._info is None:  # never got going: it would fail again
-            self._fatal = self._last_error or f"trainer exited with code {code} before it was ready"
+            self._fatal = gen.error or f"trainer exited with code {code} before it was ready"
         if self._fatal is not None:
             log.error("trainer exited (code %s) and will not be restarted: %s", code, self._fatal)
             return
-        self._last_error = f"trainer exited with code {code}" + (f" ({self._last_error})" if self._last_error else "")
+        self._last_error = f"trainer exited with code {code}" + (f": {gen.error}" if gen.error else "")
         if was_ready and lived >= STABLE_AFTER_S:
             self._quick_failures = 0
             delay = 0.0
