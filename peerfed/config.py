@@ -185,7 +185,7 @@ class ExchangeConfig(_Section):
     interval: Float = Field(10.0, gt=0)
     connect_timeout: Float = Field(5.0, gt=0)
     transfer_timeout: Float = Field(120.0, gt=0)
-    max_incoming: Int = Field(2, ge=1)
+    max_incoming: Int = Field(1, ge=1)
 
     @property
     def listen_host(self) -> str:

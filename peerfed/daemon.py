@@ -1,8 +1,9 @@
 """The composition root: build a node from its config, run it, stop it cleanly.
 
-Startup order matters and reads top to bottom in ``Daemon.start``: identity, libp2p host
-(binds the swarm port), local API, then the membership loops. Anything that fails before the
-node is up raises a PeerfedError with one clear line and the CLI maps it to an exit code.
+Startup reads top to bottom in ``Daemon.start``: identity, libp2p host (binds the swarm
+port), trainer (model on its device), exchange server, local API, membership, then - in the
+background - state sync and the gossip loop. Anything that fails before the node is up
+raises a PeerfedError with one clear line, which the CLI maps to an exit code.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import random
 import signal
 import time
 from pathlib import Path
@@ -17,32 +19,44 @@ from typing import Any
 
 from peerfed import __version__
 from peerfed.config import Config, load_config
-from peerfed.errors import PeerfedError
+from peerfed.core.envelope import Verifier
+from peerfed.errors import ConfigError, PeerfedError
 from peerfed.identity import load_identity, peer_id_of, signer_of
 from peerfed.net.bridge import Bridge
 from peerfed.net.membership import Membership, load_peer_table
 from peerfed.net.p2p import P2PHost
 from peerfed.ops.api import LocalAPI
 from peerfed.ops.logs import set_level
+from peerfed.ops.metrics import CONTENT_TYPE, Metrics
 
 log = logging.getLogger("peerfed.daemon")
 
 STOP_TIMEOUT = 10.0
+POLL_INTERVAL = 0.5
+SYNC_WAIT_AUTO = 10.0   # train.init = auto: how long to look for a donor before starting alone
+MANIFEST_MAX_BYTES = 4096
 
 
 class Daemon:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, log_level_override: str | None = None) -> None:
         self.config = config
+        self.log_level_override = log_level_override
         self.key_pair = load_identity(config.identity)
         self.peer_id = peer_id_of(self.key_pair)
         self.signer = signer_of(self.key_pair)
         self.started_at = time.time()
+        self.metrics = Metrics()
         self.bridge = Bridge()
         self.host: P2PHost | None = None
         self.membership: Membership | None = None
         self.api: LocalAPI | None = None
+        self.trainer: Any = None      # TrainerHandle when training is enabled
+        self.exchange: Any = None     # Exchange when training is enabled
+        self.gossip: Any = None       # GossipLoop when training is enabled
+        self.exchange_url = ""
+        self.state_sync: str = "none"
+        self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
-        self.log_level_override: str | None = None
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -50,44 +64,128 @@ class Daemon:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         await self.bridge.start()
-        table = load_peer_table(self._peers_file, self.peer_id, max_peers=cfg.p2p.max_peers)
-        allowlist = frozenset(cfg.p2p.allowlist) or None
         self.host = P2PHost(
-            self.key_pair,
-            network=cfg.network,
-            listen=cfg.p2p.listen,
-            announce=cfg.p2p.announce,
-            bridge=self.bridge,
-            on_request=self._on_p2p_request,
-            on_connection_change=self._on_connection_change,
-            max_connected=cfg.p2p.max_peers,
+            self.key_pair, network=cfg.network, listen=cfg.p2p.listen, announce=cfg.p2p.announce,
+            bridge=self.bridge, on_request=self._on_p2p_request,
+            on_connection_change=self._on_connection_change, max_connected=cfg.p2p.max_peers,
         )
         addrs = await self.host.start()
-        self.api = LocalAPI(host=cfg.api.host, port=cfg.api.port, status=self.status, peers=self.peers)
+        if cfg.train.enabled:
+            await self._start_training()
+        self.api = LocalAPI(host=cfg.api.host, port=cfg.api.port, status=self.status, peers=self.peers,
+                            metrics=self._render_metrics, exchange_now=self.exchange_now)
         await self.api.start()
         self.membership = Membership(
-            host=self.host,
-            signer=self.signer,
-            network=cfg.network,
-            table=table,
-            bootstrap=cfg.p2p.bootstrap,
-            allowlist=allowlist,
-            state_file=self._peers_file,
+            host=self.host, signer=self.signer, network=cfg.network,
+            table=load_peer_table(self._peers_file, self.peer_id, max_peers=cfg.p2p.max_peers),
+            bootstrap=cfg.p2p.bootstrap, allowlist=self._allowlist(), state_file=self._peers_file,
+            on_rejected=self.metrics.rejected,
         )
+        if self.trainer is not None:
+            self.membership.set_own_fields(exchange_url=self.exchange_url, fingerprint=self.trainer.fingerprint)
         await self.membership.start()
-        log.info("peerfed %s up as %s on network %r; p2p %s; api http://%s:%s",
-                 __version__, self.peer_id, cfg.network, ", ".join(addrs), cfg.api.host, self.api.bound_port)
+        if self.trainer is not None:
+            self._tasks.append(asyncio.create_task(self._sync_then_train(), name="sync_then_train"))
+            self._tasks.append(asyncio.create_task(self._poll_trainer(), name="poll_trainer"))
+        log.info("peerfed %s up as %s on network %r; p2p %s; exchange %s; api http://%s:%s",
+                 __version__, self.peer_id, cfg.network, ", ".join(addrs), self.exchange_url or "off",
+                 cfg.api.host, self.api.bound_port)
+
+    async def _start_training(self) -> None:
+        import torch  # only nodes that train pay for importing torch
+
+        from peerfed.core.schedule import ExchangeScheduler
+        from peerfed.net.exchange import Exchange
+        from peerfed.net.gossip import GossipLoop
+        from peerfed.train.tasks import TrainSettings
+        from peerfed.train.trainer import TrainerError, TrainerHandle
+
+        torch.set_num_threads(1)  # the daemon only copies and merges; cores are the trainer's
+        cfg = self.config
+        self.trainer = TrainerHandle(TrainSettings.from_config(cfg))
+        self.trainer.start()
+        try:
+            info = await asyncio.to_thread(self.trainer.wait_ready, 300.0)
+        except TrainerError as exc:
+            raise ConfigError(f"train: the trainer could not start: {exc}") from exc
+        log.info("model ready on %s: %d parameters (%.1f MiB), fingerprint %s…, resumed from step %d",
+                 info.device, info.numel, info.nbytes / 2**20, info.fingerprint[:12], info.resumed_step)
+        self.exchange = Exchange(
+            signer=self.signer, network=cfg.network, weights=self.trainer, verifier=self._new_verifier(),
+            max_incoming=cfg.exchange.max_incoming, connect_timeout=cfg.exchange.connect_timeout,
+            transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=self.metrics.rejected,
+            on_finished=lambda role, outcome, duration, sent, got: self.metrics.exchange_finished(
+                outcome, duration, sent, got),
+        )
+        port = await self.exchange.start_server(cfg.exchange.listen_host, cfg.exchange.listen_port)
+        self.exchange_url = cfg.exchange.advertise_url or f"http://{self._advertised_host()}:{port}"
+        self.gossip = GossipLoop(
+            scheduler=ExchangeScheduler(interval=cfg.exchange.interval, rng=random.Random(), now=time.monotonic()),
+            candidates=lambda: {} if self.exchange.busy else self._exchange_candidates(),
+            run_exchange=self.exchange.exchange_with,
+        )
+
+    async def _sync_then_train(self) -> None:
+        """State sync (a newcomer starts from a peer's model), then training and gossip."""
+        init = self.config.train.init
+        resumed = self.trainer.ready_info.resumed_step > 0
+        if init == "peer" or (init == "auto" and not resumed):
+            self.state_sync = await self._state_sync(wait=None if init == "peer" else SYNC_WAIT_AUTO)
+        else:
+            self.state_sync = "skipped (resumed from checkpoint)" if resumed else "skipped (train.init = local)"
+        await asyncio.to_thread(self.trainer.begin_training)
+        self._tasks.append(asyncio.create_task(self.gossip.run(), name="gossip"))
+
+    async def _state_sync(self, wait: float | None) -> str:
+        import torch
+
+        deadline = None if wait is None else time.monotonic() + wait
+        buffer = torch.empty(self.trainer.numel, dtype=torch.float32)
+        while deadline is None or time.monotonic() < deadline:
+            for peer_id, url in self._exchange_candidates().items():
+                if await self.exchange.fetch_model(peer_id, url, buffer):
+                    await asyncio.to_thread(self.trainer.load_weights, buffer)
+                    log.info("state sync: starting from %s's model", peer_id)
+                    return f"from {peer_id}"
+            await asyncio.sleep(1.0)
+        log.info("state sync: no peer with this model answered within %.0f s; starting from local init", wait)
+        return "none (no donor)"
+
+    async def _poll_trainer(self) -> None:
+        restarts = 0
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            self.trainer.poll()
+            stats = self.trainer.statistics()
+            self.metrics.update_training(stats["step"], stats["samples"], stats.get("loss"),
+                                         stats["metrics"].get("accuracy"))
+            for _ in range(stats["restarts"] - restarts):
+                self.metrics.trainer_restarted()
+            restarts = stats["restarts"]
+            if stats.get("last_checkpoint"):
+                self.metrics.checkpoint_saved(stats["last_checkpoint"].get("time"))
+            if self.membership is not None:
+                self.metrics.set_peers_connected(len(self.membership.connected_peers()))
 
     async def stop(self) -> None:
         log.info("stopping")
         self._stop_requested.set()
+        if self.exchange is not None:
+            self.exchange.accepting = False   # refuse new exchanges at once
+        for task in self._tasks:
+            task.cancel()                     # aborts an outgoing exchange in flight
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.membership is not None:
             await self.membership.stop()
+        if self.exchange is not None:
+            await self.exchange.close()
+        if self.trainer is not None:
+            await asyncio.to_thread(self.trainer.stop, 8.0)   # writes the final checkpoint
         if self.api is not None:
             await self.api.stop()
         if self.host is not None:
             try:
-                await asyncio.wait_for(self.host.stop(), 5)
+                await asyncio.wait_for(self.host.stop(), 3)
             except Exception as exc:  # noqa: BLE001 - we are leaving anyway
                 log.info("p2p host did not stop cleanly: %s", exc)
         await self.bridge.stop()
@@ -104,10 +202,7 @@ class Daemon:
             await asyncio.wait_for(self.stop(), STOP_TIMEOUT)
             raise
         await self._stop_requested.wait()
-        await asyncio.wait_for(self.stop(), STOP_TIMEOUT)
-
-    def request_stop(self) -> None:
-        self._stop_requested.set()
+        await asyncio.wait_for(self.stop(), STOP_TIMEOUT + 5)
 
     def _on_stop_signal(self, sig: int) -> None:
         if self._stop_requested.is_set():
@@ -124,10 +219,13 @@ class Daemon:
             return
         self.config = new
         if self.membership is not None:
-            self.membership.reload(bootstrap=new.p2p.bootstrap, allowlist=frozenset(new.p2p.allowlist) or None)
+            self.membership.reload(bootstrap=new.p2p.bootstrap, allowlist=self._allowlist())
+        if self.exchange is not None:
+            self.exchange.set_verifier(self._new_verifier())
+            self.gossip.scheduler.set_interval(new.exchange.interval)
         if self.log_level_override is None:
             set_level(new.log_level)
-        log.info("SIGHUP: reloaded bootstrap list, allowlist and log level from %s", new.path)
+        log.info("SIGHUP: reloaded bootstrap list, allowlist, exchange interval and log level from %s", new.path)
 
     # -- callbacks from the drivers --------------------------------------------------------
 
@@ -139,23 +237,81 @@ class Daemon:
         if self.membership is not None:
             self.membership.on_connection_change(peer_id, up)
 
-    # -- views for the local API ----------------------------------------------------------
+    async def exchange_now(self, peer_id: str | None) -> dict[str, Any]:
+        """Local API: one exchange now, with ``peer_id`` or a random candidate (tests, benchmarks)."""
+        if self.exchange is None:
+            return {"outcome": "disabled"}
+        candidates = self._exchange_candidates()
+        if peer_id is None and candidates:
+            peer_id = random.choice(sorted(candidates))
+        if peer_id not in candidates:
+            return {"outcome": "no_such_peer"}
+        started = time.monotonic()
+        outcome = await self.exchange.exchange_with(peer_id, candidates[peer_id])
+        return {"outcome": outcome, "peer_id": peer_id, "duration_s": time.monotonic() - started}
+
+    # -- helpers --------------------------------------------------------------------------
 
     @property
     def _peers_file(self) -> Path:
         return self.config.state_dir / "peers.json"
 
+    def _allowlist(self) -> frozenset[str] | None:
+        return frozenset(self.config.p2p.allowlist) or None
+
+    def _new_verifier(self) -> Verifier:
+        return Verifier(network=self.config.network, own_peer_id=self.peer_id, clock=time.time,
+                        allowlist=self._allowlist(), max_size=MANIFEST_MAX_BYTES)
+
+    def _advertised_host(self) -> str:
+        host = self.config.exchange.listen_host
+        if host not in ("0.0.0.0", "::", ""):
+            return host
+        for addr in (*self.config.p2p.announce, *self.config.p2p.listen):
+            parts = addr.split("/")
+            if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] not in ("0.0.0.0", "::"):
+                return parts[2] if parts[1] == "ip4" else f"[{parts[2]}]"
+        return "127.0.0.1"
+
+    def _exchange_candidates(self) -> dict[str, str]:
+        if self.membership is None or self.trainer is None:
+            return {}
+        live = set(self.membership.connected_peers())
+        table = self.membership.table
+        out = {}
+        for peer_id in table.exchange_candidates(self.trainer.fingerprint):
+            info = table.get(peer_id)
+            if peer_id in live and info is not None and info.exchange_url:
+                out[peer_id] = info.exchange_url
+        return out
+
+    def _render_metrics(self) -> tuple[bytes, str]:
+        return self.metrics.render(), CONTENT_TYPE
+
+    # -- views for the local API ----------------------------------------------------------
+
     def status(self) -> dict[str, Any]:
         connected = self.membership.connected_peers() if self.membership else []
-        return {
+        status: dict[str, Any] = {
             "peer_id": self.peer_id,
             "network": self.config.network,
             "version": __version__,
             "uptime_s": round(time.time() - self.started_at, 3),
             "peers_connected": len(connected),
             "addrs": self.host.addrs() if self.host else [],
-            "membership": self.membership.statistics() if self.membership else {},
+            "exchange_url": self.exchange_url,
         }
+        if self.trainer is not None:
+            stats = self.trainer.statistics()
+            status.update(step=stats["step"], samples=stats["samples"], metrics=stats["metrics"],
+                          loss=stats["loss"], trainer=stats, state_sync=self.state_sync)
+        if self.exchange is not None:
+            ex = self.exchange.statistics()
+            status["exchanges"] = {k: ex[k] for k in ("ok", "refused", "failed", "busy")}
+            status["bytes_sent"], status["bytes_received"] = ex["bytes_sent"], ex["bytes_received"]
+            status["last_exchange"] = ex["last"]
+        status["membership"] = self.membership.statistics() if self.membership else {}
+        return status
 
     def peers(self) -> list[dict[str, Any]]:
         if self.membership is None:
@@ -173,8 +329,6 @@ def run_daemon(config: Config, *, log_level_override: str | None = None) -> None
     import uvloop
 
     async def main() -> None:
-        daemon = Daemon(config)
-        daemon.log_level_override = log_level_override
-        await daemon.run_until_stopped()
+        await Daemon(config, log_level_override=log_level_override).run_until_stopped()
 
     uvloop.run(main())

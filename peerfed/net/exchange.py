@@ -15,6 +15,7 @@ bytes were in flight. Nothing half-received or unverified is ever merged.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from peerfed.core.envelope import Envelope, ModelRequest, Verifier, decode, seal
 from peerfed.core.errors import ProtocolError, Rejected
 from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
+from peerfed.errors import AddressInUseError, ConfigError
 from peerfed.net.transfer import (
     MANIFEST_HEADER, REQUEST_HEADER, ViewPayload, byte_view, decode_header, digest_of,
     encode_header, receive_into, write_view,
@@ -99,6 +101,7 @@ class Exchange:
         self._connect_timeout, self._transfer_timeout = connect_timeout, transfer_timeout
         self._on_rejected, self._on_finished = on_rejected, on_finished
         self._session: aiohttp.ClientSession | None = None
+        self._runner: web.AppRunner | None = None
         self.accepting = True
         self.counts: dict[str, int] = {o: 0 for o in OUTCOMES}
         self.bytes_sent = self.bytes_received = 0
@@ -106,12 +109,30 @@ class Exchange:
 
     # -- lifecycle ------------------------------------------------------------------------
 
-    def routes(self, app: web.Application) -> None:
+    async def start_server(self, host: str, port: int) -> int:
+        """Serve /v1/exchange and /v1/model on host:port; returns the bound port."""
+        app = web.Application()
         app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
         app.router.add_get("/v1/model", self._serve_model)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            if exc.errno == errno.EADDRINUSE:
+                raise AddressInUseError(f"exchange.listen: {host}:{port} is already in use") from exc
+            raise ConfigError(f"exchange.listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
+        sockets = getattr(site._server, "sockets", None) or []  # the real port when port is 0
+        return sockets[0].getsockname()[1] if sockets else port
 
     async def close(self) -> None:
+        """Refuse new exchanges, give running ones a moment, close everything."""
         self.accepting = False
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
         if self._session is not None:
             await self._session.close()
 
@@ -141,7 +162,9 @@ class Exchange:
             raise Refused(409, "model fingerprint differs from ours")
         if m.length != self._weights.nbytes or request.content_length != m.length:
             raise Refused(413, f"length must be {self._weights.nbytes} bytes (the model's)")
-        if self._incoming >= self._max_incoming or not self._free_slots:
+        # Two merges at once would count our own weights twice: one exchange at a time,
+        # unless max_incoming allows more incoming ones.
+        if self._outgoing_busy or self._incoming >= self._max_incoming or not self._free_slots:
             raise Refused(429, "busy")
         return env
 
@@ -181,9 +204,13 @@ class Exchange:
                 response.headers[MANIFEST_HEADER] = encode_header(sealed)
                 response.content_length = send_view.nbytes
                 await response.prepare(request)
-                await asyncio.wait_for(write_view(response, send_view), self._transfer_timeout)
-                sent = send_view.nbytes
+                # Hold back our last byte until all of theirs is here: aiohttp's client cancels
+                # its upload the moment our response is complete, so finishing first would cut
+                # off the initiator's snapshot (it would merge ours, we'd merge nothing).
+                await asyncio.wait_for(write_view(response, send_view[:-1]), self._transfer_timeout)
                 got = await asyncio.wait_for(receiving, self._transfer_timeout)
+                await response.write(send_view[-1:])
+                sent = send_view.nbytes
             finally:
                 receiving.cancel()
             outcome = await self._merge(recv, send, theirs, env.sender)
@@ -194,7 +221,8 @@ class Exchange:
             log.warning("exchange from %s refused: %s (%s); nothing merged", env.sender, exc.reason, exc)
             response.force_close()
         except (ConnectionError, asyncio.TimeoutError, OSError) as exc:
-            log.info("exchange from %s failed: %s; nothing merged", env.sender, exc or type(exc).__name__)
+            log.info("exchange from %s failed: %s; nothing merged", env.sender, exc or type(exc).__name__,
+                     exc_info=log.isEnabledFor(logging.DEBUG))
             response.force_close()
         finally:
             self._free_slots.append(slot)
@@ -237,7 +265,7 @@ class Exchange:
 
     async def exchange_with(self, peer_id: str, url: str) -> str:
         """One push-pull with ``peer_id``; returns the outcome: ok, busy, refused or failed."""
-        if self._outgoing_busy or not self._free_slots or not self.accepting:
+        if self._outgoing_busy or self._incoming > 0 or not self._free_slots or not self.accepting:
             return "busy"
         self._outgoing_busy = True
         slot = self._free_slots.pop()
@@ -252,13 +280,15 @@ class Exchange:
                             purpose="push")
             sealed = seal(self._signer, network=self._network, recipient=peer_id, body=ours, now=time.time())
             push_nonce = _nonce_of(sealed)
+            body = ViewPayload(send_view)
             async with self._http().post(
-                url.rstrip("/") + "/v1/exchange", data=ViewPayload(send_view), expect100=True,
+                url.rstrip("/") + "/v1/exchange", data=body, expect100=True,
                 headers={MANIFEST_HEADER: encode_header(sealed), "Content-Length": str(send_view.nbytes)},
                 timeout=aiohttp.ClientTimeout(total=self._transfer_timeout, sock_connect=self._connect_timeout),
             ) as response:
                 if response.status != 200:
                     reason = (await response.text())[:200].strip()
+                    response.close()  # never reuse: the body we announced was not sent
                     outcome = "busy" if response.status == 429 else "refused"
                     log.info("exchange with %s: %s %s", peer_id, response.status, reason)
                     return outcome
@@ -269,7 +299,7 @@ class Exchange:
                 if theirs.fingerprint != self._weights.fingerprint:
                     raise Refused(409, "reply is for another model")
                 got = await receive_into(response.content, recv_view, theirs)
-                sent = send_view.nbytes
+                sent = send_view.nbytes  # the reply's last byte only comes once all of ours arrived
             outcome = await self._merge(recv, send, theirs, peer_id)
             return outcome
         except Refused as exc:
@@ -347,7 +377,11 @@ class Exchange:
         return "ok"
 
     def _refusal(self, exc: Refused) -> web.Response:
-        return web.json_response({"error": exc.reason}, status=exc.status)
+        response = web.json_response({"error": exc.reason}, status=exc.status)
+        # The client may still owe us the body it announced (we refused it before
+        # 100-continue): close the connection so those bytes never pose as a next request.
+        response.force_close()
+        return response
 
     def _count_rejected(self, reason: str) -> None:
         if self._on_rejected is not None:

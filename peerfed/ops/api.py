@@ -1,7 +1,7 @@
-"""The local admin API: /healthz, /status, /peers, /metrics, on loopback only.
+"""The local admin API: /healthz, /status, /peers, /metrics (and POST /exchange), loopback only.
 
-It only reads snapshots that the daemon hands it through callables, so it holds no state of
-its own and can never change the node. The CLI's ``status`` and ``peers`` commands use
+It reads snapshots that the daemon hands it through callables and holds no state of its own;
+the one action, POST /exchange, asks for an exchange the node would make anyway. The CLI's ``status`` and ``peers`` commands use
 ``fetch_json``.
 """
 
@@ -11,7 +11,7 @@ import errno
 import json
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
@@ -30,9 +30,11 @@ class LocalAPI:
         status: JSONSource,
         peers: JSONSource,
         metrics: Callable[[], tuple[bytes, str]] | None = None,
+        exchange_now: Callable[[str | None], Awaitable[Any]] | None = None,
     ) -> None:
         self._host, self._port = host, port
         self._status, self._peers, self._metrics = status, peers, metrics
+        self._exchange_now = exchange_now
         self._runner: web.AppRunner | None = None
         self.bound_port: int | None = None
 
@@ -42,6 +44,7 @@ class LocalAPI:
         app.router.add_get("/status", self._json_of(self._status))
         app.router.add_get("/peers", self._json_of(self._peers))
         app.router.add_get("/metrics", self._metrics_handler)
+        app.router.add_post("/exchange", self._exchange_handler)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self._host, self._port)
@@ -69,6 +72,12 @@ class LocalAPI:
             return web.json_response(source(), dumps=lambda v: json.dumps(v, indent=1))
 
         return handler
+
+    async def _exchange_handler(self, request: web.Request) -> web.Response:
+        """One exchange now (optionally ?peer=PEERID): for operators, tests and benchmarks."""
+        if self._exchange_now is None:
+            raise web.HTTPNotFound(text="exchange is not enabled\n")
+        return web.json_response(await self._exchange_now(request.query.get("peer")))
 
     async def _metrics_handler(self, _: web.Request) -> web.Response:
         if self._metrics is None:
