@@ -28,6 +28,7 @@ from peerfed.net.p2p import P2PHost
 from peerfed.ops.api import LocalAPI
 from peerfed.ops.logs import set_level
 from peerfed.ops.metrics import CONTENT_TYPE, Metrics
+from peerfed.ops.systemd import Notifier, WatchdogGate, watchdog_interval
 
 log = logging.getLogger("peerfed.daemon")
 
@@ -46,6 +47,8 @@ class Daemon:
         self.signer = signer_of(self.key_pair)
         self.started_at = time.time()
         self.metrics = Metrics()
+        self.notifier = Notifier.from_env()
+        self._loop_ticks = 0
         self.bridge = Bridge()
         self.host: P2PHost | None = None
         self.membership: Membership | None = None
@@ -69,18 +72,20 @@ class Daemon:
             bridge=self.bridge, on_request=self._on_p2p_request,
             on_connection_change=self._on_connection_change, max_connected=cfg.p2p.max_peers,
         )
-        addrs = await self.host.start()
-        if cfg.train.enabled:
-            await self._start_training()
-        self.api = LocalAPI(host=cfg.api.host, port=cfg.api.port, status=self.status, peers=self.peers,
-                            metrics=self._render_metrics, exchange_now=self.exchange_now)
-        await self.api.start()
+        # Membership exists before the host listens, so early peers get answers; its loops
+        # (dialing, gossip, pings) start once we are fully up.
         self.membership = Membership(
             host=self.host, signer=self.signer, network=cfg.network,
             table=load_peer_table(self._peers_file, self.peer_id, max_peers=cfg.p2p.max_peers),
             bootstrap=cfg.p2p.bootstrap, allowlist=self._allowlist(), state_file=self._peers_file,
             on_rejected=self.metrics.rejected,
         )
+        addrs = await self.host.start()
+        if cfg.train.enabled:
+            await self._start_training()
+        self.api = LocalAPI(host=cfg.api.host, port=cfg.api.port, status=self.status, peers=self.peers,
+                            metrics=self._render_metrics, exchange_now=self.exchange_now)
+        await self.api.start()
         if self.trainer is not None:
             self.membership.set_own_fields(exchange_url=self.exchange_url, fingerprint=self.trainer.fingerprint)
         await self.membership.start()
@@ -169,6 +174,7 @@ class Daemon:
 
     async def stop(self) -> None:
         log.info("stopping")
+        self.notifier.stopping()
         self._stop_requested.set()
         if self.exchange is not None:
             self.exchange.accepting = False   # refuse new exchanges at once
@@ -201,6 +207,9 @@ class Daemon:
         except BaseException:
             await asyncio.wait_for(self.stop(), STOP_TIMEOUT)
             raise
+        # Key loaded, listeners bound, model on its device (start waited for the trainer).
+        self.notifier.ready(self._status_line())
+        self._tasks.append(asyncio.create_task(self._notify_loop(), name="notify"))
         await self._stop_requested.wait()
         await asyncio.wait_for(self.stop(), STOP_TIMEOUT + 5)
 
@@ -212,10 +221,12 @@ class Daemon:
         self._stop_requested.set()
 
     def _on_reload_signal(self) -> None:
+        self.notifier.reloading()
         try:
             new = load_config(self.config.path)
         except PeerfedError as exc:
             log.error("SIGHUP: keeping the running config; the new one is invalid: %s", exc)
+            self.notifier.ready(self._status_line())
             return
         self.config = new
         if self.membership is not None:
@@ -226,11 +237,45 @@ class Daemon:
         if self.log_level_override is None:
             set_level(new.log_level)
         log.info("SIGHUP: reloaded bootstrap list, allowlist, exchange interval and log level from %s", new.path)
+        self.notifier.ready(self._status_line())
+
+    async def _notify_loop(self) -> None:
+        """STATUS= every few seconds; WATCHDOG=1 only while the loop and the trainer progress."""
+        interval = watchdog_interval()
+        gate = WatchdogGate(interval) if interval else None
+        last_status = 0.0
+        while True:
+            await asyncio.sleep(min(interval or 5.0, 1.0))
+            self._loop_ticks += 1   # this line running at all is the event loop's progress
+            now = time.monotonic()
+            if gate is not None:
+                training = self.trainer is not None and self.trainer.statistics()["training"]
+                # Before training begins (state sync) there is no trainer heartbeat to ask for.
+                trainer_progress = self.trainer.progress_counter() if training else self._loop_ticks
+                if gate.should_ping(now, self._loop_ticks, trainer_progress):
+                    self.notifier.watchdog()
+            if now - last_status >= 5.0:
+                self.notifier.status(self._status_line())
+                last_status = now
+
+    def _status_line(self) -> str:
+        peers = len(self.membership.connected_peers()) if self.membership else 0
+        parts = [f"peers {peers}"]
+        if self.trainer is not None:
+            stats = self.trainer.statistics()
+            parts.append(f"step {stats['step']}")
+            if stats["metrics"].get("accuracy") is not None:
+                parts.append(f"accuracy {stats['metrics']['accuracy']:.3f}")
+        last = self.exchange.last_exchange if self.exchange is not None else None
+        if last:
+            parts.append(f"last exchange {last['outcome']} {time.time() - last['at']:.0f} s ago")
+        return ", ".join(parts)
 
     # -- callbacks from the drivers --------------------------------------------------------
 
     async def _on_p2p_request(self, remote: str, data: bytes) -> bytes:
-        assert self.membership is not None
+        if self.membership is None:
+            raise ConnectionRefusedError("starting up")
         return await self.membership.handle_request(remote, data)
 
     def _on_connection_change(self, peer_id: str, up: bool) -> None:

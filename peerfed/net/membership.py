@@ -72,6 +72,7 @@ class Membership:
         self._connected_at: dict[str, float] = {}
         self._dialing: set[str] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._side_tasks: set[asyncio.Task[Any]] = set()
         self._dirty = False
         self._rejected: dict[str, int] = {}
 
@@ -88,10 +89,17 @@ class Membership:
         self._tasks = [asyncio.create_task(loop(), name=loop.__name__) for loop in loops]
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._side_tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         self.save()
+
+    def _spawn(self, coro: Any) -> None:
+        """A short side task (dial, exchange, disconnect) that stop() cancels."""
+        task = asyncio.create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
 
     def reload(self, *, bootstrap: Sequence[str], allowlist: frozenset[str] | None) -> None:
         """Apply a new bootstrap list and allowlist without a restart (SIGHUP)."""
@@ -103,12 +111,15 @@ class Membership:
         if allowlist:
             for peer_id in list(self._live):
                 if peer_id not in allowlist:
-                    asyncio.create_task(self._host.disconnect(peer_id))
+                    self._spawn(self._host.disconnect(peer_id))
 
     def set_own_fields(self, **fields: Any) -> None:
-        """Change what our record says (exchange URL, fingerprint); it is re-signed now."""
+        """Change what our record says (exchange URL, fingerprint): re-sign it and tell our
+        peers now rather than at the next gossip round."""
         self._own_fields.update(fields)
         self._own_record = b""
+        for peer_id in self._live:
+            self._spawn(self._exchange_with(peer_id))
 
     # -- what others ask for --------------------------------------------------------------
 
@@ -127,7 +138,7 @@ class Membership:
         if up:
             self._live.add(peer_id)
             self._connected_at[peer_id] = now
-            asyncio.create_task(self._exchange_with(peer_id))
+            self._spawn(self._exchange_with(peer_id))
         else:
             self._live.discard(peer_id)
             self._connected_at.pop(peer_id, None)
@@ -249,14 +260,14 @@ class Membership:
             due = [p for p in self.table.due_for_dial(now) if p not in self._live and p not in self._dialing]
             room = MAX_PARALLEL_DIALS - len(self._dialing)
             for peer_id in due[:max(0, room)]:
-                asyncio.create_task(self._dial(peer_id))
+                self._spawn(self._dial(peer_id))
             for peer_id, since in list(self._connected_at.items()):
                 info = self.table.get(peer_id)
                 verified = info is not None and info.state == PeerState.CONNECTED
                 if not verified and now - since > UNVERIFIED_GRACE:
                     log.info("closing connection to %s: no valid peer record from it", peer_id)
                     self._connected_at.pop(peer_id, None)
-                    asyncio.create_task(self._host.disconnect(peer_id))
+                    self._spawn(self._host.disconnect(peer_id))
             for peer_id in self.table.evict_stale(now):
                 log.info("forgot peer %s (unreachable for long)", peer_id)
                 self._dirty = True
