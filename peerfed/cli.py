@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from peerfed import __version__
-from peerfed.config import CONFIG_FILE_NAME, KEY_FILE_NAME, edit_bootstrap, load_config, write_default_config
+from peerfed.config import CONFIG_FILE_NAME, KEY_FILE_NAME, load_config
+from peerfed.config_files import edit_bootstrap, write_default_config
 from peerfed.errors import AlreadyExistsError, ConfigError, ExitCode, PeerfedError
 
 # peerfed.identity is imported inside the commands that use the key: it pulls in libp2p, which

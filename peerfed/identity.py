@@ -16,7 +16,8 @@ from pathlib import Path
 from libp2p.crypto.ed25519 import Ed25519PrivateKey, create_new_key_pair
 from libp2p.crypto.keys import KeyPair, KeyType, PrivateKey
 
-from peerfed.config import KEY_FILE_NAME, make_private_dir, write_file_atomically
+from peerfed.config import KEY_FILE_NAME
+from peerfed.config_files import make_private_dir, write_file_atomically
 from peerfed.core.peerid import Signer, peer_id_from_public_key
 from peerfed.errors import AlreadyExistsError, IdentityError
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import tomlkit
 
-from peerfed.config import write_default_config
+from peerfed.config_files import write_default_config
 from peerfed.identity import create_identity, peer_id_of
 
 

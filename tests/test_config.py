@@ -9,15 +9,8 @@ from pathlib import Path
 import pytest
 from pydantic import BaseModel
 
-from peerfed.config import (
-    Config,
-    default_config_text,
-    edit_bootstrap,
-    load_config,
-    parse_config,
-    parse_host_port,
-    write_default_config,
-)
+from peerfed.config import Config, load_config, parse_config, parse_host_port
+from peerfed.config_files import default_config_text, edit_bootstrap, write_default_config
 from peerfed.core.peerid import Signer
 from peerfed.errors import AlreadyExistsError, ConfigError, ExitCode
 

@@ -18,11 +18,11 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 
 from peerfed.core.envelope import PeerList, PeerRecord, seal
 from peerfed.core.peerid import Signer
-from peerfed.localswarm import LocalSwarm, set_config_values
+from peerfed.localswarm import set_config_values
 from peerfed.net.p2p import peers_protocol
 from peerfed.core.framing import FrameDecoder, encode_frame
 
-from swarmtools import NO_TRAINING, listed, make_swarm, make_test_peer, wait_until
+from swarmtools import NO_TRAINING, listed, make_swarm, make_test_peer
 
 
 @pytest.mark.slow
