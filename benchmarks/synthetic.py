@@ -5,8 +5,8 @@ Daemons import this module when started with ``PYTHONPATH=<repo>/benchmarks``.
 - ``sized``: a model whose flat float32 size is ``options.mib`` MiB (an embedding table with
   sparse gradients plus a tiny head), so a step stays cheap whatever the size: the exchange is
   big, the training step is not. ``options.tower`` > 0 adds that many Linear(width, width)
-  layers between the table and the head: compute-heavy steps on the same 100 MiB model
-  (the tower adds ~1% to the size, all nodes agree on it since it is part of the options).
+  layers between the table and the head: compute-heavy steps on a model of the same size
+  (the table shrinks by the tower's share).
 - ``digits``: a built-in digits task (``options.base``, default digits-mlp) with the same
   model, hence the same fingerprint, as the built-in, plus the throttle below.
 
@@ -51,16 +51,19 @@ class SizedModel(nn.Module):
         return self.head(self.tower(self.table(idx).mean(dim=1)))
 
 
-def rows_for(mib: float) -> int:
-    """Table rows so that the table alone is ``mib`` MiB of float32 (tower and head are extra)."""
-    return max(1, int(mib * 2**20) // (4 * EMBED_DIM))
+def _small_numel(tower: int, width: int) -> int:
+    """Floats outside the table: the tower and the head."""
+    return sum(p.numel() for p in SizedModel(1, tower, width).parameters()) - EMBED_DIM
+
+
+def rows_for(mib: float, tower: int = 0, width: int = 512) -> int:
+    """Table rows so that the whole flat buffer is ``mib`` MiB of float32 (to within 256 B)."""
+    return max(1, (int(mib * 2**20) // 4 - _small_numel(tower, width)) // EMBED_DIM)
 
 
 def flat_bytes(mib: float, tower: int = 0, width: int = 512) -> int:
     """The exchanged size of ``sized`` with these options (what the daemon reports as nbytes)."""
-    model = SizedModel(1, tower, width)
-    small = sum(p.numel() for p in model.parameters()) - EMBED_DIM
-    return 4 * (rows_for(mib) * EMBED_DIM + small)
+    return 4 * (rows_for(mib, tower, width) * EMBED_DIM + _small_numel(tower, width))
 
 
 def _throttled(batches: Iterator[Batch], options: Mapping[str, Any]) -> Iterator[Batch]:
@@ -87,7 +90,7 @@ def sized(settings: TrainSettings, ctx: NodeContext) -> Task:
     options = settings.options
     mib = float(options.get("mib", 16))
     tower, width = int(options.get("tower", 0)), int(options.get("width", 512))
-    rows = rows_for(mib)
+    rows = rows_for(mib, tower, width)
     torch.manual_seed(ctx.seed)  # the same init on every node
     with torch.no_grad():
         model = SizedModel(rows, tower, width)

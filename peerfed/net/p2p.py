@@ -220,8 +220,9 @@ class P2PHost:
                 await self._host.connect(info)
         except Exception as exc:  # noqa: BLE001 - libp2p raises many types; all mean "failed"
             self._stats["dials_failed"] += 1
-            reason = "handshake failed: the peer there may have another PeerID" if "handshake" in repr(exc.__cause__ or exc) or "upgrade" in str(exc) else str(exc) or type(exc).__name__
-            raise DialError(f"could not connect to {addr}: {reason}") from exc
+            # A Noise handshake that fails on a reachable port usually means another PeerID
+            # answered there than the one the address names: Noise refuses it.
+            raise DialError(f"could not connect to {addr}: {_reason(exc)}") from exc
         self._stats["dials_ok"] += 1
         return info.peer_id.to_base58()
 
@@ -285,6 +286,15 @@ class P2PHost:
         if self._host is not None and peer_id in self._host.get_connected_peers():
             return  # another connection to the same peer is still open
         self._bridge.call_asyncio_soon(self._on_connection_change, peer_id.to_base58(), False)
+
+
+def _reason(exc: BaseException) -> str:
+    """The innermost useful message of a libp2p dial error (they nest several deep)."""
+    messages = []
+    while exc is not None and len(messages) < 4:
+        messages.append(str(exc) or type(exc).__name__)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return "; ".join(dict.fromkeys(messages))
 
 
 async def _read_frame(stream: Any, max_frame: int) -> bytes:
