@@ -24,7 +24,7 @@ from peerfed.errors import ConfigError, PeerfedError
 from peerfed.identity import load_identity, peer_id_of, signer_of
 from peerfed.net.bridge import Bridge
 from peerfed.net.membership import Membership, load_peer_table
-from peerfed.net.p2p import P2PHost
+from peerfed.net.p2p import P2PHost, local_ipv4_addresses
 from peerfed.ops.api import LocalAPI
 from peerfed.ops.logs import set_level
 from peerfed.ops.metrics import CONTENT_TYPE, Metrics
@@ -309,14 +309,15 @@ class Daemon:
                         allowlist=self._allowlist(), max_size=MANIFEST_MAX_BYTES)
 
     def _advertised_host(self) -> str:
+        """Where peers reach our exchange port when exchange.advertise_url is not set."""
         host = self.config.exchange.listen_host
         if host not in ("0.0.0.0", "::", ""):
-            return host
+            return f"[{host}]" if ":" in host else host
         for addr in (*self.config.p2p.announce, *self.config.p2p.listen):
             parts = addr.split("/")
-            if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] not in ("0.0.0.0", "::"):
-                return parts[2] if parts[1] == "ip4" else f"[{parts[2]}]"
-        return "127.0.0.1"
+            if len(parts) > 2 and parts[1] == "ip4" and parts[2] != "0.0.0.0":
+                return parts[2]
+        return local_ipv4_addresses()[0] if local_ipv4_addresses() else "127.0.0.1"
 
     def _exchange_candidates(self) -> dict[str, str]:
         if self.membership is None or self.trainer is None:

@@ -88,6 +88,35 @@ def check_listen_addrs(addrs: Sequence[str]) -> None:
             probe.close()
 
 
+def local_ipv4_addresses() -> list[str]:
+    """This machine's IPv4 interface addresses, non-loopback first (Linux ioctl; no extra deps)."""
+    import fcntl
+    import struct
+
+    found: list[str] = []
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:
+                packed = fcntl.ioctl(probe.fileno(), 0x8915,  # SIOCGIFADDR
+                                     struct.pack("256s", name.encode()[:15]))
+            except OSError:
+                continue  # interface without an IPv4 address
+            found.append(socket.inet_ntoa(packed[20:24]))
+    return sorted(set(found), key=lambda ip: (ipaddress.ip_address(ip).is_loopback, ip))
+
+
+def expand_unspecified(addrs: Sequence[str]) -> list[str]:
+    """Replace /ip4/0.0.0.0/... by one address per local interface: peers cannot dial 0.0.0.0."""
+    out: list[str] = []
+    for addr in addrs:
+        if addr.startswith("/ip4/0.0.0.0/"):
+            rest = addr[len("/ip4/0.0.0.0"):]
+            out.extend(f"/ip4/{ip}{rest}" for ip in local_ipv4_addresses())
+        else:
+            out.append(addr)
+    return list(dict.fromkeys(out))
+
+
 class _Notifee(INotifee):
     def __init__(self, owner: P2PHost) -> None:
         self._owner = owner
@@ -165,7 +194,8 @@ class P2PHost:
         await self._bridge.run_trio(self._trio_disconnect, peer_id)
 
     def addrs(self) -> list[str]:
-        return [str(a) for a in self._host.get_addrs()] if self._host is not None else []
+        """Our dialable addresses (announce ones if configured), each ending in /p2p/<PeerID>."""
+        return expand_unspecified([str(a) for a in self._host.get_addrs()]) if self._host is not None else []
 
     def statistics(self) -> dict[str, Any]:
         connected = len(self._host.get_connected_peers()) if self._host is not None else 0
