@@ -232,7 +232,7 @@ class Daemon:
         if self.membership is not None:
             self.membership.reload(bootstrap=new.p2p.bootstrap, allowlist=self._allowlist())
         if self.exchange is not None:
-            self.exchange.set_verifier(self._new_verifier())
+            self.exchange.set_allowlist(self._allowlist())
             self.gossip.scheduler.set_interval(new.exchange.interval)
         if self.log_level_override is None:
             set_level(new.log_level)
@@ -356,6 +356,7 @@ class Daemon:
             status["exchanges"] = {k: ex[k] for k in ("ok", "refused", "failed", "busy")}
             status["bytes_sent"], status["bytes_received"] = ex["bytes_sent"], ex["bytes_received"]
             status["last_exchange"] = ex["last"]
+            status["exchange_rejected"] = ex["rejected"]
         status["membership"] = self.membership.statistics() if self.membership else {}
         return status
 

@@ -43,5 +43,6 @@ def factory(settings: TrainSettings, ctx: NodeContext) -> Task:
     def make_optimizer(params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
         return torch.optim.SGD(params, lr=settings.lr)
 
+    # Batches of at most 8 rows: a step stays ~0.1 s on one CPU thread, whatever train.batch_size.
     return Task(model=model, train_batches=_random_batches(dim, min(settings.batch_size, 8), ctx.seed + ctx.index),
                 evaluate=evaluate, loss_fn=loss_fn, make_optimizer=make_optimizer, num_samples=1000)

@@ -364,6 +364,10 @@ class Verifier:
             self._floor = max(self._floor, ts)
             self._evictions += 1
 
+    def set_allowlist(self, allowlist: frozenset[str] | None) -> None:
+        """Config reload: a new allowlist, same replay cache (a reload must not reopen replays)."""
+        self.allowlist = frozenset(allowlist) if allowlist else None
+
     def statistics(self) -> dict[str, int]:
         return {**self._counts, "replay_cache_size": len(self._seen),
                 "replay_evictions": self._evictions}

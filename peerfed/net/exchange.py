@@ -73,6 +73,7 @@ class Refused(Exception):
 
 
 OUTCOMES = ("ok", "busy", "refused", "failed")
+MAX_ALPHA = 0.5
 
 
 class Exchange:
@@ -104,6 +105,7 @@ class Exchange:
         self._runner: web.AppRunner | None = None
         self.accepting = True
         self.counts: dict[str, int] = {o: 0 for o in OUTCOMES}
+        self.rejected: dict[str, int] = {}
         self.bytes_sent = self.bytes_received = 0
         self.last_exchange: dict[str, Any] | None = None
 
@@ -136,11 +138,12 @@ class Exchange:
         if self._session is not None:
             await self._session.close()
 
-    def set_verifier(self, verifier: Verifier) -> None:
-        self._verifier = verifier
+    def set_allowlist(self, allowlist: frozenset[str] | None) -> None:
+        self._verifier.set_allowlist(allowlist)
 
     def statistics(self) -> dict[str, Any]:
         return {**self.counts, "bytes_sent": self.bytes_sent, "bytes_received": self.bytes_received,
+                "rejected": dict(self.rejected),
                 "incoming_now": self._incoming, "outgoing_now": int(self._outgoing_busy),
                 "last": self.last_exchange}
 
@@ -157,11 +160,11 @@ class Exchange:
         env = self._verify_header(request.headers.get(MANIFEST_HEADER), Manifest)
         m: Manifest = env.body
         if m.purpose != "push":
-            raise Refused(400, f"manifest purpose {m.purpose!r} is not 'push'")
+            raise self._refuse(400, "malformed", f"manifest purpose {m.purpose!r} is not 'push'")
         if m.fingerprint != self._weights.fingerprint:
-            raise Refused(409, "model fingerprint differs from ours")
+            raise self._refuse(409, "fingerprint_mismatch", "model fingerprint differs from ours")
         if m.length != self._weights.nbytes or request.content_length != m.length:
-            raise Refused(413, f"length must be {self._weights.nbytes} bytes (the model's)")
+            raise self._refuse(413, "length_mismatch", f"length must be {self._weights.nbytes} bytes (the model's)")
         # Two merges at once would count our own weights twice: one exchange at a time,
         # unless max_incoming allows more incoming ones.
         if self._outgoing_busy or self._incoming >= self._max_incoming or not self._free_slots:
@@ -194,23 +197,11 @@ class Exchange:
             send, recv = slot.buffers()
             send_view, recv_view = byte_view(send), byte_view(recv)
             receiving = asyncio.create_task(receive_into(request.content, recv_view, theirs))
+            # One deadline for the whole exchange: a peer that neither reads nor sends holds
+            # our incoming slot for transfer_timeout at most.
             try:
-                await asyncio.to_thread(self._weights.snapshot_into, send)
-                ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
-                                digest=await digest_of(send_view), sample_weight=self._weights.num_samples,
-                                purpose="reply", in_reply_to=env.nonce)
-                sealed = seal(self._signer, network=self._network, recipient=env.sender, body=ours,
-                              now=time.time())
-                response.headers[MANIFEST_HEADER] = encode_header(sealed)
-                response.content_length = send_view.nbytes
-                await response.prepare(request)
-                # Hold back our last byte until all of theirs is here: aiohttp's client cancels
-                # its upload the moment our response is complete, so finishing first would cut
-                # off the initiator's snapshot (it would merge ours, we'd merge nothing).
-                await asyncio.wait_for(write_view(response, send_view[:-1]), self._transfer_timeout)
-                got = await asyncio.wait_for(receiving, self._transfer_timeout)
-                await response.write(send_view[-1:])
-                sent = send_view.nbytes
+                async with asyncio.timeout(self._transfer_timeout):
+                    got, sent = await self._reply(request, response, env, receiving, send, send_view)
             finally:
                 receiving.cancel()
             outcome = await self._merge(recv, send, theirs, env.sender)
@@ -232,6 +223,25 @@ class Exchange:
             return web.json_response({"error": f"exchange {outcome}"}, status=400)
         return response
 
+    async def _reply(self, request: web.Request, response: web.StreamResponse, env: Envelope,
+                     receiving: asyncio.Task[int], send: torch.Tensor, send_view: memoryview) -> tuple[int, int]:
+        """Stream our snapshot back while theirs arrives; returns (bytes received, bytes sent)."""
+        await asyncio.to_thread(self._weights.snapshot_into, send)
+        ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
+                        digest=await digest_of(send_view), sample_weight=self._weights.num_samples,
+                        purpose="reply", in_reply_to=env.nonce)
+        sealed = seal(self._signer, network=self._network, recipient=env.sender, body=ours, now=time.time())
+        response.headers[MANIFEST_HEADER] = encode_header(sealed)
+        response.content_length = send_view.nbytes
+        await response.prepare(request)
+        # Hold back our last byte until all of theirs is here: aiohttp's client cancels its
+        # upload the moment our response is complete, so finishing first would cut off the
+        # initiator's snapshot (it would merge ours, we would merge nothing).
+        await write_view(response, send_view[:-1])
+        got = await receiving
+        await response.write(send_view[-1:])
+        return got, send_view.nbytes
+
     async def _serve_model(self, request: web.Request) -> web.StreamResponse:
         """State sync: our current weights for a node of our network that asked, signed."""
         try:
@@ -239,7 +249,7 @@ class Exchange:
                 raise Refused(429, "busy")
             env = self._verify_header(request.headers.get(REQUEST_HEADER), ModelRequest)
             if env.body.fingerprint != self._weights.fingerprint:
-                raise Refused(409, "model fingerprint differs from ours")
+                raise self._refuse(409, "fingerprint_mismatch", "model fingerprint differs from ours")
         except Refused as exc:
             return self._refusal(exc)
         slot = self._free_slots.pop()
@@ -372,7 +382,9 @@ class Exchange:
             self._count_rejected("bad_values")
             log.warning("not merging weights from %s: %s", peer_id, problem)
             return "refused"
-        alpha = mixing_weight(self._weights.num_samples, theirs.sample_weight)
+        # A peer declares its own sample weight; capping its share means no single exchange
+        # can replace our model, whatever it claims.
+        alpha = min(MAX_ALPHA, mixing_weight(self._weights.num_samples, theirs.sample_weight))
         await asyncio.to_thread(self._weights.merge, received, sent, alpha)
         return "ok"
 
@@ -383,7 +395,12 @@ class Exchange:
         response.force_close()
         return response
 
+    def _refuse(self, status: int, reason: str, detail: str) -> Refused:
+        self._count_rejected(reason)
+        return Refused(status, detail)
+
     def _count_rejected(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
         if self._on_rejected is not None:
             self._on_rejected(reason)
 

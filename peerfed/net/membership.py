@@ -105,7 +105,7 @@ class Membership:
         """Apply a new bootstrap list and allowlist without a restart (SIGHUP)."""
         self._bootstrap = list(bootstrap)
         self._allowlist = allowlist
-        self._verifier = self._new_verifier()
+        self._verifier.set_allowlist(allowlist)
         for addr in self._bootstrap:
             self._add_bootstrap(addr)
         if allowlist:

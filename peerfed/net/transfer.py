@@ -22,7 +22,7 @@ from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
 from peerfed.core.errors import LengthMismatch
-from peerfed.core.manifest import Manifest, StreamDigest
+from peerfed.core.manifest import Manifest, StreamDigest, digest_buffer
 
 MANIFEST_HEADER = "X-Peerfed-Manifest"
 REQUEST_HEADER = "X-Peerfed-Request"
@@ -110,6 +110,6 @@ async def receive_into(content: StreamReader, view: memoryview, manifest: Manife
 
 
 async def digest_of(view: memoryview) -> bytes:
-    from peerfed.core.manifest import digest_buffer
-
-    return await asyncio.get_running_loop().run_in_executor(_hash_pool, digest_buffer, view)
+    """sha256 of a whole buffer in a worker thread (not the stream-hash thread: a responder
+    hashes its own snapshot while the push it receives is being hashed)."""
+    return await asyncio.to_thread(digest_buffer, view)

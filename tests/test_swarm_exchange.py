@@ -1,0 +1,708 @@
+"""Acceptance of the weight exchange: real daemons on 127.0.0.1, real HTTP, real training.
+
+The test process plays a peer - honest or not - with a fresh Ed25519 key, signing its own
+manifests and speaking HTTP/1.1 on a raw socket to the daemon's exchange port, so it can send
+exactly the bytes it wants (100-continue or not, half a body, a forged header).
+
+How "not merged" is observed while the node keeps training (digits-mlp, lr 0.05):
+- a garbage push asks for a near-total merge (sample_weight 1e9, so the mixing weight is
+  ~1): had the node merged it, its weights (fetched with a signed GET /v1/model) would sit
+  near the garbage (all 1e3, all 1e7 or NaN), while honest digits-mlp weights stay far
+  below 100 and its accuracy, which we evaluate here on the fetched weights, above 0.8;
+- the control test shows that a genuine push *is* merged and visible: it writes 42.0 into
+  the first-layer weights of the three always-zero pixels of the digits images, which
+  training never touches (their gradient is exactly 0), so the mark stays for good;
+- the multi-node tests run with lr 1e-12, so weights stay put to ~1e-9 and can be
+  compared exactly (state sync equality; no merge after a killed transfer).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import torch
+from swarmtools import wait_until
+
+from peerfed.averaging import FlatLayout, fingerprint, flatten_into, unflatten_from
+from peerfed.core.envelope import ModelRequest, Verifier, decode, seal
+from peerfed.core.manifest import Manifest
+from peerfed.core.peerid import Signer
+from peerfed.localswarm import LocalNode, LocalSwarm
+from peerfed.net.exchange import MAX_ALPHA
+from peerfed.net.transfer import MANIFEST_HEADER, REQUEST_HEADER
+from peerfed.train.tasks import (
+    NodeContext,
+    TrainSettings,
+    digits_mlp,
+    load_digits_split,
+)
+
+NETWORK = "exch-test"
+TESTS_DIR = Path(__file__).resolve().parent
+# A node we attack: trains at once (no state-sync wait), never starts an exchange itself.
+VICTIM_TRANSFER_TIMEOUT = 5.0
+VICTIM = {"train.init": "local", "train.threads": 1, "exchange.interval": 1000.0,
+          "train.eval_interval": 1.0, "exchange.transfer_timeout": VICTIM_TRANSFER_TIMEOUT}
+BIG_SAMPLE_WEIGHT = 1e9  # asks for a mixing weight ~1 (capped at MAX_ALPHA = 0.5)
+HONEST_MAX_ABS = 100.0   # digits-mlp weights stay far below this; all garbage here is above
+MARK = 42.0
+
+
+# -- the digits-mlp model, as the daemons build it --------------------------------------------
+
+def _digits_model(seed: int = 0) -> torch.nn.Module:
+    return digits_mlp(TrainSettings(), NodeContext(0, 1, seed)).model
+
+
+DIGITS_FP = fingerprint(_digits_model())
+DIGITS_LAYOUT = FlatLayout.from_model(_digits_model())
+DIGITS_NUMEL = DIGITS_LAYOUT.numel
+
+
+def digits_init(seed: int) -> np.ndarray:
+    model = _digits_model(seed)
+    flat = DIGITS_LAYOUT.new_buffer()
+    flatten_into(model, flat)
+    return flat.numpy().copy()
+
+
+def digits_accuracy(flat: np.ndarray) -> float:
+    task = digits_mlp(TrainSettings(), NodeContext(0, 1, 0))
+    unflatten_from(torch.from_numpy(np.ascontiguousarray(flat, dtype=np.float32)), task.model)
+    return task.evaluate(task.model)["accuracy"]
+
+
+def dead_pixel_indices() -> np.ndarray:
+    """Flat indices of first-layer weights fed by pixels that are 0 in every image."""
+    data = load_digits_split()
+    dead = np.flatnonzero((data.x_train.max(0) == 0) & (data.x_test.max(0) == 0))
+    first = DIGITS_LAYOUT.slots[0]
+    assert first.name == "0.weight" and first.shape == (32, 64), DIGITS_LAYOUT.names
+    rows = np.arange(first.shape[0])[:, None]
+    return (first.offset + rows * first.shape[1] + dead[None, :]).ravel()
+
+
+DEAD = dead_pixel_indices()
+
+
+# -- HTTP on a raw socket ------------------------------------------------------------------------
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes = b""
+    complete: bool = False    # as many body bytes as Content-Length announced
+    continued: bool = False   # the server sent 100 Continue (it wanted our body)
+    elapsed: float = 0.0
+
+
+def _read_head(reader: Any) -> tuple[int, dict[str, str]]:
+    line = reader.readline(65536)
+    if not line:
+        raise ConnectionError("connection closed before a status line")
+    status = int(line.split(b" ", 2)[1])
+    headers: dict[str, str] = {}
+    while True:
+        raw = reader.readline(65536)
+        if raw in (b"\r\n", b"\n", b""):
+            return status, headers
+        name, _, value = raw.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+
+
+def _read_body(reader: Any, headers: dict[str, str]) -> tuple[bytes, bool]:
+    length = int(headers.get("content-length", "-1"))
+    chunks: list[bytes] = []
+    got = 0
+    try:
+        while length < 0 or got < length:
+            chunk = reader.read1(1 << 20)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+    except (ConnectionError, TimeoutError, OSError):
+        pass
+    return b"".join(chunks), length >= 0 and got == length
+
+
+def _request_head(port: int, header: str | None, content_length: int, expect: bool) -> bytes:
+    lines = ["POST /v1/exchange HTTP/1.1", f"Host: 127.0.0.1:{port}",
+             "Content-Type: application/octet-stream", f"Content-Length: {content_length}"]
+    if header is not None:
+        lines.append(f"{MANIFEST_HEADER}: {header}")
+    if expect:
+        lines.append("Expect: 100-continue")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def post_exchange(node: LocalNode, header: str | None, body: bytes, *, expect: bool = True,
+                  content_length: int | None = None, timeout: float = 30.0) -> Reply:
+    """One POST /v1/exchange; with ``expect`` the body goes only after 100 Continue."""
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", node.exchange_port), timeout=timeout) as sock:
+        reader = sock.makefile("rb")
+        length = len(body) if content_length is None else content_length
+        sock.sendall(_request_head(node.exchange_port, header, length, expect))
+        continued = False
+        if expect:
+            status, headers = _read_head(reader)
+            if status != 100:
+                data, complete = _read_body(reader, headers)
+                return Reply(status, headers, data, complete, False, time.monotonic() - started)
+            continued = True
+        try:
+            sock.sendall(body)
+        except OSError:
+            pass  # a server that refused may have closed already; its answer is still readable
+        status, headers = _read_head(reader)
+        data, complete = _read_body(reader, headers)
+        return Reply(status, headers, data, complete, continued, time.monotonic() - started)
+
+
+# -- the test's own peer ---------------------------------------------------------------------------
+
+@dataclass
+class EvilPeer:
+    signer: Signer = field(default_factory=Signer.generate)
+
+    @property
+    def peer_id(self) -> str:
+        return self.signer.peer_id
+
+    def push_manifest(self, node: LocalNode, body: bytes, *, fingerprint: str = DIGITS_FP,
+                      length: int | None = None, digest: bytes | None = None,
+                      sample_weight: float = BIG_SAMPLE_WEIGHT, purpose: str = "push",
+                      network: str = NETWORK, recipient: str | None = None,
+                      now: float | None = None) -> bytes:
+        manifest = Manifest(fingerprint=fingerprint, length=len(body) if length is None else length,
+                            digest=hashlib.sha256(body).digest() if digest is None else digest,
+                            sample_weight=sample_weight, purpose=purpose)
+        return seal(self.signer, network=network, body=manifest,
+                    recipient=node.peer_id if recipient is None else recipient,
+                    now=time.time() if now is None else now)
+
+    def verify_from(self, node: LocalNode, header: str, purpose: str, in_reply_to: bytes,
+                    data: bytes) -> Manifest:
+        """Check a manifest the node sent us: signed by it, for us, describing ``data``."""
+        verifier = Verifier(network=NETWORK, own_peer_id=self.peer_id, clock=time.time, max_size=4096)
+        env = verifier.verify(base64.b64decode(header), expected_kind=Manifest)
+        m: Manifest = env.body
+        assert env.sender == node.peer_id
+        assert (m.purpose, m.in_reply_to) == (purpose, in_reply_to)
+        assert m.length == len(data) and m.digest == hashlib.sha256(data).digest()
+        return m
+
+    def model_request(self, node: LocalNode, fp: str = DIGITS_FP) -> bytes:
+        return seal(self.signer, network=NETWORK, recipient=node.peer_id,
+                    body=ModelRequest(fingerprint=fp), now=time.time())
+
+    def fetch_model(self, node: LocalNode, fp: str = DIGITS_FP, timeout: float = 60.0) -> np.ndarray:
+        """The node's current weights through a signed GET /v1/model (state sync's path)."""
+        sealed = self.model_request(node, fp)
+        request = urllib.request.Request(f"http://127.0.0.1:{node.exchange_port}/v1/model",
+                                         headers={REQUEST_HEADER: b64(sealed)})
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            data = response.read()
+            header = response.headers[MANIFEST_HEADER]
+        self.verify_from(node, header, "model", nonce_of(sealed), data)
+        return np.frombuffer(data, dtype=np.float32).copy()
+
+
+def b64(sealed: bytes) -> str:
+    return base64.b64encode(sealed).decode("ascii")
+
+
+def nonce_of(sealed: bytes) -> bytes:
+    return decode(sealed, max_size=len(sealed)).nonce
+
+
+def resigned_as(sealed: bytes, index: int, value: Any) -> bytes:
+    """``sealed`` with one envelope field (or body field, for a (key,) tuple) replaced and the
+    original signature kept: canonical msgpack, so only the signature can tell."""
+    items = msgpack.unpackb(sealed, raw=False)
+    if isinstance(index, tuple):
+        items[7][index[0]] = value
+    else:
+        items[index] = value
+    return msgpack.packb(items, use_bin_type=True)
+
+
+# -- observing a node ------------------------------------------------------------------------------
+
+def rejected(node: LocalNode) -> dict[str, float]:
+    """peerfed_rejected_messages_total by reason, from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{node.api_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {m[1]: float(m[2]) for m in
+            re.finditer(r'^peerfed_rejected_messages_total\{reason="([^"]+)"\} (\S+)$', text, re.MULTILINE)}
+
+
+@dataclass
+class Counters:
+    exchanges: dict[str, int]
+    rejected: dict[str, float]
+    step: int
+
+    @classmethod
+    def of(cls, node: LocalNode) -> Counters:
+        status = node.get("/status")
+        return cls(dict(status["exchanges"]), rejected(node), int(status["step"]))
+
+    def grew(self, later: Counters) -> dict[str, float]:
+        """Exchange outcomes and rejection reasons that went up since ``self``."""
+        out: dict[str, float] = {}
+        for key, value in later.exchanges.items():
+            if value != self.exchanges.get(key, 0):
+                out[key] = value - self.exchanges.get(key, 0)
+        for key, value in later.rejected.items():
+            if value != self.rejected.get(key, 0):
+                out["rejected:" + key] = value - self.rejected.get(key, 0)
+        return out
+
+
+def assert_healthy_and_unmerged(node: LocalNode, peer: EvilPeer) -> np.ndarray:
+    weights = peer.fetch_model(node)
+    assert np.isfinite(weights).all(), "non-finite weights: garbage was merged"
+    assert np.abs(weights).max() < HONEST_MAX_ABS, f"max |w| = {np.abs(weights).max():.3g}: garbage was merged"
+    accuracy = digits_accuracy(weights)
+    assert accuracy > 0.8, f"accuracy {accuracy:.3f} after the attack"
+    return weights
+
+
+def api_post(node: LocalNode, path: str, timeout: float = 120.0) -> Any:
+    import json
+
+    request = urllib.request.Request(f"http://127.0.0.1:{node.api_port}{path}", data=b"", method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        return json.loads(response.read())
+
+
+# -- the node under attack (one for the whole module: starting a trainer takes a while) -------------
+
+@pytest.fixture(scope="module")
+def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
+    with LocalSwarm(tmp_path_factory.mktemp("victim"), network=NETWORK) as swarm:
+        node = swarm.add_node(settings=VICTIM)
+        node.start()
+        node.wait_up(timeout=120)
+        wait_until(lambda: (node.get("/status")["metrics"].get("accuracy") or 0) > 0.85, 90,
+                   "the victim to train to accuracy > 0.85")
+        yield node
+        assert node.process is not None and node.process.poll() is None, node.log_tail()
+
+
+# ---------------------------------------------------------------------------------------------
+# control: an honest push is answered and merged (so the attacks below could be seen if merged)
+
+
+def test_genuine_push_is_answered_with_a_signed_reply_and_merged(victim: LocalNode) -> None:
+    peer = EvilPeer()
+    before = Counters.of(victim)
+    current = peer.fetch_model(victim)
+    assert np.abs(current[DEAD] - MARK).max() > 1.0, "the mark is there before we pushed it"
+    body = current.copy()
+    body[DEAD] = MARK
+    sealed = peer.push_manifest(victim, body.tobytes())
+
+    reply = post_exchange(victim, b64(sealed), body.tobytes())
+
+    assert reply.continued and reply.status == 200 and reply.complete, reply
+    peer.verify_from(victim, reply.headers[MANIFEST_HEADER.lower()], "reply", nonce_of(sealed), reply.body)
+    assert np.abs(np.frombuffer(reply.body, np.float32)).max() < HONEST_MAX_ABS
+    wait_until(lambda: Counters.of(victim).exchanges["ok"] == before.exchanges["ok"] + 1, 5, "ok counted")
+    merged = assert_healthy_and_unmerged(victim, peer)  # an honest merge keeps it healthy
+    # The push claims a huge sample weight, but no single exchange may move us more than
+    # MAX_ALPHA of the way (a peer could otherwise replace our model in one go).
+    expected = current[DEAD] + MAX_ALPHA * (MARK - current[DEAD])
+    assert np.abs(merged[DEAD] - expected).max() < 1e-3, "the pushed weights were not merged (capped)"
+    grew = before.grew(Counters.of(victim))
+    assert grew == {"ok": 1}, grew
+    last = victim.get("/status")["last_exchange"]
+    assert (last["peer_id"], last["role"], last["outcome"]) == (peer.peer_id, "responder", "ok")
+
+
+def test_model_request_must_be_signed_for_this_node_and_model(victim: LocalNode) -> None:
+    peer, url = EvilPeer(), f"http://127.0.0.1:{victim.exchange_port}/v1/model"
+
+    def status_of(header: str | None) -> int:
+        headers = {} if header is None else {REQUEST_HEADER: header}
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    sealed = peer.model_request(victim)
+    assert status_of(None) == 401
+    assert status_of(b64(peer.model_request(victim, "0" * 64))) == 409
+    assert status_of(b64(resigned_as(sealed, 2, EvilPeer().peer_id))) == 401  # claims another sender
+    assert status_of(b64(sealed)) == 200
+    assert status_of(b64(sealed)) == 401  # the same request again is a replay
+
+
+# ---------------------------------------------------------------------------------------------
+# refusals before a single body byte: one table, each case a fresh key
+
+
+def _cases() -> list[tuple[str, int, str | None]]:
+    # (case, expected status, rejection reason that must be counted, "*" = any, None = not required)
+    return [
+        ("fingerprint_mismatch", 409, "*"),
+        ("flipped_signature_byte", 401, "bad_signature"),
+        ("signed_by_a_claims_b", 401, "bad_signature"),
+        ("digest_changed_after_signing", 401, "bad_signature"),
+        ("length_changed_after_signing", 401, "bad_signature"),
+        ("other_network", 401, "wrong_network"),
+        ("addressed_to_another_peer", 401, "not_for_me"),
+        ("too_old", 401, "too_old"),
+        ("in_future", 401, "in_future"),
+        ("purpose_reply", 400, None),
+        ("model_request_kind", 400, "malformed"),
+        ("manifest_length_not_model_size", 413, None),
+        ("content_length_not_manifest_length", 413, None),
+        ("missing_header", 401, "malformed"),
+        ("header_not_base64", 401, "malformed"),
+        ("header_random_bytes", 400, "malformed"),
+        ("header_over_4096_bytes", 401, "oversized"),
+    ]
+
+
+@pytest.mark.parametrize(("case", "status", "reason"), _cases(), ids=[c[0] for c in _cases()])
+def test_bad_push_header_is_refused_before_the_body_and_counted(
+        victim: LocalNode, case: str, status: int, reason: str | None) -> None:
+    peer, other = EvilPeer(), EvilPeer()
+    body = np.full(DIGITS_NUMEL, 1e3, dtype=np.float32).tobytes()
+    good = peer.push_manifest(victim, body)
+    content_length = None
+    header: str | None
+    if case == "fingerprint_mismatch":
+        header = b64(peer.push_manifest(victim, body, fingerprint="f" * 64))
+    elif case == "flipped_signature_byte":
+        header = b64(good[:-1] + bytes([good[-1] ^ 1]))
+    elif case == "signed_by_a_claims_b":
+        header = b64(resigned_as(good, 2, other.peer_id))
+    elif case == "digest_changed_after_signing":
+        header = b64(resigned_as(good, ("digest",), hashlib.sha256(b"something else").digest()))
+    elif case == "length_changed_after_signing":
+        header = b64(resigned_as(good, ("length",), len(body) - 4))
+    elif case == "other_network":
+        header = b64(peer.push_manifest(victim, body, network="elsewhere"))
+    elif case == "addressed_to_another_peer":
+        header = b64(peer.push_manifest(victim, body, recipient=other.peer_id))
+    elif case == "too_old":
+        header = b64(peer.push_manifest(victim, body, now=time.time() - 1000))
+    elif case == "in_future":
+        header = b64(peer.push_manifest(victim, body, now=time.time() + 600))
+    elif case == "purpose_reply":
+        header = b64(peer.push_manifest(victim, body, purpose="reply"))
+    elif case == "model_request_kind":
+        header = b64(peer.model_request(victim))
+    elif case == "manifest_length_not_model_size":
+        body = body[:-4]
+        header = b64(peer.push_manifest(victim, body))
+    elif case == "content_length_not_manifest_length":
+        header, content_length = b64(good), len(body) + 4
+    elif case == "missing_header":
+        header = None
+    elif case == "header_not_base64":
+        header = "not base64 at all!"
+    elif case == "header_random_bytes":
+        header = b64(os.urandom(300))
+    elif case == "header_over_4096_bytes":
+        header = b64(os.urandom(5000))
+    else:
+        raise AssertionError(case)
+    before = Counters.of(victim)
+
+    reply = post_exchange(victim, header, body, content_length=content_length, timeout=10)
+
+    assert not reply.continued, f"{case}: the node asked for the body of a push it must refuse"
+    assert reply.status == status, (case, reply)
+    assert reply.elapsed < 2.0, f"{case}: refusal took {reply.elapsed:.2f} s"
+    grew = before.grew(Counters.of(victim))
+    assert "ok" not in grew, grew
+    if reason == "*":
+        assert grew, f"{case}: refused with {reply.status} but nothing was counted (/status, /metrics)"
+    elif reason is not None:
+        assert grew.get("rejected:" + reason) == 1, f"{case}: expected rejected:{reason} +1, got {grew}"
+
+
+def test_huge_header_is_refused_and_the_node_keeps_serving(victim: LocalNode) -> None:
+    peer = EvilPeer()
+    body = np.full(DIGITS_NUMEL, 1e3, dtype=np.float32).tobytes()
+    reply = post_exchange(victim, "A" * 100_000, body, timeout=10)
+    assert not reply.continued and 400 <= reply.status < 500, reply
+    assert victim.is_up()
+    assert_healthy_and_unmerged(victim, peer)
+
+
+# ---------------------------------------------------------------------------------------------
+# a push whose body is bad: read in full, refused, counted, never merged
+
+
+@pytest.mark.parametrize("kind", ["wrong_digest", "nan_with_right_digest", "huge_norm_with_right_digest"])
+def test_bad_body_is_refused_counted_and_not_merged(victim: LocalNode, kind: str) -> None:
+    peer = EvilPeer()
+    if kind == "wrong_digest":
+        garbage = np.full(DIGITS_NUMEL, 1e3, dtype=np.float32)
+        sealed = peer.push_manifest(victim, garbage.tobytes(),
+                                    digest=hashlib.sha256(b"not these bytes").digest())
+        reason = "digest_mismatch"
+    elif kind == "nan_with_right_digest":
+        garbage = np.full(DIGITS_NUMEL, 1e3, dtype=np.float32)
+        garbage[7] = np.nan
+        sealed = peer.push_manifest(victim, garbage.tobytes())
+        reason = "bad_values"
+    else:
+        garbage = np.full(DIGITS_NUMEL, 1e7, dtype=np.float32)
+        sealed = peer.push_manifest(victim, garbage.tobytes())
+        reason = "bad_values"
+    before = Counters.of(victim)
+
+    reply = post_exchange(victim, b64(sealed), garbage.tobytes())
+
+    assert reply.continued, reply  # the header was fine: the node wanted the body
+    wait_until(lambda: sum(before.grew(Counters.of(victim)).values()) >= 2, 5, "the refusal to be counted")
+    grew = before.grew(Counters.of(victim))
+    assert grew == {"refused": 1, "rejected:" + reason: 1}, grew
+    if kind == "wrong_digest":  # the attacker does not even get a whole reply
+        assert not (reply.status == 200 and reply.complete), reply
+    assert_healthy_and_unmerged(victim, peer)
+    assert Counters.of(victim).step > before.step  # still training
+
+
+# ---------------------------------------------------------------------------------------------
+# replay
+
+
+def test_replayed_push_is_refused_401(victim: LocalNode) -> None:
+    peer = EvilPeer()
+    weights = peer.fetch_model(victim)
+    body = weights.tobytes()
+    sealed = peer.push_manifest(victim, body, sample_weight=0.0)  # mixing weight 0: merges nothing
+    before = Counters.of(victim)
+
+    first = post_exchange(victim, b64(sealed), body)
+    second = post_exchange(victim, b64(sealed), body)
+
+    assert first.status == 200 and first.complete, first
+    assert second.status == 401 and not second.continued, second
+    assert b"replay" in second.body, second.body
+    # The reply's last byte goes out before the node merges and counts: wait for the count.
+    wait_until(lambda: before.grew(Counters.of(victim)).get("ok") == 1, 5, "the first push to count ok")
+    grew = before.grew(Counters.of(victim))
+    assert grew == {"ok": 1, "rejected:replay": 1}, grew
+
+
+def test_replay_is_still_refused_after_a_config_reload(victim: LocalNode) -> None:
+    # SIGHUP re-reads the config (allowlist, interval...): it must not forget the nonces it saw.
+    peer = EvilPeer()
+    body = peer.fetch_model(victim).tobytes()
+    sealed = peer.push_manifest(victim, body, sample_weight=0.0)
+    counted = Counters.of(victim)
+    first = post_exchange(victim, b64(sealed), body)
+    assert first.status == 200 and first.complete, first
+    wait_until(lambda: counted.grew(Counters.of(victim)).get("ok") == 1, 5, "the first push to count ok")
+    log_size = victim.log_path.stat().st_size
+    victim.signal(signal.SIGHUP)
+    wait_until(lambda: b"SIGHUP: reloaded" in victim.log_path.read_bytes()[log_size:], 15, "the reload")
+    before = Counters.of(victim)
+
+    again = post_exchange(victim, b64(sealed), body)
+
+    assert again.status == 401 and not again.continued, f"replay after SIGHUP accepted: {again.status}"
+    assert before.grew(Counters.of(victim)) == {"rejected:replay": 1}
+
+
+# ---------------------------------------------------------------------------------------------
+# busy, and a peer that hangs up
+
+
+class SlowPush:
+    """A push whose body goes up in two halves, the second only when the test says so."""
+
+    def __init__(self, node: LocalNode, peer: EvilPeer, body: bytes, sample_weight: float) -> None:
+        self.body, self.sealed = body, peer.push_manifest(node, body, sample_weight=sample_weight)
+        self.sock = socket.create_connection(("127.0.0.1", node.exchange_port), timeout=30)
+        self.reader = self.sock.makefile("rb")
+        self.sock.sendall(_request_head(node.exchange_port, b64(self.sealed), len(body), expect=False))
+        self.sock.sendall(body[: len(body) // 2])
+        # The reply's head comes once the node serves us: from then on it is in this exchange.
+        self.status, self.headers = _read_head(self.reader)
+
+    def finish(self) -> tuple[bytes, bool]:
+        self.sock.sendall(self.body[len(self.body) // 2:])
+        return _read_body(self.reader, self.headers)
+
+    def hang_up(self, how: str = "reset") -> None:
+        """"fin": stop sending (the node reads an early end of stream); "reset": close with the
+        node's reply unread, so the kernel answers with a TCP reset."""
+        if how == "fin":
+            self.sock.shutdown(socket.SHUT_WR)
+            _read_body(self.reader, self.headers)  # until the node closes
+        self.reader.close()
+        self.sock.close()
+
+
+def test_busy_node_answers_429_at_once_and_finishes_the_exchange_it_is_in(victim: LocalNode) -> None:
+    slow_peer, other = EvilPeer(), EvilPeer()
+    body = slow_peer.fetch_model(victim).tobytes()
+    before = Counters.of(victim)
+    slow = SlowPush(victim, slow_peer, body, sample_weight=0.0)  # merges nothing
+    try:
+        assert slow.status == 200, slow.status
+        reply = post_exchange(victim, b64(other.push_manifest(victim, body, sample_weight=0.0)), body, timeout=5)
+        assert reply.status == 429 and not reply.continued, reply
+        assert reply.elapsed < 1.0, f"busy answer took {reply.elapsed:.2f} s"
+        data, complete = slow.finish()
+    finally:
+        slow.hang_up()
+    assert complete and len(data) == len(body)
+    slow_peer.verify_from(victim, slow.headers[MANIFEST_HEADER.lower()], "reply", nonce_of(slow.sealed), data)
+    wait_until(lambda: before.grew(Counters.of(victim)).get("ok") == 1, 5, "the slow exchange to count ok")
+    assert "refused" not in before.grew(Counters.of(victim))
+
+
+@pytest.mark.parametrize("how", ["fin", "reset", "stall"])
+def test_peer_hanging_up_mid_upload_counts_failed_merges_nothing_and_frees_the_node(
+        victim: LocalNode, how: str) -> None:
+    quitter, next_peer = EvilPeer(), EvilPeer()
+    garbage = np.full(DIGITS_NUMEL, 1e3, dtype=np.float32).tobytes()  # half of it arrives
+    before = Counters.of(victim)
+    slow = SlowPush(victim, quitter, garbage, sample_weight=BIG_SAMPLE_WEIGHT)
+    assert slow.status == 200
+    if how == "stall":  # the upload just stops: the node gives up after exchange.transfer_timeout
+        stalled = time.monotonic()
+        wait_until(lambda: before.grew(Counters.of(victim)).get("failed") == 1,
+                   VICTIM_TRANSFER_TIMEOUT + 10, "the stalled exchange to time out")
+        assert time.monotonic() - stalled > VICTIM_TRANSFER_TIMEOUT - 1
+        slow.hang_up("reset")
+    else:
+        slow.hang_up(how)
+        wait_until(lambda: before.grew(Counters.of(victim)).get("failed") == 1, 10, "failed to be counted")
+
+    body = next_peer.fetch_model(victim).tobytes()
+    reply = post_exchange(victim, b64(next_peer.push_manifest(victim, body, sample_weight=0.0)), body)
+    assert reply.continued and reply.status == 200 and reply.complete, reply
+    wait_until(lambda: before.grew(Counters.of(victim)).get("ok") == 1, 5, "the next exchange to count ok")
+    assert before.grew(Counters.of(victim)) == {"failed": 1, "ok": 1}
+    assert_healthy_and_unmerged(victim, next_peer)
+
+
+# ---------------------------------------------------------------------------------------------
+# multi-node: state sync, and a responder killed mid-transfer
+
+
+@pytest.mark.slow
+def test_newcomer_state_sync_yields_the_donors_weights(tmp_path: Path) -> None:
+    # lr 1e-12: both keep stepping, but their weights stay put (to ~1e-9), so equality is exact.
+    common = {"train.threads": 1, "train.lr": 1e-12, "exchange.interval": 1000.0}
+    with LocalSwarm(tmp_path, network=NETWORK) as swarm:
+        donor = swarm.add_node(settings={**common, "train.init": "local", "train.seed": 1})
+        newcomer = swarm.add_node(settings={**common, "train.init": "peer", "train.seed": 2})
+        swarm.start_all(timeout=120)
+        wait_until(lambda: newcomer.get("/status")["state_sync"] != "none", 60, "state sync to finish")
+        assert newcomer.get("/status")["state_sync"] == f"from {donor.peer_id}"
+        peer = EvilPeer()
+        donor_w, newcomer_w = peer.fetch_model(donor), peer.fetch_model(newcomer)
+        own_init, donor_init = digits_init(2), digits_init(1)
+
+        assert np.abs(own_init - donor_init).max() > 0.05  # the sync is visible
+        assert np.abs(donor_w - donor_init).max() < 1e-6   # lr 1e-12 keeps weights put
+        assert np.abs(newcomer_w - donor_w).max() < 1e-6, "newcomer's weights differ from the donor's"
+        assert np.abs(newcomer_w - own_init).max() > 0.05
+        step = newcomer.get("/status")["step"]
+        wait_until(lambda: newcomer.get("/status")["step"] > step, 20, "the newcomer to train")
+
+
+def socket_io(pid: int) -> tuple[int, int]:
+    """(rchar, wchar) of a process: bytes through its read/write syscalls, sockets included."""
+    with open(f"/proc/{pid}/io") as f:
+        fields = dict(line.split(":") for line in f)
+    return int(fields["rchar"]), int(fields["wchar"])
+
+
+BIG_DIM = 4096  # 64 MiB of weights each way
+BIG_NBYTES = 4 * BIG_DIM * BIG_DIM
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux /proc/<pid>/io")
+@pytest.mark.parametrize("moment", ["push_arriving", "reply_flowing"])
+def test_killing_the_responder_mid_transfer_merges_nothing_on_the_initiator(tmp_path: Path, moment: str) -> None:
+    """The responder is frozen (SIGSTOP) once 4 MiB of the push reached it, or once 4 MiB
+    of its reply left it; frozen, it cannot finish the exchange, so we can check the exchange
+    is still under way before we SIGKILL it (and its trainer)."""
+    big_fp = fingerprint(torch.nn.Linear(BIG_DIM, BIG_DIM, bias=False, device="meta"))  # layout only
+    common = {"train.threads": 1, "train.lr": 1e-12, "train.task": "big_task:factory",
+              "train.options": {"dim": BIG_DIM}, "train.eval_interval": 30.0, "train.init": "local",
+              "exchange.interval": 1000.0, "exchange.transfer_timeout": 60.0}
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p)}
+    with LocalSwarm(tmp_path, network=NETWORK) as swarm:
+        initiator = swarm.add_node(settings={**common, "train.seed": 1})
+        responder = swarm.add_node(settings={**common, "train.seed": 2})
+        for node in (initiator, responder):
+            node.start(env=env)
+        for node in (initiator, responder):
+            node.wait_up(timeout=180)
+        wait_until(lambda: any(p["peer_id"] == responder.peer_id and p["state"] == "connected"
+                               and p["exchange_url"] for p in initiator.get("/peers")), 60,
+                   "the initiator to know the responder's exchange URL")
+        peer = EvilPeer()
+        before_w = peer.fetch_model(initiator, big_fp)
+        responder_w = peer.fetch_model(responder, big_fp)
+        assert np.abs(before_w - responder_w).max() > 1e-3  # a merge (alpha 0.5) would show
+        before = Counters.of(initiator)
+        assert responder.process is not None
+        pid = responder.process.pid
+
+        result: dict[str, Any] = {}
+        read0, written0 = socket_io(pid)
+        call = threading.Thread(target=lambda: result.update(
+            api_post(initiator, f"/exchange?peer={responder.peer_id}")), daemon=True)
+        call.start()
+        deadline = time.monotonic() + 60
+        while True:
+            read, written = socket_io(pid)
+            if (read - read0 if moment == "push_arriving" else written - written0) >= 4 << 20:
+                break
+            assert call.is_alive(), f"the exchange ended before we could freeze it: {result}"
+            assert time.monotonic() < deadline, f"no transfer after 60 s ({moment})"
+            time.sleep(0.001)
+        responder.signal(signal.SIGSTOP)
+        read, written = socket_io(pid)
+        time.sleep(0.5)
+        assert call.is_alive(), f"the exchange finished before the kill: {result}"
+        print(f"responder frozen ({moment}) having read {(read - read0) / 2**20:.1f} MiB and written "
+              f"{(written - written0) / 2**20:.1f} MiB; each side's weights are {BIG_NBYTES / 2**20:.0f} MiB")
+        responder.kill()
+        call.join(60)
+        assert not call.is_alive(), "POST /exchange did not return after the responder died"
+
+        assert result["outcome"] == "failed", result
+        after = Counters.of(initiator)
+        assert before.grew(after) == {"failed": 1}, before.grew(after)
+        assert initiator.get("/status")["last_exchange"]["outcome"] == "failed"
+        wait_until(lambda: Counters.of(initiator).step > after.step + 2, 30, "the initiator to keep training")
+        after_w = peer.fetch_model(initiator, big_fp)
+        assert np.isfinite(after_w).all()
+        assert np.abs(after_w - before_w).max() < 1e-5, "the initiator's weights moved: something was merged"
+        assert initiator.process is not None and initiator.process.poll() is None
