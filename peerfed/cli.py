@@ -181,8 +181,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import multiprocessing.resource_tracker
+    import signal
+
     from peerfed.daemon import run_daemon
     from peerfed.ops.logs import setup_logging
+
+    # Until the daemon installs its own handler, a SIGHUP (reload) must not kill it; started
+    # with SIGHUP ignored, multiprocessing's resource tracker keeps ignoring it for good.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    multiprocessing.resource_tracker.ensure_running()
 
     cfg = load_config(config_path_of(args))
     setup_logging(args.log_level or cfg.log_level)

@@ -60,6 +60,8 @@ class Daemon:
         self.state_sync: str = "none"
         self._tasks: list[asyncio.Task[None]] = []
         self._stop_requested = asyncio.Event()
+        self._up = False              # READY=1 sent; a SIGHUP before that waits for it
+        self._reload_pending = False
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -183,10 +185,11 @@ class Daemon:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.membership is not None:
             await self.membership.stop()
-        if self.exchange is not None:
-            await self.exchange.close()
+        # The final checkpoint need not wait for a cut-off exchange (nothing of it is merged).
+        closing = [self.exchange.close()] if self.exchange is not None else []
         if self.trainer is not None:
-            await asyncio.to_thread(self.trainer.stop, 8.0)   # writes the final checkpoint
+            closing.append(asyncio.to_thread(self.trainer.stop, 8.0))   # writes the final checkpoint
+        await asyncio.gather(*closing)
         if self.api is not None:
             await self.api.stop()
         if self.host is not None:
@@ -208,7 +211,10 @@ class Daemon:
             await asyncio.wait_for(self.stop(), STOP_TIMEOUT)
             raise
         # Key loaded, listeners bound, model on its device (start waited for the trainer).
+        self._up = True
         self.notifier.ready(self._status_line())
+        if self._reload_pending:
+            self._on_reload_signal()
         self._tasks.append(asyncio.create_task(self._notify_loop(), name="notify"))
         await self._stop_requested.wait()
         await asyncio.wait_for(self.stop(), STOP_TIMEOUT + 5)
@@ -221,6 +227,11 @@ class Daemon:
         self._stop_requested.set()
 
     def _on_reload_signal(self) -> None:
+        if not self._up:
+            log.info("SIGHUP during startup: reloading once the node is up")
+            self._reload_pending = True
+            return
+        self._reload_pending = False
         self.notifier.reloading()
         try:
             new = load_config(self.config.path)
@@ -231,7 +242,7 @@ class Daemon:
         self.config = new
         if self.membership is not None:
             self.membership.reload(bootstrap=new.p2p.bootstrap, allowlist=self._allowlist())
-        if self.exchange is not None:
+        if self.exchange is not None and self.gossip is not None:
             self.exchange.set_allowlist(self._allowlist())
             self.gossip.scheduler.set_interval(new.exchange.interval)
         if self.log_level_override is None:

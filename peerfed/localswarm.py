@@ -206,7 +206,16 @@ class LocalSwarm:
         return [node.stop() for node in self.nodes]
 
     def kill_all(self) -> None:
+        """SIGTERM first (so trainers clean up their shared memory), SIGKILL what is left."""
         for node in self.nodes:
+            node.signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5.0
+        for node in self.nodes:
+            if node.process is not None:
+                try:
+                    node.process.wait(max(0.1, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
             node.kill()
 
     def __enter__(self) -> LocalSwarm:

@@ -122,3 +122,6 @@ def adopt_libp2p_logger() -> None:
     libp2p_logger = logging.getLogger("libp2p")
     libp2p_logger.propagate = True
     libp2p_logger.setLevel(logging.NOTSET)
+    # Every failed dial to a peer that is down logs an ERROR here, several a second; the
+    # membership service logs each failed attempt once, with its reason.
+    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)

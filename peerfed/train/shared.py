@@ -14,11 +14,13 @@
 from __future__ import annotations
 
 import os
+import secrets
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from multiprocessing import shared_memory
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +54,43 @@ REQ_MERGE = 2  # device weights += shared delta buffer
 REQ_LOAD = 3  # device weights = shared weights buffer
 
 
+SEGMENT_PREFIX = "peerfed_"
+SHM_DIR = Path("/dev/shm")
+
+
+def new_segment_name() -> str:
+    """Names carry the owner's pid, so segments left by a killed daemon can be found later."""
+    return f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
+
+
+def remove_stale_segments() -> list[str]:
+    """Unlink our segments whose owner process is gone (SIGKILL of the whole process group
+    leaves them behind, model-sized). Returns the names removed."""
+    removed = []
+    for path in SHM_DIR.glob(SEGMENT_PREFIX + "*"):
+        try:
+            owner = int(path.name[len(SEGMENT_PREFIX):].split("_", 1)[0])
+        except ValueError:
+            continue
+        if owner != os.getpid() and not _pid_alive(owner):
+            try:
+                path.unlink()
+                removed.append(path.name)
+            except OSError:
+                pass
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's: leave it alone
+    return True
+
+
 class SharedTensor:
     """A shared-memory block holding `numel` float32 values, as a torch tensor."""
 
@@ -64,7 +103,8 @@ class SharedTensor:
 
     @classmethod
     def create(cls, numel: int) -> SharedTensor:
-        shm = shared_memory.SharedMemory(create=True, size=max(1, numel * FLAT_ITEMSIZE))
+        shm = shared_memory.SharedMemory(name=new_segment_name(), create=True,
+                                         size=max(1, numel * FLAT_ITEMSIZE))
         return cls(shm, numel, owner=True)
 
     @classmethod
@@ -103,7 +143,7 @@ class ControlBlock:
 
     @classmethod
     def create(cls) -> ControlBlock:
-        shm = shared_memory.SharedMemory(create=True, size=CONTROL_SLOTS * 8)
+        shm = shared_memory.SharedMemory(name=new_segment_name(), create=True, size=CONTROL_SLOTS * 8)
         block = cls(shm, owner=True)
         for i in range(CONTROL_SLOTS):
             block[i] = 0
