@@ -16,6 +16,7 @@ from pathlib import Path
 from peerfed import __version__
 from peerfed.config import CONFIG_FILE_NAME, KEY_FILE_NAME, load_config
 from peerfed.config_files import edit_bootstrap, write_default_config
+from peerfed.demo import add_demo_arguments, cmd_demo
 from peerfed.errors import AlreadyExistsError, ConfigError, ExitCode, PeerfedError
 
 # peerfed.identity is imported inside the commands that use the key: it pulls in libp2p, which
@@ -253,6 +254,8 @@ COMMANDS: dict[str, Command] = {
     "run": Command("run the node: join the swarm, train, exchange weights", add_run_arguments, cmd_run),
     "status": Command("show the running node's status (from its local API)", add_query_arguments, cmd_status),
     "peers": Command("list the running node's peers (from its local API)", add_query_arguments, cmd_peers),
+    "demo": Command("run N real nodes on this machine next to both baselines; write a report",
+                    add_demo_arguments, cmd_demo),
 }
 
 

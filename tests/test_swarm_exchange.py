@@ -44,7 +44,7 @@ from peerfed.core.envelope import ModelRequest, Verifier, decode, seal
 from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
 from peerfed.localswarm import LocalNode, LocalSwarm
-from peerfed.net.exchange import MAX_ALPHA
+from peerfed.net.exchange import bounded_mixing_weight
 from peerfed.net.transfer import MANIFEST_HEADER, REQUEST_HEADER
 from peerfed.train.tasks import (
     NodeContext,
@@ -59,7 +59,7 @@ TESTS_DIR = Path(__file__).resolve().parent
 VICTIM_TRANSFER_TIMEOUT = 5.0
 VICTIM = {"train.init": "local", "train.threads": 1, "exchange.interval": 1000.0,
           "train.eval_interval": 1.0, "exchange.transfer_timeout": VICTIM_TRANSFER_TIMEOUT}
-BIG_SAMPLE_WEIGHT = 1e9  # asks for a mixing weight ~1 (capped at MAX_ALPHA = 0.5)
+BIG_SAMPLE_WEIGHT = 1e9  # asks for a mixing weight ~1 (clamped to 10/11)
 HONEST_MAX_ABS = 100.0   # digits-mlp weights stay far below this; all garbage here is above
 MARK = 42.0
 
@@ -329,9 +329,11 @@ def test_genuine_push_is_answered_with_a_signed_reply_and_merged(victim: LocalNo
     assert np.abs(np.frombuffer(reply.body, np.float32)).max() < HONEST_MAX_ABS
     wait_until(lambda: Counters.of(victim).exchanges["ok"] == before.exchanges["ok"] + 1, 5, "ok counted")
     merged = assert_healthy_and_unmerged(victim, peer)  # an honest merge keeps it healthy
-    # The push claims a huge sample weight, but no single exchange may move us more than
-    # MAX_ALPHA of the way (a peer could otherwise replace our model in one go).
-    expected = current[DEAD] + MAX_ALPHA * (MARK - current[DEAD])
+    # The push claims a huge sample weight, but its claim is clamped to 10x ours: no single
+    # exchange may replace our model.
+    alpha = bounded_mixing_weight(victim.get("/status")["trainer"]["num_samples"], BIG_SAMPLE_WEIGHT)
+    assert abs(alpha - 10 / 11) < 1e-9
+    expected = current[DEAD] + alpha * (MARK - current[DEAD])
     assert np.abs(merged[DEAD] - expected).max() < 1e-3, "the pushed weights were not merged (capped)"
     grew = before.grew(Counters.of(victim))
     assert grew == {"ok": 1}, grew

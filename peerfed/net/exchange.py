@@ -73,7 +73,15 @@ class Refused(Exception):
 
 
 OUTCOMES = ("ok", "busy", "refused", "failed")
-MAX_ALPHA = 0.5
+# A peer declares its own sample weight. Both sides clamp the other's claim to within this
+# factor of their own: honest peers of similar size keep the exact sample-weighted average,
+# and no claim, however large, moves us more than 10/11 of the way in one exchange.
+MAX_WEIGHT_RATIO = 10.0
+
+
+def bounded_mixing_weight(own: float, claimed: float) -> float:
+    own = max(own, 1.0)
+    return mixing_weight(own, min(max(claimed, own / MAX_WEIGHT_RATIO), own * MAX_WEIGHT_RATIO))
 
 
 class Exchange:
@@ -382,9 +390,7 @@ class Exchange:
             self._count_rejected("bad_values")
             log.warning("not merging weights from %s: %s", peer_id, problem)
             return "refused"
-        # A peer declares its own sample weight; capping its share means no single exchange
-        # can replace our model, whatever it claims.
-        alpha = min(MAX_ALPHA, mixing_weight(self._weights.num_samples, theirs.sample_weight))
+        alpha = bounded_mixing_weight(self._weights.num_samples, theirs.sample_weight)
         await asyncio.to_thread(self._weights.merge, received, sent, alpha)
         return "ok"
 

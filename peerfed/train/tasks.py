@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,8 @@ import torch
 from torch import nn
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+# (steps taken, seconds spent training) -> factor applied to the optimizer's configured lr
+LrSchedule = Callable[[int, float], float]
 
 # The 80/20 split and the Dirichlet split use fixed seeds so every node agrees on them,
 # whatever its training seed (override with options "split_seed").
@@ -86,6 +89,7 @@ class Task:
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
     num_samples: int  # size of the local shard: this node's sample weight
+    lr_schedule: LrSchedule | None = None  # None: the configured lr throughout
 
 
 TaskFactory = Callable[[TrainSettings, NodeContext], Task]
@@ -115,6 +119,54 @@ def load_task_factory(spec: str) -> TaskFactory:
     if not callable(obj):
         raise TaskLoadError(f"task {spec!r}: {attr!r} is not callable")
     return obj
+
+
+# ---------------------------------------------------------------- learning-rate schedules
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+
+
+def lr_factor(kind: str, progress: float, min_factor: float = 0.0) -> float:
+    """Factor of the base lr at `progress` (0 = start, >= 1 = end, where it stays at min_factor)."""
+    p = min(max(progress, 0.0), 1.0)
+    if kind == "constant":
+        return 1.0
+    if kind == "cosine":
+        shape = 0.5 * (1.0 + math.cos(math.pi * p))
+    elif kind == "linear":
+        shape = 1.0 - p
+    else:
+        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {kind!r}")
+    return min_factor + (1.0 - min_factor) * shape
+
+
+def lr_schedule_from_options(options: Mapping[str, Any]) -> LrSchedule | None:
+    """Options lr_schedule ("constant" | "cosine" | "linear"), with exactly one of
+    lr_schedule_steps (decay over that many steps) or lr_schedule_seconds (over that much
+    training time of the trainer process; a restart from a checkpoint starts that clock over),
+    and lr_min (fraction of the lr kept once the decay is over, default 0).
+
+    A decaying lr lets gossiping nodes on skewed shards settle: late local steps drift less, so
+    pairwise averaging pulls the nodes' models together."""
+    kind = str(options.get("lr_schedule", "constant"))
+    lr_factor(kind, 0.0)  # validates the name
+    if kind == "constant":
+        return None
+    steps, seconds = options.get("lr_schedule_steps"), options.get("lr_schedule_seconds")
+    if (steps is None) == (seconds is None):
+        raise ValueError(f"lr_schedule {kind!r} needs exactly one of lr_schedule_steps, lr_schedule_seconds")
+    length = float(steps if steps is not None else seconds)
+    if not length > 0:
+        raise ValueError(f"lr_schedule length must be > 0, got {length!r}")
+    min_factor = float(options.get("lr_min", 0.0))
+    if not 0.0 <= min_factor <= 1.0:
+        raise ValueError(f"lr_min must be within [0, 1], got {min_factor!r}")
+    by_steps = steps is not None
+
+    def schedule(step: int, seconds_trained: float) -> float:
+        return lr_factor(kind, (step if by_steps else seconds_trained) / length, min_factor)
+
+    return schedule
 
 
 # ---------------------------------------------------------------- digits
@@ -245,6 +297,7 @@ def _digits_task(settings: TrainSettings, ctx: NodeContext, model: nn.Module) ->
         loss_fn=loss_fn,
         make_optimizer=make_optimizer,
         num_samples=len(shard),
+        lr_schedule=lr_schedule_from_options(options),
     )
 
 

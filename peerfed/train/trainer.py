@@ -41,6 +41,7 @@ from peerfed.train.shared import (
     TrainerLink,
     TrainerUnavailable,
     WeightStore,
+    remove_stale_segments,
 )
 from peerfed.train.tasks import NodeContext, TaskLoadError, TrainSettings, load_task_factory
 
@@ -117,6 +118,9 @@ class TrainerHandle:
         with self._ops, self._state:
             if self._gen is not None or self._stopped or self._control is not None:
                 raise RuntimeError("a TrainerHandle starts once")
+            stale = remove_stale_segments()
+            if stale:
+                log.info("removed %d shared-memory segments left by a killed daemon", len(stale))
             self._control = ControlBlock.create()
             self._spawn()
             ref = weakref.ref(self)
@@ -238,6 +242,9 @@ class TrainerHandle:
                 "metrics": dict(stats.get("metrics", {})),
                 "loss": stats.get("loss"),
                 "steps_per_s": stats.get("steps_per_s", 0.0),
+                "evaluated_at": stats.get("evaluated_at"),  # unix time of the metrics' evaluation
+                "evaluated_step": stats.get("evaluated_step"),
+                "lr": stats.get("lr"),
                 "device": info.device if info else None,
                 "mode": info.mode if info else None,
                 "num_samples": info.num_samples if info else None,
@@ -470,7 +477,9 @@ def run_child(
     # First torch op of the process: set later, it does not reach threads that already ran
     # (design.md section 5).
     torch.set_num_threads(settings.threads or default_threads())
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl+C hits the whole group; the daemon decides
+    # Ctrl+C and a closed terminal (or `systemctl kill -s HUP`) hit the whole group; the daemon decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="peerfed-trainer: %(levelname)s %(name)s: %(message)s")
     child = _Child(settings, force_mirror, commands, events, control_name, lock, parent_pid)
     signal.signal(signal.SIGTERM, child.on_sigterm)
@@ -512,6 +521,8 @@ class _Child:
         self.step = self.samples = 0
         self.checkpoint_step = -1
         self.metrics: dict[str, float] = {}
+        self.evaluated_at: float | None = None  # unix time and step of the last evaluation
+        self.evaluated_step = 0
         self.loss_ema: torch.Tensor | None = None
         self.next_parent_check = 0.0
 
@@ -568,8 +579,15 @@ class _Child:
     def _train(self) -> None:
         model, optimizer, loss_fn = self.model, self.optimizer, self.task.loss_fn
         direct = self.store is not None and self.store.mode == "direct"
+        schedule = self.task.lr_schedule
+        base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
+        began = now = time.monotonic()
         next_housekeeping = 0.0
         for x, y in self.task.train_batches:
+            if schedule is not None:  # per step: a few microseconds next to a step's milliseconds
+                factor = schedule(self.step, now - began)
+                for group, base in zip(optimizer.param_groups, base_lrs):
+                    group["lr"] = base * factor
             x = x.to(self.device, non_blocking=True)
             y = y.to(self.device, non_blocking=True)
             loss = loss_fn(model(x), y)
@@ -638,6 +656,7 @@ class _Child:
 
     def _evaluate(self) -> None:
         self.metrics = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+        self.evaluated_at, self.evaluated_step = time.time(), self.step
 
     def _publish_stats(self, now: float) -> None:
         then, step_then = self.last_stats
@@ -646,6 +665,8 @@ class _Child:
             "step": self.step, "samples": self.samples, "metrics": dict(self.metrics),
             "loss": float(self.loss_ema) if self.loss_ema is not None else None,
             "steps_per_s": (self.step - step_then) / (now - then) if now > then else 0.0,
+            "evaluated_at": self.evaluated_at, "evaluated_step": self.evaluated_step,
+            "lr": float(self.optimizer.param_groups[0]["lr"]),
         }))
 
     def _checkpoint(self, use_lock: bool = True) -> dict[str, Any] | None:

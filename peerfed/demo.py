@@ -1,0 +1,362 @@
+"""`peerfed demo`: a real swarm on 127.0.0.1 next to its two baselines (design.md section 6).
+
+N daemons, each a separate process with a fresh key, all bootstrapped to node 0, train the same
+task on Dirichlet(alpha) shards and gossip. The demo watches every node's /status, stops them
+with SIGTERM, trains the all-reduce and local-only baselines in-process, and writes
+report.json and accuracy.png. Every accuracy reported is a node's own evaluation of its own
+model on the test set, read after the end of training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from peerfed.demo_report import build_report, fmt_acc, fmt_bytes, plot_accuracy, print_summary
+from peerfed.errors import ExitCode
+
+NETWORK = "peerfed-demo"
+DEFAULT_DURATION = 60.0  # seconds of training once all nodes are up; the whole run fits in 3 min
+LOCAL_ONLY_MAX_STEPS = 5000  # per node, to keep the run short (a lone node is still slowly learning)
+PLAIN_LINE_EVERY_S = 5.0  # not a terminal: one progress line this often
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    nodes: int = 8
+    task: str = "digits-mlp"
+    alpha: float | None = 0.1  # None: iid shards
+    duration: float = DEFAULT_DURATION
+    seed: int = 0
+    lr: float = 0.05
+    batch_size: int = 32
+    lr_schedule: str = "cosine"  # decays to lr_min over `duration` seconds of each node's training
+    lr_min: float = 0.0
+    exchange_interval: float = 0.5
+    eval_interval: float = 2.0
+    threads: int = 1  # per trainer: N trainers share the machine's cores
+    local_only_max_steps: int = LOCAL_ONLY_MAX_STEPS
+
+    def task_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"alpha": "iid" if self.alpha is None else self.alpha}
+        if self.lr_schedule != "constant":
+            options.update(lr_schedule=self.lr_schedule, lr_schedule_seconds=self.duration, lr_min=self.lr_min)
+        return options
+
+    def node_config(self, index: int) -> dict[str, Any]:
+        return {
+            "log_level": "info", "train.task": self.task, "train.device": "cpu", "train.threads": self.threads,
+            "train.node_index": index, "train.node_count": self.nodes, "train.options": self.task_options(),
+            "train.seed": self.seed, "train.lr": self.lr, "train.batch_size": self.batch_size,
+            "train.eval_interval": self.eval_interval,
+            "train.init": "local",  # same seed, same init everywhere: no state sync wait
+            "exchange.interval": self.exchange_interval, "checkpoint.interval": 3600.0,
+        }
+
+
+@dataclass
+class NodeView:
+    """What the demo knows about one node: its latest /status and its accuracy curve."""
+
+    index: int
+    peer_id: str
+    status: dict[str, Any] = field(default_factory=dict)
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, accuracy)
+    died: int | None = None  # exit code, when it exited on its own
+    exit_code: int | None = None
+
+    def observe(self, status: dict[str, Any], t0: float) -> None:
+        self.status = status
+        trainer = status.get("trainer") or {}
+        at, accuracy = trainer.get("evaluated_at"), (status.get("metrics") or {}).get("accuracy")
+        if at is not None and accuracy is not None and (not self.curve or at - t0 > self.curve[-1][0]):
+            self.curve.append((at - t0, float(accuracy)))
+
+    @property
+    def accuracy(self) -> float | None:
+        return (self.status.get("metrics") or {}).get("accuracy")
+
+    def exchanges(self) -> dict[str, int]:
+        ex = self.status.get("exchanges") or {}
+        return {k: int(ex.get(k, 0)) for k in ("ok", "refused", "failed", "busy")}
+
+
+def parse_alpha(text: str) -> float | None:
+    if text.lower() == "iid":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number nor 'iid': {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"alpha must be > 0 (or 'iid'), got {text}")
+    return value
+
+
+def positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    parse.__name__ = kind.__name__  # argparse names it in "invalid int value"
+    return parse
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    d = DemoSettings()
+    parser.add_argument("--nodes", type=positive(int), default=d.nodes, help=f"daemons to start (default {d.nodes})")
+    parser.add_argument("--task", default=d.task, help=f"task to train (default {d.task})")
+    parser.add_argument("--alpha", type=parse_alpha, default=d.alpha, metavar="A|iid",
+                        help=f"Dirichlet alpha of the label split, or 'iid' (default {d.alpha})")
+    parser.add_argument("--duration", type=positive(float), default=d.duration, metavar="S",
+                        help=f"seconds of training once every node is up (default {d.duration:.0f})")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="write report.json, accuracy.png and the nodes' homes and logs here "
+                             "(default: a new temporary folder for the results; homes removed)")
+    parser.add_argument("--seed", type=int, default=d.seed, help=f"model init and batch order seed (default {d.seed})")
+    parser.add_argument("--exchange-interval", type=positive(float), default=d.exchange_interval, metavar="S",
+                        help=f"seconds between a node's exchanges (default {d.exchange_interval})")
+    parser.add_argument("--lr", type=positive(float), default=d.lr, help=f"learning rate (default {d.lr})")
+    parser.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default=d.lr_schedule,
+                        help=f"decay of the lr over the duration (default {d.lr_schedule})")
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    settings = DemoSettings(nodes=args.nodes, task=args.task, alpha=args.alpha, duration=args.duration,
+                            seed=args.seed, exchange_interval=args.exchange_interval, lr=args.lr,
+                            lr_schedule=args.lr_schedule)
+    return run_demo(settings, args.out)
+
+
+# ---------------------------------------------------------------- the run
+
+
+def run_demo(settings: DemoSettings, out: Path | None, console: Console | None = None) -> int:
+    from peerfed.baselines import set_baseline_threads
+
+    set_baseline_threads(1)  # before any torch op in this process
+    console = console or Console()
+    results = Path(out) if out is not None else Path(tempfile.mkdtemp(prefix="peerfed-demo-"))
+    results.mkdir(parents=True, exist_ok=True)
+    homes = results / "nodes" if out is not None else Path(tempfile.mkdtemp(prefix="peerfed-demo-homes-"))
+    if out is not None and not clear_old_homes(homes):
+        console.print(f"peerfed demo: {homes} holds something else than an earlier demo's nodes; "
+                      "choose another --out", markup=False)
+        return int(ExitCode.EXISTS)
+    # The daemons run in their own sessions (Ctrl+C in a terminal does not reach them): on
+    # Ctrl+C or SIGTERM the demo itself stops them.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        return _run(settings, results, homes, console)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: the nodes were stopped[/]")
+        return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+        if out is None:
+            shutil.rmtree(homes, ignore_errors=True)
+            if not (results / "report.json").exists():  # interrupted: nothing worth keeping
+                shutil.rmtree(results, ignore_errors=True)
+
+
+def clear_old_homes(homes: Path) -> bool:
+    """Remove DIR/nodes of an earlier demo; False (and touch nothing) if it holds anything else."""
+    if not homes.exists():
+        return True
+    if not homes.is_dir() or not all(p.is_dir() and p.name.startswith("node") for p in homes.iterdir()):
+        return False
+    shutil.rmtree(homes)
+    return True
+
+
+def _run(settings: DemoSettings, results: Path, homes: Path, console: Console) -> int:
+    from peerfed.localswarm import LocalSwarm
+
+    started = time.monotonic()
+    t0 = time.time()
+    with LocalSwarm(homes, network=NETWORK) as swarm:
+        try:
+            nodes = [swarm.add_node(settings=settings.node_config(i)) for i in range(settings.nodes)]
+            views = [NodeView(n.index, n.peer_id) for n in nodes]
+            console.print(f"starting {settings.nodes} daemons on 127.0.0.1 (homes in {homes}) ...")
+            swarm.start_all(wait=False)
+            try:
+                for node in nodes:
+                    node.wait_up(180.0)
+            except (RuntimeError, TimeoutError) as exc:  # it died or hung: the message has its log
+                console.print("[red]a node did not start:[/]")
+                console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
+                swarm.stop_all()
+                return int(ExitCode.INTERNAL)
+            up_s = time.monotonic() - started
+            console.print(f"all {settings.nodes} nodes up after {up_s:.1f} s; training for {settings.duration:.0f} s")
+            watch(swarm, views, settings, t0, console)
+            final = read_final(swarm, views, settings, t0, console)
+        except BaseException:
+            console.print("stopping the nodes ...")
+            swarm.stop_all()  # SIGTERM first, also on Ctrl+C; the context manager kills leftovers
+            raise
+        # Stop the daemons while the baselines train: their shutdown is mostly waiting.
+        stopper = threading.Thread(target=lambda: [setattr(v, "exit_code", c) for v, c in zip(views, swarm.stop_all())])
+        stopper.start()
+        try:
+            baselines = run_baselines(settings, views, console)
+        finally:
+            stopper.join()
+    report = build_report(settings, views, final, baselines, up_s, time.monotonic() - started)
+    (results / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    plot_accuracy(results / "accuracy.png", views, baselines, settings)
+    print_summary(console, report, results)
+    return int(ExitCode.OK) if report["clean_exit"] else int(ExitCode.INTERNAL)
+
+
+def poll_all(swarm: Any, views: list[NodeView], t0: float, pool: ThreadPoolExecutor, console: Console) -> None:
+    """Refresh every view from its node's /status; report nodes that died."""
+    def fetch(i: int) -> dict[str, Any] | None:
+        try:
+            return swarm.nodes[i].get("/status", timeout=2.0)
+        except Exception:  # noqa: BLE001 - a slow or gone node: keep its last status
+            return None
+
+    for view, status in zip(views, pool.map(fetch, range(len(views)))):
+        if status is not None:
+            view.observe(status, t0)
+        process = swarm.nodes[view.index].process
+        if view.died is None and process is not None and process.poll() is not None:
+            view.died = process.returncode
+            console.print(f"[red]node {view.index} ({view.peer_id}) exited with code {view.died}; "
+                          f"its log ends with:[/]")
+            console.print(swarm.nodes[view.index].log_tail(20), markup=False, highlight=False, soft_wrap=True)
+
+
+def watch(swarm: Any, views: list[NodeView], settings: DemoSettings, t0: float, console: Console) -> None:
+    end = time.monotonic() + settings.duration
+    with ThreadPoolExecutor(len(views)) as pool:
+        if console.is_terminal:
+            with Live(progress_table(views, settings, t0), console=console, refresh_per_second=2) as live:
+                while time.monotonic() < end:
+                    poll_all(swarm, views, t0, pool, console)
+                    live.update(progress_table(views, settings, t0))
+                    time.sleep(0.5)
+        else:
+            next_line = 0.0
+            while time.monotonic() < end:
+                poll_all(swarm, views, t0, pool, console)
+                if time.monotonic() >= next_line:
+                    print(progress_line(views, t0), flush=True)
+                    next_line = time.monotonic() + PLAIN_LINE_EVERY_S
+                time.sleep(0.5)
+
+
+def read_final(swarm: Any, views: list[NodeView], settings: DemoSettings, t0: float, console: Console) -> dict[str, Any]:
+    """Wait until every live node evaluated its model after the end of training, so that the
+    accuracy read includes every exchange up to then."""
+    ended = time.time()
+    deadline = time.monotonic() + 2 * settings.eval_interval + 10.0
+    with ThreadPoolExecutor(len(views)) as pool:
+        while True:
+            poll_all(swarm, views, t0, pool, console)
+            stale = [v.index for v in views if v.died is None and fresh_age(v, ended) is None]
+            if not stale or time.monotonic() > deadline:
+                break
+            time.sleep(0.25)
+    if stale:
+        console.print(f"[yellow]no evaluation after the end from node(s) {stale}: their last one is used[/]")
+    return {"ended_at": ended - t0, "stale": stale}
+
+
+def fresh_age(view: NodeView, ended: float) -> float | None:
+    """Seconds between the end of training and the node's last evaluation; None if before."""
+    at = (view.status.get("trainer") or {}).get("evaluated_at")
+    return at - ended if at is not None and at > ended else None
+
+
+def run_baselines(settings: DemoSettings, views: list[NodeView], console: Console) -> dict[str, Any]:
+    from peerfed.baselines import init_baseline_worker, train_allreduce, train_local_only
+    from peerfed.train.tasks import TrainSettings
+
+    train = TrainSettings(task=settings.task, device="cpu", batch_size=settings.batch_size, lr=settings.lr,
+                          seed=settings.seed, options=settings.task_options())
+    samples = [int(v.status.get("samples", 0)) for v in views]
+    console.print(f"training the baselines on {sum(samples):,} samples ...")
+    # local-only in a second process, all-reduce here: one core each. Leaving the block
+    # terminates the helper (also on Ctrl+C, which the helper ignores from birth).
+    with ignoring_sigint():
+        pool = mp.get_context("spawn").Pool(1, initializer=init_baseline_worker)
+    with pool:
+        local_later = pool.apply_async(train_local_only, (train, settings.nodes, samples, settings.local_only_max_steps))
+        allreduce = train_allreduce(train, settings.nodes, sum(samples))
+        local = local_later.get()
+    return {"allreduce": allreduce, "local_only": local}
+
+
+@contextlib.contextmanager
+def ignoring_sigint() -> Iterator[None]:
+    """Processes started in here inherit an ignored SIGINT."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+# ---------------------------------------------------------------- output
+
+
+def progress_table(views: list[NodeView], settings: DemoSettings, t0: float) -> Table:
+    alpha = "iid" if settings.alpha is None else settings.alpha
+    table = Table(title=f"peerfed demo: {settings.nodes} nodes, {settings.task}, alpha {alpha}, "
+                        f"t = {time.time() - t0:.0f} s")
+    for name in ("node", "step", "lr", "accuracy", "exchanges ok/refused/failed", "sent"):
+        table.add_column(name, justify="left" if name == "node" else "right")
+    for v in views:
+        s, ex = v.status, v.exchanges()
+        lr = (s.get("trainer") or {}).get("lr")
+        table.add_row(f"{v.index} {v.peer_id[-8:]}" + (" [red]dead[/]" if v.died is not None else ""),
+                      f"{s.get('step', 0):,}", "-" if lr is None else f"{lr:.4f}", fmt_acc(v.accuracy),
+                      f"{ex['ok']}/{ex['refused']}/{ex['failed']}", fmt_bytes(s.get("bytes_sent", 0)))
+    return table
+
+
+def progress_line(views: list[NodeView], t0: float) -> str:
+    accs = [v.accuracy for v in views if v.accuracy is not None and v.died is None]
+    ok = sum(v.exchanges()["ok"] for v in views)
+    steps = sum(int(v.status.get("step", 0)) for v in views)
+    mean = fmt_acc(sum(accs) / len(accs)) if accs else "-"
+    return (f"t={time.time() - t0:5.0f}s  mean {mean}  worst {fmt_acc(min(accs) if accs else None)}  "
+            f"steps {steps:,}  exchanges ok {ok}  dead {sum(v.died is not None for v in views)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m peerfed.demo ...` until the CLI registers the command."""
+    parser = argparse.ArgumentParser(prog="peerfed demo", description=__doc__.splitlines()[0])
+    add_demo_arguments(parser)
+    return cmd_demo(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""What `peerfed demo` leaves behind: report.json, accuracy.png and the summary table."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from rich.console import Console
+from rich.table import Table
+
+from peerfed import __version__
+
+if TYPE_CHECKING:
+    from peerfed.demo import DemoSettings, NodeView
+
+DIGITS_TRAIN_SIZE = 1437  # one epoch of the built-in digits tasks
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def fmt_acc(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def build_report(settings: DemoSettings, views: list[NodeView], final: dict[str, Any], baselines: dict[str, Any],
+                 startup_s: float, total_s: float) -> dict[str, Any]:
+    allreduce, local = baselines["allreduce"], baselines["local_only"]
+    alive = [v for v in views if v.died is None and v.accuracy is not None]
+    accs = [float(v.accuracy) for v in alive]  # type: ignore[arg-type]
+    samples = sum(int(v.status.get("samples", 0)) for v in views)
+    mean = sum(accs) / len(accs) if accs else 0.0
+    worst = min(accs) if accs else 0.0
+    local_mean = sum(r.accuracy for r in local) / len(local) if local else 0.0
+    train_size = DIGITS_TRAIN_SIZE if settings.task.startswith("digits") else None
+    nodes = []
+    for v in views:
+        trainer = v.status.get("trainer") or {}
+        nodes.append({
+            "index": v.index, "peer_id": v.peer_id, "accuracy": v.accuracy,
+            "loss": (v.status.get("metrics") or {}).get("loss"), "step": v.status.get("step", 0),
+            "samples": v.status.get("samples", 0), "shard_size": trainer.get("num_samples"),
+            "bytes_sent": v.status.get("bytes_sent", 0), "bytes_received": v.status.get("bytes_received", 0),
+            "exchanges": v.exchanges(), "evaluated_step": trainer.get("evaluated_step"),
+            "final_lr": trainer.get("lr"), "died": v.died is not None, "exit_code": v.exit_code,
+            "curve": [[round(t, 2), a] for t, a in v.curve],
+        })
+    return {
+        "version": __version__,
+        "settings": {**asdict(settings), "task_options": settings.task_options()},
+        "duration": round(total_s, 1), "startup_s": round(startup_s, 1),
+        "samples": samples, "epochs": samples / train_size if train_size else None,
+        "mean_accuracy": mean, "worst_accuracy": worst,
+        "baselines": {"allreduce": allreduce.accuracy, "local_only": local_mean},
+        "baseline_details": {
+            "allreduce": {**asdict(allreduce), "samples": allreduce.samples},
+            "local_only": [{**asdict(r), "samples": r.samples} for r in local],
+            "local_only_capped_at_steps": settings.local_only_max_steps if any(r.capped for r in local) else None,
+        },
+        "acceptance": {
+            "mean_within_2_points_of_allreduce": mean >= allreduce.accuracy - 0.02,
+            "worst_within_4_points_of_allreduce": worst >= allreduce.accuracy - 0.04,
+            "local_only_30_points_below_gossip": local_mean <= mean - 0.30,
+        },
+        "final_reading": final,
+        "nodes": nodes,
+        "clean_exit": all(v.died is None and v.exit_code == 0 for v in views),
+    }
+
+
+def plot_accuracy(path: Path, views: list[NodeView], baselines: dict[str, Any], settings: DemoSettings) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for v in views:
+        if v.curve:
+            ax.plot([t for t, _ in v.curve], [a for _, a in v.curve], lw=1, alpha=0.8, label=f"node {v.index}")
+    local = baselines["local_only"]
+    ax.axhline(baselines["allreduce"].accuracy, color="black", ls="--", label="all-reduce")
+    if local:
+        ax.axhline(sum(r.accuracy for r in local) / len(local), color="gray", ls=":", label="local-only (mean)")
+    alpha = "iid" if settings.alpha is None else f"alpha {settings.alpha}"
+    ax.set(xlabel="seconds since start", ylabel="test accuracy", ylim=(0, 1),
+           title=f"peerfed demo: {settings.nodes} nodes, {settings.task}, {alpha}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncol=2, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def print_summary(console: Console, report: dict[str, Any], results: Path) -> None:
+    table = Table(title="peerfed demo: results")
+    for name in ("node", "accuracy", "samples", "ok", "refused", "failed", "sent", "exit"):
+        table.add_column(name, justify="left" if name == "node" else "right")
+    for n in report["nodes"]:
+        ex = n["exchanges"]
+        exit_text = "died" if n["died"] else str(n["exit_code"])
+        table.add_row(f"{n['index']} {n['peer_id'][-8:]}", fmt_acc(n["accuracy"]), f"{n['samples']:,}",
+                      str(ex["ok"]), str(ex["refused"]), str(ex["failed"]), fmt_bytes(n["bytes_sent"]), exit_text)
+    console.print(table)
+    b = report["baselines"]
+    epochs = f", {report['epochs']:.1f} epochs" if report["epochs"] else ""
+    console.print(f"gossip: mean {fmt_acc(report['mean_accuracy'])}, worst {fmt_acc(report['worst_accuracy'])}"
+                  f"   all-reduce {fmt_acc(b['allreduce'])}   local-only {fmt_acc(b['local_only'])}"
+                  f"   ({report['samples']:,} samples{epochs}, {report['duration']:.0f} s in all)")
+    capped = report["baseline_details"]["local_only_capped_at_steps"]
+    if capped:
+        console.print(f"local-only: capped at {capped} steps per node to keep the demo short")
+    if not report["clean_exit"]:
+        bad = [f"node {n['index']}: " + ("died" if n["died"] else f"exit code {n['exit_code']}")
+               for n in report["nodes"] if n["died"] or n["exit_code"] != 0]
+        console.print(f"[red]not every daemon stopped cleanly: {', '.join(bad)}[/]")
+    else:
+        console.print("every daemon stopped cleanly (exit code 0)")
+    console.print(f"report: {results / 'report.json'}   plot: {results / 'accuracy.png'}")
