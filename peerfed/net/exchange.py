@@ -15,7 +15,6 @@ bytes were in flight. Nothing half-received or unverified is ever merged.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -31,7 +30,7 @@ from peerfed.core.envelope import Envelope, ModelRequest, Verifier, decode, seal
 from peerfed.core.errors import ProtocolError, Rejected
 from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
-from peerfed.errors import AddressInUseError, ConfigError
+from peerfed.ops.api import serve
 from peerfed.net.transfer import (
     MANIFEST_HEADER, REQUEST_HEADER, ViewPayload, byte_view, decode_header, digest_of,
     encode_header, receive_into, write_view,
@@ -124,18 +123,8 @@ class Exchange:
         app = web.Application()
         app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
         app.router.add_get("/v1/model", self._serve_model)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=2.0)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            if exc.errno == errno.EADDRINUSE:
-                raise AddressInUseError(f"exchange.listen: {host}:{port} is already in use") from exc
-            raise ConfigError(f"exchange.listen: cannot listen on {host}:{port}: {exc.strerror}") from exc
-        sockets = getattr(site._server, "sockets", None) or []  # the real port when port is 0
-        return sockets[0].getsockname()[1] if sockets else port
+        self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0)
+        return bound
 
     async def close(self) -> None:
         """Refuse new exchanges, give running ones a moment, close everything."""

@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from peerfed.errors import AddressInUseError, NotRunningError
+from peerfed.errors import AddressInUseError, ConfigError, NotRunningError
 
 JSONSource = Callable[[], Any]
 
@@ -45,19 +45,7 @@ class LocalAPI:
         app.router.add_get("/peers", self._json_of(self._peers))
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_post("/exchange", self._exchange_handler)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        try:
-            await site.start()
-        except OSError as exc:
-            await self._runner.cleanup()
-            if exc.errno == errno.EADDRINUSE:
-                raise AddressInUseError(f"api.listen: {self._host}:{self._port} is already in use") from exc
-            raise AddressInUseError(f"api.listen: cannot listen on {self._host}:{self._port}: {exc.strerror}") from exc
-        server = site._server  # aiohttp keeps the asyncio server here; we need the real port
-        sockets = getattr(server, "sockets", None) or []
-        self.bound_port = sockets[0].getsockname()[1] if sockets else self._port
+        self._runner, self.bound_port = await serve(app, self._host, self._port, setting="api.listen")
 
     async def stop(self) -> None:
         if self._runner is not None:
@@ -84,6 +72,25 @@ class LocalAPI:
             raise web.HTTPNotFound(text="metrics are not enabled\n")
         body, content_type = self._metrics()
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+async def serve(app: web.Application, host: str, port: int, *, setting: str,
+                shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, int]:
+    """Serve ``app`` on host:port; returns the runner and the bound port (port 0 picks one).
+    A port in use is AddressInUseError and any other bind failure a ConfigError, both naming
+    the config ``setting``."""
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        if exc.errno == errno.EADDRINUSE:
+            raise AddressInUseError(f"{setting}: {host}:{port} is already in use") from exc
+        raise ConfigError(f"{setting}: cannot listen on {host}:{port}: {exc.strerror}") from exc
+    sockets = getattr(site._server, "sockets", None) or []  # aiohttp keeps the asyncio server here
+    return runner, (sockets[0].getsockname()[1] if sockets else port)
 
 
 def fetch_json(host: str, port: int, path: str, timeout: float = 5.0) -> Any:
