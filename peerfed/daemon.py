@@ -136,10 +136,13 @@ class Daemon:
         """State sync (a newcomer starts from a peer's model), then training and gossip."""
         init = self.config.train.init
         resumed = self.trainer.ready_info.resumed_step > 0
-        if init == "peer" or (init == "auto" and not resumed):
+        peers_known = bool(self.config.p2p.bootstrap) or len(self.membership.table) > 0
+        if init == "peer" or (init == "auto" and not resumed and peers_known):
             self.state_sync = await self._state_sync(wait=None if init == "peer" else SYNC_WAIT_AUTO)
+        elif resumed:
+            self.state_sync = "skipped (resumed from checkpoint)"
         else:
-            self.state_sync = "skipped (resumed from checkpoint)" if resumed else "skipped (train.init = local)"
+            self.state_sync = "skipped (train.init = local)" if init == "local" else "skipped (no peers known)"
         await asyncio.to_thread(self.trainer.begin_training)
         self._tasks.append(asyncio.create_task(self.gossip.run(), name="gossip"))
 
