@@ -2,13 +2,16 @@
 
 Run: python benchmarks/bench_convergence.py [--nodes 16] [--epochs 60] [--seeds 0,1,2]
          [--models digits-lr,digits-mlp] [--splits iid,1.0,0.1] [--interval 1] [--lr 0.05]
+         [--lr-decay none|cosine]
+     python benchmarks/bench_convergence.py --lr 0.4 --lr-decay cosine   # meets the targets
      python benchmarks/bench_convergence.py --real        # + one configuration with real daemons
 
 THIS IS A SIMULATION of the protocol's math and schedule, not real daemons: the nodes live in
 one process and share a simulated clock in which every node takes one local step per tick
-(the same rate for all). It uses the real pieces: peerfed.train.tasks (the same Dirichlet
-shards, models, batch streams, optimizer), peerfed.averaging (mixing_weight, merge_ on the
-flat buffers the trainer binds its model to) and peerfed.core.schedule.ExchangeScheduler
+(the same rate for all); gossip rounds open at their own jittered times, resolved to 1/10 of
+a tick (``--subticks``). It uses the real pieces: peerfed.train.tasks (the same Dirichlet
+shards, models, batch streams, optimizer), peerfed.averaging (merge_ on the flat buffers
+the trainer binds its model to) and peerfed.core.schedule.ExchangeScheduler
 (when a round opens, whom to pick, busy peers). An exchange is a push-pull: both sides take a
 snapshot, and ``--exchange-steps`` ticks later (local steps taken meanwhile) both merge
 x <- x + a (peer - sent), with a from the samples of both sides by the rule of
@@ -67,6 +70,7 @@ class SimConfig:
     epochs: float = 60.0
     interval: float = 1.0  # exchange.interval in local steps
     exchange_steps: int = 0  # local steps taken while an exchange is in flight
+    subticks: int = 10  # time resolution of the exchange schedule, per local step
     lr: float = 0.05
     batch: int = 32
     momentum: float = 0.0
@@ -152,28 +156,15 @@ def run_gossip(cfg: SimConfig, exchange: bool = True) -> RunResult:
             total += node.step()
         if not exchange:
             continue
-        now = float(tick)
-        for flight in [f for f in flights if f.lands_at <= now]:
-            flights.remove(flight)
-            _land(flight)
-        for node in rng.sample(nodes, len(nodes)):
-            if node.busy_until >= now:
-                continue  # the real daemon offers no candidates while it is in an exchange
-            others = [str(n.index) for n in nodes if n is not node]
-            while (choice := node.scheduler.choose_peer(others, now)) is not None:
-                peer = nodes[int(choice)]
-                node.scheduler.begin(choice, now)
-                if peer.busy_until >= now:
-                    node.scheduler.on_result(choice, "busy", now)
-                    continue
-                flight = Flight(node, peer, node.flat.clone(), peer.flat.clone(), now + cfg.exchange_steps)
-                node.busy_until = peer.busy_until = flight.lands_at
-                if cfg.exchange_steps == 0:
-                    _land(flight)
-                else:
-                    flights.append(flight)
-                node.scheduler.on_result(choice, "ok", now)
-                break
+        # Exchanges take milliseconds, steps may be faster or slower: rounds open at their
+        # own (jittered) times within the tick, at a resolution of 1/subticks of a step.
+        for sub in range(cfg.subticks):
+            now = tick + sub / cfg.subticks
+            for flight in [f for f in flights if f.lands_at <= now]:
+                flights.remove(flight)
+                _land(flight)
+            for node in rng.sample(nodes, len(nodes)):
+                _gossip_round(node, nodes, flights, now, cfg)
     for flight in flights:  # let the last ones land: their bytes were counted
         _land(flight)
     return RunResult(
@@ -187,6 +178,29 @@ def _set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
     for optimizer in optimizers:
         for group in optimizer.param_groups:
             group["lr"] = lr
+
+
+def _gossip_round(node: SimNode, nodes: list[SimNode], flights: list[Flight], now: float, cfg: SimConfig) -> None:
+    """What GossipLoop does for ``node`` at ``now``: ask the scheduler, try peers until one
+    is not busy. An exchange occupies both sides until it lands (with 0 steps in flight: for
+    the rest of this sub-tick, so a node takes part in one exchange at a time)."""
+    if node.busy_until >= now:
+        return  # the real daemon offers no candidates while it is in an exchange
+    others = [str(n.index) for n in nodes if n is not node]
+    while (choice := node.scheduler.choose_peer(others, now)) is not None:
+        peer = nodes[int(choice)]
+        node.scheduler.begin(choice, now)
+        if peer.busy_until >= now:
+            node.scheduler.on_result(choice, "busy", now)
+            continue
+        flight = Flight(node, peer, node.flat.clone(), peer.flat.clone(), now + cfg.exchange_steps)
+        node.busy_until = peer.busy_until = flight.lands_at
+        if cfg.exchange_steps == 0:
+            _land(flight)
+        else:
+            flights.append(flight)
+        node.scheduler.on_result(choice, "ok", now)
+        return
 
 
 def alpha_of(own_samples: int, peer_samples: int) -> float:
@@ -279,7 +293,7 @@ def run_row(model: str, split: str, interval: float, lr: float, args: argparse.N
     for seed in [int(s) for s in args.seeds.split(",")]:
         cfg = SimConfig(model=model, split=split, seed=seed, nodes=args.nodes, epochs=args.epochs,
                         interval=interval, exchange_steps=args.exchange_steps, lr=lr, batch=args.batch,
-                        momentum=args.momentum, lr_decay=args.lr_decay)
+                        momentum=args.momentum, lr_decay=args.lr_decay, subticks=args.subticks)
         g = run_gossip(cfg)
         out["gossip"].append(statistics.mean(g.accuracies))
         out["gossip_worst"].append(min(g.accuracies))
@@ -409,7 +423,7 @@ def run_real(args: argparse.Namespace) -> None:
     real_interval = statistics.mean(steps) / max(1, statistics.mean(ok) / 2)
     cfg = SimConfig(model=model, split=split, seed=0, nodes=n, epochs=total / TRAIN_SIZE,
                     interval=interval_steps, lr=float(args.lr.split(",")[0]), batch=args.batch,
-                    lr_decay=args.lr_decay)
+                    lr_decay=args.lr_decay, subticks=args.subticks)
     sim = run_gossip(cfg)
     local = run_gossip(cfg, exchange=False)
     allreduce = run_allreduce(cfg)
@@ -431,6 +445,7 @@ def main() -> None:
     parser.add_argument("--lr", default="0.05", help="learning rate (comma list: a sweep)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--exchange-steps", type=int, default=0, help="local steps taken while an exchange is in flight")
+    parser.add_argument("--subticks", type=int, default=10, help="time resolution of the schedule per local step")
     parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (task option)")
     parser.add_argument("--lr-decay", choices=("none", "cosine"), default="none",
                         help="cosine: lr decays to 0 over the run (a what-if: the product has no lr schedule)")
@@ -446,7 +461,8 @@ def main() -> None:
 
     print_header(
         "bench_convergence: SIMULATION of the gossip protocol (math and schedule), not real daemons",
-        f"{args.nodes} nodes in one process, simulated clock (one local step per node per tick), "
+        f"{args.nodes} nodes in one process, simulated clock (one local step per node per tick, "
+        f"schedule resolved to 1/{args.subticks} tick), "
         f"exchange.interval = {args.interval} local steps, {args.exchange_steps} steps in flight per exchange, "
         f"batch {args.batch}, lr {args.lr}, lr decay {args.lr_decay}, {args.epochs:g} epochs, "
         f"seeds {args.seeds} (split seed = seed)\nmixing weight: {alpha_rule()}",

@@ -146,7 +146,9 @@ def main() -> None:
         print(f"   {name:<32s} pid {pid:>7d}: RSS {rss / MIB:6.0f} MiB, PSS {pss / MIB:6.0f} MiB")
     print(f"   total: RSS {total_rss / MIB:.0f} MiB (shared pages counted twice), PSS {total_pss / MIB:.0f} MiB")
     print("\n## verdicts")
-    if TARGET_N in results:
+    if TARGET_N not in results:
+        print(f"   N={TARGET_N} not measured (--sizes): no verdict")
+    else:
         times = [r["view_s"] for r in results[TARGET_N]]
         worst = None if any(t is None for t in times) else max(times)
         verdict = "MET" if worst is not None and worst <= TARGET_S else "MISSED"

@@ -78,8 +78,12 @@ def check_listen_addrs(addrs: Sequence[str]) -> None:
             raise ConfigError(f"p2p.listen: {text!r} is not a TCP multiaddr ({exc})") from exc
         family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
         probe = socket.socket(family, socket.SOCK_STREAM)
+        # Like the real listener: connections of our previous run in TIME_WAIT must not make
+        # a quick restart fail; a live listener on the port still does.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((host, port))
+            probe.listen(1)
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise AddressInUseError(f"p2p.listen: {text} is already in use by another process") from exc

@@ -125,3 +125,4 @@ def adopt_libp2p_logger() -> None:
     # Every failed dial to a peer that is down logs an ERROR here, several a second; the
     # membership service logs each failed attempt once, with its reason.
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
+    logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)  # we stop it
