@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 import json
 import math
 import pathlib
 import random
 
 import pytest
+from test_layering import top_level_imports
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -512,13 +512,7 @@ def test_random_churn_keeps_invariants():
 
 def test_module_is_pure():
     """No I/O or event-loop imports, no clock reads (the layering test covers packages too)."""
-    tree = ast.parse(pathlib.Path(peers_module.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
+    imported = top_level_imports(pathlib.Path(peers_module.__file__))
     assert imported <= {"__future__", "base64", "binascii", "dataclasses", "enum", "math",
                          "random", "collections", "typing", "peerfed"}
     assert "time" not in imported

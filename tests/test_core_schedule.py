@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ast
 import collections
 import pathlib
 import random
 
 import pytest
+from test_layering import top_level_imports
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -293,11 +293,5 @@ def test_constructor_rejects_bad_settings():
 
 
 def test_module_is_pure():
-    tree = ast.parse(pathlib.Path(schedule_module.__file__).read_text())
-    imported = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            imported |= {a.name.split(".")[0] for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            imported.add(node.module.split(".")[0])
+    imported = top_level_imports(pathlib.Path(schedule_module.__file__))
     assert imported <= {"__future__", "math", "random", "collections", "peerfed"}

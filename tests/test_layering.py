@@ -61,6 +61,11 @@ def imported_names(source: str, module: str, is_package: bool = False) -> list[t
     return found
 
 
+def top_level_imports(path: Path) -> set[str]:
+    """The top-level package of everything a module imports (e.g. {"random", "peerfed"})."""
+    return {name.split(".")[0] for _, name in imported_names(path.read_text(), module_name(path))}
+
+
 def _within(target: str, prefix: str) -> bool:
     return target == prefix or target.startswith(prefix + ".")
 
