@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -192,10 +194,13 @@ def merge_(
     alpha: float,
     *,
     chunk: int = CHUNK_ELEMENTS,
+    hold: Callable[[], AbstractContextManager[object]] = nullcontext,
 ) -> torch.Tensor:
     """local += alpha * (received - sent), in place, slice by slice.
 
-    `sent` is the snapshot we sent the peer; local steps taken since then are kept.
+    `sent` is the snapshot we sent the peer; local steps taken since then are kept. `hold()`
+    is entered around each slice's update of `local` (a lock shared with whoever else
+    writes `local`): the update is additive, so steps taken between slices are kept too.
     """
     n = local.numel()
     check_flat(local, n)
@@ -207,7 +212,8 @@ def merge_(
             stop = min(start + chunk, n)
             part = scratch[: stop - start]
             torch.sub(received[start:stop], sent[start:stop], out=part)
-            local[start:stop].add_(part, alpha=alpha)
+            with hold():
+                local[start:stop].add_(part, alpha=alpha)
     return local
 
 
@@ -225,26 +231,46 @@ def delta_into(
     return out
 
 
+class ValueCheck:
+    """check_values, fed front to back while a buffer fills (e.g. as its bytes arrive)."""
+
+    def __init__(self, buf: torch.Tensor, *, max_norm_per_sqrt_n: float = MAX_NORM_PER_SQRT_N) -> None:
+        self._flat = buf.reshape(-1)
+        self._limit_per_sqrt_n = max_norm_per_sqrt_n
+        self._done = 0  # elements [0, _done) are checked
+        self._total = 0.0  # their sum of squares
+        self._problem: str | None = None
+
+    def advance(self, upto: int) -> None:
+        """Check elements [done, upto): call it once they hold their final values."""
+        upto = min(upto, self._flat.numel())
+        with torch.no_grad():
+            while self._done < upto and self._problem is None:
+                start, stop = self._done, min(self._done + CHUNK_ELEMENTS, upto)
+                part = self._flat[start:stop]
+                squares = float(torch.dot(part, part))  # one pass, no temporary
+                if not math.isfinite(squares):  # NaN/Inf inside, or a float32 overflow (absurd anyway)
+                    finite = torch.isfinite(part)
+                    if not bool(finite.all()):
+                        bad = int(torch.nonzero(~finite)[0, 0]) + start
+                        self._problem = f"non-finite value at index {bad} ({float(self._flat[bad])})"
+                    squares = float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
+                self._total += squares
+                self._done = stop
+
+    def problem(self) -> str | None:
+        """Why the buffer must not be merged, else None (checks whatever is left first)."""
+        self.advance(self._flat.numel())
+        if self._problem is not None:
+            return self._problem
+        n = self._flat.numel()
+        norm = math.sqrt(self._total)
+        limit = self._limit_per_sqrt_n * math.sqrt(n)
+        if n and (not math.isfinite(norm) or norm > limit):
+            return f"norm {norm:.3g} exceeds limit {limit:.3g}"
+        return None
+
+
 def check_values(buf: torch.Tensor, *, max_norm_per_sqrt_n: float = MAX_NORM_PER_SQRT_N) -> str | None:
     """A reason the buffer must not be merged (non-finite values, absurd norm), else None."""
-    flat = buf.reshape(-1)
-    n = flat.numel()
-    if n == 0:
-        return None
-    total = 0.0
-    with torch.no_grad():
-        for start in range(0, n, CHUNK_ELEMENTS):
-            part = flat[start : start + CHUNK_ELEMENTS]
-            squares = float(torch.dot(part, part))  # one pass, no temporary
-            if not math.isfinite(squares):  # NaN/Inf inside, or a float32 overflow (absurd anyway)
-                finite = torch.isfinite(part)
-                if not bool(finite.all()):
-                    bad = int(torch.nonzero(~finite)[0, 0]) + start
-                    return f"non-finite value at index {bad} ({float(flat[bad])})"
-                squares = float(torch.linalg.vector_norm(part, dtype=torch.float64)) ** 2
-            total += squares
-    norm = math.sqrt(total)
-    limit = max_norm_per_sqrt_n * math.sqrt(n)
-    if not math.isfinite(norm) or norm > limit:
-        return f"norm {norm:.3g} exceeds limit {limit:.3g}"
-    return None
+    return ValueCheck(buf, max_norm_per_sqrt_n=max_norm_per_sqrt_n).problem()

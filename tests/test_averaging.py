@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -10,6 +12,7 @@ from torch import nn
 
 from peerfed.averaging import (
     FlatLayout,
+    ValueCheck,
     averaged_tensors,
     bind_to_flat,
     check_values,
@@ -115,6 +118,24 @@ def test_merge_matches_formula_across_chunks() -> None:
     assert torch.allclose(out, 0.3 * (received - sent), atol=1e-7)
 
 
+def test_merge_takes_the_hold_per_slice_and_keeps_steps_taken_between_slices() -> None:
+    gen = torch.Generator().manual_seed(2)
+    local, sent, received = (torch.randn(10_007, generator=gen) for _ in range(3))
+    expected = local + 0.3 * (received - sent) + 1.0  # + a "trainer step" of +1 everywhere
+    holds: list[int] = []
+
+    @contextmanager
+    def hold() -> Iterator[None]:
+        holds.append(1)
+        yield
+        if len(holds) == 4:  # between two slices, another writer changes all of `local`
+            local.add_(1.0)
+
+    merge_(local, sent, received, 0.3, chunk=1000, hold=hold)
+    assert len(holds) == 11  # ceil(10_007 / 1000)
+    assert torch.allclose(local, expected, atol=1e-5)
+
+
 def test_merge_rejects_wrong_sizes() -> None:
     with pytest.raises(ValueError):
         merge_(torch.zeros(4), torch.zeros(4), torch.zeros(5), 0.5)
@@ -146,6 +167,20 @@ def test_merge_keeps_local_progress() -> None:
     local = sent + 0.1  # a local step taken while the bytes were in flight
     merge_(local, sent, torch.ones(10), 0.5)
     assert torch.allclose(local, torch.full((10,), 0.6))
+
+
+def test_value_check_fed_in_pieces_agrees_with_check_values() -> None:
+    gen = torch.Generator().manual_seed(3)
+    for buf in (torch.randn(3_000_001, generator=gen), torch.full((2_500_000,), 1e8)):
+        check = ValueCheck(buf)
+        for upto in (1, 999_999, 1_000_000, 2_345_678, 2_345_678, 10**9):
+            check.advance(upto)
+        assert check.problem() == check_values(buf)
+    bad = torch.zeros(2_100_000)
+    bad[2_050_000] = float("inf")
+    check = ValueCheck(bad)
+    check.advance(2_000_000)
+    assert check.problem() is not None and "2050000" in (check.problem() or "")
 
 
 def test_check_values() -> None:

@@ -12,10 +12,13 @@ from hypothesis import strategies as st
 
 from peerfed.core.envelope import (
     DOMAIN,
+    KINDS,
+    MAX_NETWORK_CHARS,
     PROTOCOL_VERSION,
     Envelope,
     Manifest,
     ModelRequest,
+    PayloadDigest,
     PeerList,
     PeerRecord,
     Verifier,
@@ -38,6 +41,7 @@ from peerfed.core.errors import (
     TooOld,
     WrongNetwork,
 )
+from peerfed.core.manifest import TRAILER_SIZE, pack_trailer, unpack_trailer
 from peerfed.core.peerid import (
     Signer,
     is_valid_peer_id,
@@ -60,8 +64,10 @@ def record_for(signer: Signer, n: int = 1) -> PeerRecord:
                       version="0.1.0")
 
 
-MANIFEST = Manifest(fingerprint="cd" * 32, length=1 << 20, digest=bytes(range(32)),
-                    sample_weight=12.5, purpose="reply", in_reply_to=b"\x07" * 16)
+MANIFEST = Manifest(fingerprint="cd" * 32, length=1 << 20, sample_weight=12.5,
+                    purpose="reply", in_reply_to=b"\x07" * 16)
+PAYLOAD_DIGEST = PayloadDigest(manifest_nonce=b"\x13" * 16, length=1 << 20,
+                               digest=bytes(range(32)))
 
 
 def bob_verifier(**kw: Any) -> Verifier:
@@ -96,12 +102,14 @@ peer_lists = st.builds(lambda rs: PeerList(records=tuple(rs)),
                        st.lists(st.binary(max_size=300), max_size=5))
 manifests = st.builds(
     Manifest, fingerprint=texts, length=st.integers(0, (1 << 63) - 1),
-    digest=st.binary(min_size=32, max_size=32),
     sample_weight=st.floats(0, 1e15, allow_nan=False, allow_infinity=False),
     purpose=st.sampled_from(["push", "reply", "model"]),
     in_reply_to=st.one_of(st.just(b""), st.binary(min_size=16, max_size=16)))
+payload_digests = st.builds(
+    PayloadDigest, manifest_nonce=st.binary(min_size=16, max_size=16),
+    length=st.integers(0, (1 << 63) - 1), digest=st.binary(min_size=32, max_size=32))
 model_requests = st.builds(ModelRequest, fingerprint=texts)
-bodies = st.one_of(peer_records, peer_lists, manifests, model_requests)
+bodies = st.one_of(peer_records, peer_lists, manifests, payload_digests, model_requests)
 
 
 @FAST
@@ -132,9 +140,16 @@ def test_seal_refuses_what_peers_would_refuse() -> None:
         seal(ALICE, network=NET, body=record_for(BOB), now=NOW)
     with pytest.raises(ValueError):
         seal(ALICE, network=NET, body=MANIFEST, recipient=BOB.peer_id, now=math.nan)
-    bad = Manifest(fingerprint="", length=-1, digest=b"", sample_weight=1.0, purpose="push")
+    bad = Manifest(fingerprint="", length=-1, sample_weight=1.0, purpose="push")
     with pytest.raises(ValueError):
         seal(ALICE, network=NET, body=bad, recipient=BOB.peer_id, now=NOW)
+    with pytest.raises(ValueError, match="recipient"):  # a payload digest is not broadcast
+        seal(ALICE, network=NET, body=PAYLOAD_DIGEST, now=NOW)
+    for bad_digest in (PayloadDigest(manifest_nonce=b"x", length=1, digest=bytes(32)),
+                       PayloadDigest(manifest_nonce=bytes(16), length=-1, digest=bytes(32)),
+                       PayloadDigest(manifest_nonce=bytes(16), length=1, digest=bytes(31))):
+        with pytest.raises(ValueError):
+            seal(ALICE, network=NET, body=bad_digest, recipient=BOB.peer_id, now=NOW)
 
 
 def test_unknown_body_fields_are_ignored_but_signed() -> None:
@@ -142,7 +157,7 @@ def test_unknown_body_fields_are_ignored_but_signed() -> None:
     del body["in_reply_to"]  # an optional field an older sender would not send
     env = bob_verifier().verify(forge(good_fields(body=body)))
     assert env.body == Manifest(fingerprint=MANIFEST.fingerprint, length=MANIFEST.length,
-                                digest=MANIFEST.digest, sample_weight=12.5, purpose="reply")
+                                sample_weight=12.5, purpose="reply")
     # The extra field is covered by the signature: changing it breaks it.
     data = forge(good_fields(body=body, nonce=b"\x02" * 16))
     tampered = data.replace(b"two", b"TWO")
@@ -352,7 +367,14 @@ MALFORMED_CASES: dict[str, bytes] = {
     "missing field": forge(good_fields(body={"length": 1})),
     "bool length": forge(good_fields(body={**MANIFEST.to_wire(), "length": True})),
     "negative length": forge(good_fields(body={**MANIFEST.to_wire(), "length": -1})),
-    "short digest": forge(good_fields(body={**MANIFEST.to_wire(), "digest": b"x"})),
+    "short digest": forge(good_fields(kind="payload_digest",
+                                      body={**PAYLOAD_DIGEST.to_wire(), "digest": b"x"})),
+    "short manifest_nonce": forge(good_fields(
+        kind="payload_digest", body={**PAYLOAD_DIGEST.to_wire(), "manifest_nonce": b"x"})),
+    "negative digest length": forge(good_fields(
+        kind="payload_digest", body={**PAYLOAD_DIGEST.to_wire(), "length": -1})),
+    "manifest as payload_digest": forge(good_fields(kind="payload_digest")),
+    "payload_digest as manifest": forge(good_fields(body=PAYLOAD_DIGEST.to_wire())),
     "nan weight": forge(good_fields(body={**MANIFEST.to_wire(), "sample_weight": math.nan})),
     "bad purpose": forge(good_fields(body={**MANIFEST.to_wire(), "purpose": "steal"})),
     "addrs not list": forge(good_fields(kind="peer_list", body={"records": "x"})),
@@ -383,12 +405,18 @@ SIGNED = {
                       recipient=BOB.peer_id, now=NOW, nonce=b"\x12" * 16),
     "manifest": seal(ALICE, network=NET, body=MANIFEST, recipient=BOB.peer_id, now=NOW,
                      nonce=b"\x13" * 16),
+    "payload_digest": seal(ALICE, network=NET, body=PAYLOAD_DIGEST, recipient=BOB.peer_id,
+                           now=NOW, nonce=b"\x14" * 16),
+    "model_request": seal(ALICE, network=NET, body=ModelRequest(fingerprint="ef" * 32),
+                          recipient=BOB.peer_id, now=NOW, nonce=b"\x15" * 16),
 }
 
 
 def test_untampered_envelopes_verify() -> None:
-    for data in SIGNED.values():
-        assert bob_verifier().verify(data).sender == ALICE.peer_id
+    assert set(SIGNED) == set(KINDS)  # every body kind is tampered with below
+    for kind, data in SIGNED.items():
+        env = bob_verifier().verify(data, expected_kind=KINDS[kind])
+        assert env.sender == ALICE.peer_id and env.kind == kind
 
 
 @settings(FAST, max_examples=1500)
@@ -404,6 +432,47 @@ def test_any_single_byte_change_is_rejected(kind: str, where: int, value: int) -
     if kind == "peer_record":
         with pytest.raises(Rejected):
             verify_peer_record(bytes(data), network=NET, now=NOW)
+
+
+# ---------------------------------------------------------------- payload digest trailers
+
+def test_sealed_payload_digest_travels_in_a_trailer() -> None:
+    data = SIGNED["payload_digest"]
+    trailer = pack_trailer(data)
+    assert len(trailer) == TRAILER_SIZE
+    assert unpack_trailer(trailer) == data
+    env = bob_verifier().verify(unpack_trailer(trailer), expected_kind=PayloadDigest)
+    assert env.body == PAYLOAD_DIGEST and env.kind == "payload_digest"
+    with pytest.raises(Malformed, match="expected"):  # a manifest is not a payload digest
+        bob_verifier().verify(SIGNED["manifest"], expected_kind=PayloadDigest)
+
+
+@pytest.mark.parametrize("network", [
+    "x" * MAX_NETWORK_CHARS,  # the longest network name an envelope accepts (ASCII)
+    "\u00e9" * MAX_NETWORK_CHARS,  # two UTF-8 bytes each
+    "n" * 64,  # the longest the config allows
+])
+def test_largest_payload_digest_fits_a_trailer(network: str) -> None:
+    """Worst case: longest network, real PeerIDs, widest length, timestamp and nonce."""
+    for _ in range(5):
+        sender, recipient = Signer.generate(), Signer.generate()
+        body = PayloadDigest(manifest_nonce=b"\xff" * 16, length=(1 << 63) - 1,
+                             digest=b"\xff" * 32)
+        data = seal(sender, network=network, body=body, recipient=recipient.peer_id,
+                    now=4e9, nonce=b"\xff" * 16)
+        trailer = pack_trailer(data)  # does not raise
+        assert len(trailer) == TRAILER_SIZE and unpack_trailer(trailer) == data
+        v = Verifier(network=network, own_peer_id=recipient.peer_id, clock=lambda: 4e9)
+        assert v.verify(unpack_trailer(trailer), expected_kind=PayloadDigest).body == body
+
+
+# MAX_NETWORK_CHARS counts characters, not bytes: the trailer must hold 256 four-byte ones.
+@pytest.mark.parametrize("char", ["\u4e2d", "\U0001f600"])
+def test_longest_multibyte_network_fits_a_trailer(char: str) -> None:
+    body = PayloadDigest(manifest_nonce=b"\xff" * 16, length=(1 << 63) - 1, digest=b"\xff" * 32)
+    data = seal(ALICE, network=char * MAX_NETWORK_CHARS, body=body, recipient=BOB.peer_id,
+                now=4e9)
+    pack_trailer(data)
 
 
 # ---------------------------------------------------------------- fuzzing: only core errors
@@ -445,10 +514,18 @@ def test_random_msgpack_structures_raise_only_core_errors(value: Any) -> None:
 
 
 FIELD_NAMES = ("version", "network", "sender", "recipient", "kind", "nonce", "timestamp", "body")
-BODY_FIELDS = ["addrs", "records", "fingerprint", "length", "digest", "sample_weight", "purpose",
-               "in_reply_to", "exchange_url", "version", "other"]
+BODY_FIELDS = ["addrs", "records", "fingerprint", "length", "digest", "manifest_nonce",
+               "sample_weight", "purpose", "in_reply_to", "exchange_url", "version", "other"]
 VALID_BODIES = {"peer_record": record_for(ALICE, 2).to_wire(), "manifest": MANIFEST.to_wire(),
-                "peer_list": PeerList(records=(b"r",)).to_wire(), "x": {}}
+                "peer_list": PeerList(records=(b"r",)).to_wire(),
+                "payload_digest": PAYLOAD_DIGEST.to_wire(),
+                "model_request": ModelRequest(fingerprint="ef" * 32).to_wire(), "x": {}}
+
+
+def test_field_lists_cover_every_body_kind() -> None:
+    assert set(KINDS) < set(VALID_BODIES)  # plus "x", an unknown kind
+    for kind, body_type in KINDS.items():
+        assert set(body_type.from_wire(VALID_BODIES[kind]).to_wire()) <= set(BODY_FIELDS), kind
 
 
 @settings(FAST, max_examples=2500)

@@ -19,7 +19,6 @@ How "not merged" is observed while the node keeps training (digits-mlp, lr 0.05)
 from __future__ import annotations
 
 import base64
-import hashlib
 import os
 import re
 import signal
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import blake3
 import msgpack
 import numpy as np
 import pytest
@@ -41,7 +41,13 @@ from swarmtools import wait_until
 
 from peerfed.averaging import FlatLayout, fingerprint, flatten_into, unflatten_from
 from peerfed.core.envelope import ModelRequest, Verifier, decode, seal
-from peerfed.core.manifest import Manifest
+from peerfed.core.manifest import (
+    TRAILER_SIZE,
+    Manifest,
+    PayloadDigest,
+    pack_trailer,
+    unpack_trailer,
+)
 from peerfed.core.peerid import Signer
 from peerfed.localswarm import LocalNode, LocalSwarm
 from peerfed.net.exchange import bounded_mixing_weight
@@ -187,28 +193,46 @@ class EvilPeer:
     def peer_id(self) -> str:
         return self.signer.peer_id
 
-    def push_manifest(self, node: LocalNode, body: bytes, *, fingerprint: str = DIGITS_FP,
-                      length: int | None = None, digest: bytes | None = None,
-                      sample_weight: float = BIG_SAMPLE_WEIGHT, purpose: str = "push",
-                      network: str = NETWORK, recipient: str | None = None,
+    def push_manifest(self, node: LocalNode, payload: bytes, *, fingerprint: str = DIGITS_FP,
+                      length: int | None = None, sample_weight: float = BIG_SAMPLE_WEIGHT,
+                      purpose: str = "push", network: str = NETWORK, recipient: str | None = None,
                       now: float | None = None) -> bytes:
-        manifest = Manifest(fingerprint=fingerprint, length=len(body) if length is None else length,
-                            digest=hashlib.sha256(body).digest() if digest is None else digest,
+        manifest = Manifest(fingerprint=fingerprint, length=len(payload) if length is None else length,
                             sample_weight=sample_weight, purpose=purpose)
         return seal(self.signer, network=network, body=manifest,
                     recipient=node.peer_id if recipient is None else recipient,
                     now=time.time() if now is None else now)
 
+    def trailer(self, node: LocalNode, sealed_manifest: bytes, payload: bytes, *,
+                digest: bytes | None = None, manifest_nonce: bytes | None = None) -> bytes:
+        """The signed trailer after ``payload``: its BLAKE3, bound to the manifest's nonce."""
+        body = PayloadDigest(manifest_nonce=nonce_of(sealed_manifest) if manifest_nonce is None else manifest_nonce,
+                             length=len(payload),
+                             digest=blake3.blake3(payload).digest() if digest is None else digest)
+        return pack_trailer(seal(self.signer, network=NETWORK, recipient=node.peer_id, body=body,
+                                 now=time.time()))
+
+    def wire(self, node: LocalNode, sealed_manifest: bytes, payload: bytes) -> bytes:
+        """An honest body: the payload, then its trailer."""
+        return payload + self.trailer(node, sealed_manifest, payload)
+
     def verify_from(self, node: LocalNode, header: str, purpose: str, in_reply_to: bytes,
-                    data: bytes) -> Manifest:
-        """Check a manifest the node sent us: signed by it, for us, describing ``data``."""
+                    data: bytes) -> bytes:
+        """Check a body the node sent us: manifest and trailer signed by it, for us, and
+        describing the payload; returns the payload."""
         verifier = Verifier(network=NETWORK, own_peer_id=self.peer_id, clock=time.time, max_size=4096)
         env = verifier.verify(base64.b64decode(header), expected_kind=Manifest)
         m: Manifest = env.body
         assert env.sender == node.peer_id
         assert (m.purpose, m.in_reply_to) == (purpose, in_reply_to)
-        assert m.length == len(data) and m.digest == hashlib.sha256(data).digest()
-        return m
+        assert len(data) == m.length + TRAILER_SIZE
+        payload = data[:m.length]
+        sealed_digest = unpack_trailer(data[m.length:])
+        digest_env = verifier.verify(sealed_digest, expected_kind=PayloadDigest)
+        assert digest_env.sender == node.peer_id and digest_env.body.manifest_nonce == env.nonce
+        assert digest_env.body.length == m.length
+        assert digest_env.body.digest == blake3.blake3(payload).digest()
+        return payload
 
     def model_request(self, node: LocalNode, fp: str = DIGITS_FP) -> bytes:
         return seal(self.signer, network=NETWORK, recipient=node.peer_id,
@@ -222,8 +246,8 @@ class EvilPeer:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             data = response.read()
             header = response.headers[MANIFEST_HEADER]
-        self.verify_from(node, header, "model", nonce_of(sealed), data)
-        return np.frombuffer(data, dtype=np.float32).copy()
+        payload = self.verify_from(node, header, "model", nonce_of(sealed), data)
+        return np.frombuffer(payload, dtype=np.float32).copy()
 
 
 def b64(sealed: bytes) -> str:
@@ -322,11 +346,11 @@ def test_genuine_push_is_answered_with_a_signed_reply_and_merged(victim: LocalNo
     body[DEAD] = MARK
     sealed = peer.push_manifest(victim, body.tobytes())
 
-    reply = post_exchange(victim, b64(sealed), body.tobytes())
+    reply = post_exchange(victim, b64(sealed), peer.wire(victim, sealed, body.tobytes()))
 
     assert reply.continued and reply.status == 200 and reply.complete, reply
-    peer.verify_from(victim, reply.headers[MANIFEST_HEADER.lower()], "reply", nonce_of(sealed), reply.body)
-    assert np.abs(np.frombuffer(reply.body, np.float32)).max() < HONEST_MAX_ABS
+    theirs = peer.verify_from(victim, reply.headers[MANIFEST_HEADER.lower()], "reply", nonce_of(sealed), reply.body)
+    assert np.abs(np.frombuffer(theirs, np.float32)).max() < HONEST_MAX_ABS
     wait_until(lambda: Counters.of(victim).exchanges["ok"] == before.exchanges["ok"] + 1, 5, "ok counted")
     merged = assert_healthy_and_unmerged(victim, peer)  # an honest merge keeps it healthy
     # The push claims a huge sample weight, but its claim is clamped to 10x ours: no single
@@ -370,7 +394,7 @@ def _cases() -> list[tuple[str, int, str | None]]:
         ("fingerprint_mismatch", 409, "*"),
         ("flipped_signature_byte", 401, "bad_signature"),
         ("signed_by_a_claims_b", 401, "bad_signature"),
-        ("digest_changed_after_signing", 401, "bad_signature"),
+        ("weight_changed_after_signing", 401, "bad_signature"),
         ("length_changed_after_signing", 401, "bad_signature"),
         ("other_network", 401, "wrong_network"),
         ("addressed_to_another_peer", 401, "not_for_me"),
@@ -391,35 +415,36 @@ def _cases() -> list[tuple[str, int, str | None]]:
 def test_bad_push_header_is_refused_before_the_body_and_counted(
         victim: LocalNode, case: str, status: int, reason: str | None) -> None:
     peer, other = EvilPeer(), EvilPeer()
-    body = np.full(DIGITS_NUMEL, 1e3, dtype=np.float32).tobytes()
-    good = peer.push_manifest(victim, body)
+    payload = np.full(DIGITS_NUMEL, 1e3, dtype=np.float32).tobytes()
+    good = peer.push_manifest(victim, payload)
+    body = peer.wire(victim, good, payload)
     content_length = None
     header: str | None
     if case == "fingerprint_mismatch":
-        header = b64(peer.push_manifest(victim, body, fingerprint="f" * 64))
+        header = b64(peer.push_manifest(victim, payload, fingerprint="f" * 64))
     elif case == "flipped_signature_byte":
         header = b64(good[:-1] + bytes([good[-1] ^ 1]))
     elif case == "signed_by_a_claims_b":
         header = b64(resigned_as(good, 2, other.peer_id))
-    elif case == "digest_changed_after_signing":
-        header = b64(resigned_as(good, ("digest",), hashlib.sha256(b"something else").digest()))
+    elif case == "weight_changed_after_signing":
+        header = b64(resigned_as(good, ("sample_weight",), 7.0))
     elif case == "length_changed_after_signing":
-        header = b64(resigned_as(good, ("length",), len(body) - 4))
+        header = b64(resigned_as(good, ("length",), len(payload) - 4))
     elif case == "other_network":
-        header = b64(peer.push_manifest(victim, body, network="elsewhere"))
+        header = b64(peer.push_manifest(victim, payload, network="elsewhere"))
     elif case == "addressed_to_another_peer":
-        header = b64(peer.push_manifest(victim, body, recipient=other.peer_id))
+        header = b64(peer.push_manifest(victim, payload, recipient=other.peer_id))
     elif case == "too_old":
-        header = b64(peer.push_manifest(victim, body, now=time.time() - 1000))
+        header = b64(peer.push_manifest(victim, payload, now=time.time() - 1000))
     elif case == "in_future":
-        header = b64(peer.push_manifest(victim, body, now=time.time() + 600))
+        header = b64(peer.push_manifest(victim, payload, now=time.time() + 600))
     elif case == "purpose_reply":
-        header = b64(peer.push_manifest(victim, body, purpose="reply"))
+        header = b64(peer.push_manifest(victim, payload, purpose="reply"))
     elif case == "model_request_kind":
         header = b64(peer.model_request(victim))
     elif case == "manifest_length_not_model_size":
-        body = body[:-4]
-        header = b64(peer.push_manifest(victim, body))
+        sealed = peer.push_manifest(victim, payload[:-4])
+        header, body = b64(sealed), peer.wire(victim, sealed, payload[:-4])
     elif case == "content_length_not_manifest_length":
         header, content_length = b64(good), len(body) + 4
     elif case == "missing_header":
@@ -460,32 +485,60 @@ def test_huge_header_is_refused_and_the_node_keeps_serving(victim: LocalNode) ->
 # a push whose body is bad: read in full, refused, counted, never merged
 
 
-@pytest.mark.parametrize("kind", ["wrong_digest", "nan_with_right_digest", "huge_norm_with_right_digest"])
+BAD_BODIES = {  # kind: the rejection reason the node must count
+    "wrong_digest": "digest_mismatch",
+    "one_payload_byte_changed": "digest_mismatch",
+    "trailer_signed_by_another_key": "digest_mismatch",
+    "trailer_for_another_manifest": "digest_mismatch",
+    "trailer_tampered": "bad_signature",
+    "trailer_random_bytes": "malformed",
+    "trailer_replayed": "replay",
+    "nan_with_right_digest": "bad_values",
+    "huge_norm_with_right_digest": "bad_values",
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_BODIES))
 def test_bad_body_is_refused_counted_and_not_merged(victim: LocalNode, kind: str) -> None:
     peer = EvilPeer()
-    if kind == "wrong_digest":
-        garbage = np.full(DIGITS_NUMEL, 1e3, dtype=np.float32)
-        sealed = peer.push_manifest(victim, garbage.tobytes(),
-                                    digest=hashlib.sha256(b"not these bytes").digest())
-        reason = "digest_mismatch"
-    elif kind == "nan_with_right_digest":
-        garbage = np.full(DIGITS_NUMEL, 1e3, dtype=np.float32)
+    garbage = np.full(DIGITS_NUMEL, 1e7 if kind.startswith("huge") else 1e3, dtype=np.float32)
+    if kind.startswith("nan"):
         garbage[7] = np.nan
-        sealed = peer.push_manifest(victim, garbage.tobytes())
-        reason = "bad_values"
-    else:
-        garbage = np.full(DIGITS_NUMEL, 1e7, dtype=np.float32)
-        sealed = peer.push_manifest(victim, garbage.tobytes())
-        reason = "bad_values"
+    payload = garbage.tobytes()
+    sealed = peer.push_manifest(victim, payload)
+    trailer = peer.trailer(victim, sealed, payload)
+    if kind == "wrong_digest":
+        trailer = peer.trailer(victim, sealed, payload, digest=blake3.blake3(b"not these bytes").digest())
+    elif kind == "one_payload_byte_changed":
+        payload = payload[:100] + bytes([payload[100] ^ 1]) + payload[101:]
+    elif kind == "trailer_signed_by_another_key":
+        trailer = EvilPeer().trailer(victim, sealed, payload)
+    elif kind == "trailer_for_another_manifest":
+        trailer = peer.trailer(victim, sealed, payload, manifest_nonce=os.urandom(16))
+    elif kind == "trailer_tampered":
+        sealed_digest = bytearray(unpack_trailer(trailer))
+        sealed_digest[-1] ^= 1  # a signature byte
+        trailer = pack_trailer(bytes(sealed_digest))
+    elif kind == "trailer_random_bytes":
+        trailer = os.urandom(TRAILER_SIZE)
+    elif kind == "trailer_replayed":  # the genuine trailer of an earlier, honest push
+        honest = peer.fetch_model(victim).tobytes()  # its own weights: merging them is harmless
+        first = peer.push_manifest(victim, honest, sample_weight=0.0)
+        trailer = peer.trailer(victim, first, honest)
+        ok_before = Counters.of(victim).exchanges["ok"]
+        replied = post_exchange(victim, b64(first), honest + trailer)
+        assert replied.status == 200 and replied.complete, replied
+        wait_until(lambda: Counters.of(victim).exchanges["ok"] > ok_before, 5, "the first push to count ok")
+    reason = BAD_BODIES[kind]
     before = Counters.of(victim)
 
-    reply = post_exchange(victim, b64(sealed), garbage.tobytes())
+    reply = post_exchange(victim, b64(sealed), payload + trailer)
 
     assert reply.continued, reply  # the header was fine: the node wanted the body
     wait_until(lambda: sum(before.grew(Counters.of(victim)).values()) >= 2, 5, "the refusal to be counted")
     grew = before.grew(Counters.of(victim))
     assert grew == {"refused": 1, "rejected:" + reason: 1}, grew
-    if kind == "wrong_digest":  # the attacker does not even get a whole reply
+    if reason != "bad_values":  # an unverified push does not even get a whole reply
         assert not (reply.status == 200 and reply.complete), reply
     assert_healthy_and_unmerged(victim, peer)
     assert Counters.of(victim).step > before.step  # still training
@@ -499,11 +552,11 @@ def test_replayed_push_is_refused_401(victim: LocalNode) -> None:
     peer = EvilPeer()
     weights = peer.fetch_model(victim)
     body = weights.tobytes()
-    sealed = peer.push_manifest(victim, body, sample_weight=0.0)  # mixing weight 0: merges nothing
+    sealed = peer.push_manifest(victim, body, sample_weight=0.0)  # its own weights: harmless
     before = Counters.of(victim)
 
-    first = post_exchange(victim, b64(sealed), body)
-    second = post_exchange(victim, b64(sealed), body)
+    first = post_exchange(victim, b64(sealed), peer.wire(victim, sealed, body))
+    second = post_exchange(victim, b64(sealed), peer.wire(victim, sealed, body))
 
     assert first.status == 200 and first.complete, first
     assert second.status == 401 and not second.continued, second
@@ -520,7 +573,7 @@ def test_replay_is_still_refused_after_a_config_reload(victim: LocalNode) -> Non
     body = peer.fetch_model(victim).tobytes()
     sealed = peer.push_manifest(victim, body, sample_weight=0.0)
     counted = Counters.of(victim)
-    first = post_exchange(victim, b64(sealed), body)
+    first = post_exchange(victim, b64(sealed), peer.wire(victim, sealed, body))
     assert first.status == 200 and first.complete, first
     wait_until(lambda: counted.grew(Counters.of(victim)).get("ok") == 1, 5, "the first push to count ok")
     log_size = victim.log_path.stat().st_size
@@ -528,7 +581,7 @@ def test_replay_is_still_refused_after_a_config_reload(victim: LocalNode) -> Non
     wait_until(lambda: b"SIGHUP: reloaded" in victim.log_path.read_bytes()[log_size:], 15, "the reload")
     before = Counters.of(victim)
 
-    again = post_exchange(victim, b64(sealed), body)
+    again = post_exchange(victim, b64(sealed), peer.wire(victim, sealed, body))
 
     assert again.status == 401 and not again.continued, f"replay after SIGHUP accepted: {again.status}"
     assert before.grew(Counters.of(victim)) == {"rejected:replay": 1}
@@ -542,11 +595,12 @@ class SlowPush:
     """A push whose body goes up in two halves, the second only when the test says so."""
 
     def __init__(self, node: LocalNode, peer: EvilPeer, body: bytes, sample_weight: float) -> None:
-        self.body, self.sealed = body, peer.push_manifest(node, body, sample_weight=sample_weight)
+        self.sealed = peer.push_manifest(node, body, sample_weight=sample_weight)
+        self.body = peer.wire(node, self.sealed, body)
         self.sock = socket.create_connection(("127.0.0.1", node.exchange_port), timeout=30)
         self.reader = self.sock.makefile("rb")
-        self.sock.sendall(_request_head(node.exchange_port, b64(self.sealed), len(body), expect=False))
-        self.sock.sendall(body[: len(body) // 2])
+        self.sock.sendall(_request_head(node.exchange_port, b64(self.sealed), len(self.body), expect=False))
+        self.sock.sendall(self.body[: len(self.body) // 2])
         # The reply's head comes once the node serves us: from then on it is in this exchange.
         self.status, self.headers = _read_head(self.reader)
 
@@ -571,13 +625,14 @@ def test_busy_node_answers_429_at_once_and_finishes_the_exchange_it_is_in(victim
     slow = SlowPush(victim, slow_peer, body, sample_weight=0.0)  # merges nothing
     try:
         assert slow.status == 200, slow.status
-        reply = post_exchange(victim, b64(other.push_manifest(victim, body, sample_weight=0.0)), body, timeout=5)
+        pushed = other.push_manifest(victim, body, sample_weight=0.0)
+        reply = post_exchange(victim, b64(pushed), other.wire(victim, pushed, body), timeout=5)
         assert reply.status == 429 and not reply.continued, reply
         assert reply.elapsed < 1.0, f"busy answer took {reply.elapsed:.2f} s"
         data, complete = slow.finish()
     finally:
         slow.hang_up()
-    assert complete and len(data) == len(body)
+    assert complete and len(data) == len(body) + TRAILER_SIZE
     slow_peer.verify_from(victim, slow.headers[MANIFEST_HEADER.lower()], "reply", nonce_of(slow.sealed), data)
     wait_until(lambda: before.grew(Counters.of(victim)).get("ok") == 1, 5, "the slow exchange to count ok")
     assert "refused" not in before.grew(Counters.of(victim))
@@ -602,7 +657,8 @@ def test_peer_hanging_up_mid_upload_counts_failed_merges_nothing_and_frees_the_n
         wait_until(lambda: before.grew(Counters.of(victim)).get("failed") == 1, 10, "failed to be counted")
 
     body = next_peer.fetch_model(victim).tobytes()
-    reply = post_exchange(victim, b64(next_peer.push_manifest(victim, body, sample_weight=0.0)), body)
+    pushed = next_peer.push_manifest(victim, body, sample_weight=0.0)
+    reply = post_exchange(victim, b64(pushed), next_peer.wire(victim, pushed, body))
     assert reply.continued and reply.status == 200 and reply.complete, reply
     wait_until(lambda: before.grew(Counters.of(victim)).get("ok") == 1, 5, "the next exchange to count ok")
     assert before.grew(Counters.of(victim)) == {"failed": 1, "ok": 1}

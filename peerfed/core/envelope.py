@@ -40,8 +40,13 @@ from peerfed.core.errors import (
     TooOld,
     WrongNetwork,
 )
-from peerfed.core.manifest import Manifest, read_field, read_text
-from peerfed.core.peerid import SIGNATURE_SIZE, Signer, public_key_from_peer_id, verify_signature
+from peerfed.core.manifest import Manifest, PayloadDigest, read_field, read_text
+from peerfed.core.peerid import (
+    SIGNATURE_SIZE,
+    Signer,
+    public_key_from_peer_id,
+    verify_signature,
+)
 
 PROTOCOL_VERSION = 1
 DOMAIN = b"peerfed/envelope/v1\0"
@@ -124,8 +129,8 @@ class ModelRequest:
         return cls(fingerprint=read_text(wire, "fingerprint"))
 
 
-Body: TypeAlias = PeerRecord | PeerList | Manifest | ModelRequest
-KINDS: dict[str, type[Body]] = {k.KIND: k for k in (PeerRecord, PeerList, Manifest, ModelRequest)}
+Body: TypeAlias = PeerRecord | PeerList | Manifest | PayloadDigest | ModelRequest
+KINDS: dict[str, type[Body]] = {k.KIND: k for k in (PeerRecord, PeerList, Manifest, PayloadDigest, ModelRequest)}
 # Kinds that may go to everyone (recipient ""); all others name their recipient.
 BROADCAST_KINDS: frozenset[str] = frozenset({PeerRecord.KIND})
 
@@ -400,6 +405,7 @@ __all__ = [
     "PeerRecord",
     "PeerList",
     "Manifest",
+    "PayloadDigest",
     "Body",
     "KINDS",
     "BROADCAST_KINDS",

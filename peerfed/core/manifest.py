@@ -1,18 +1,28 @@
-"""Manifests for bulk payloads, and hashing those payloads as they stream.
+"""Manifests for bulk payloads, their signed digests, and hashing payloads as they stream.
 
-Weights are not signed byte by byte: a signed envelope carries a Manifest with
-the payload's length and sha256, and the receiver hashes the bytes while they
-arrive (StreamDigest) and merges nothing unless ``check()`` passes.
+Weights are not signed byte by byte. A body of weights travels as:
+
+- a signed Manifest, before the body (an HTTP header): model fingerprint, length, sample
+  weight, purpose. Everything a receiver may refuse on comes before a single bulk byte.
+- the payload: ``length`` bytes, which the sender hashes (BLAKE3) as it sends them, so it
+  need not read its whole buffer before the first byte leaves;
+- a trailer of exactly TRAILER_SIZE bytes after the payload: a signed PayloadDigest naming
+  the manifest's nonce, the length and the BLAKE3 digest.
+
+The receiver hashes the bytes while they arrive (StreamDigest) and merges nothing unless
+``check()`` against a verified PayloadDigest passes.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+import blake3
+
 from peerfed.core.errors import DigestMismatch, LengthMismatch, Malformed
+from peerfed.core.framing import HEADER, HEADER_SIZE
 
 DIGEST_SIZE = 32
 NONCE_SIZE = 16
@@ -53,13 +63,15 @@ def read_text(wire: dict[str, Any], name: str, default: Any = _MISSING,
 
 @dataclass(frozen=True)
 class Manifest:
-    """Announces a bulk payload: its model fingerprint, length, sha256 and weight."""
+    """Announces a bulk payload: its model fingerprint, length and sample weight.
+
+    Its digest follows the payload in a PayloadDigest that names this manifest's nonce.
+    """
 
     KIND: ClassVar[str] = "manifest"
 
     fingerprint: str
     length: int
-    digest: bytes  # sha256 of the payload, 32 bytes
     sample_weight: float
     purpose: str  # "push" | "reply" | "model"
     in_reply_to: bytes = b""  # nonce of the push this reply answers
@@ -67,7 +79,6 @@ class Manifest:
     def to_wire(self) -> dict[str, Any]:
         # Sorted keys: the signed encoding must not depend on dict order.
         return {
-            "digest": bytes(self.digest),
             "fingerprint": self.fingerprint,
             "in_reply_to": bytes(self.in_reply_to),
             "length": int(self.length),
@@ -81,9 +92,6 @@ class Manifest:
         length = read_field(wire, "length", int)
         if not 0 <= length <= MAX_LENGTH:
             raise Malformed(f"manifest length {length} out of range")
-        digest = read_field(wire, "digest", bytes)
-        if len(digest) != DIGEST_SIZE:
-            raise Malformed(f"manifest digest must be {DIGEST_SIZE} bytes, not {len(digest)}")
         weight = read_field(wire, "sample_weight", (float, int))
         if not math.isfinite(weight) or weight < 0:
             raise Malformed(f"manifest sample_weight {weight!r} must be finite and >= 0")
@@ -93,16 +101,60 @@ class Manifest:
         in_reply_to = read_field(wire, "in_reply_to", bytes, b"")
         if len(in_reply_to) not in (0, NONCE_SIZE):
             raise Malformed(f"manifest in_reply_to must be empty or {NONCE_SIZE} bytes")
-        return cls(fingerprint=fingerprint, length=length, digest=digest,
-                   sample_weight=float(weight), purpose=purpose, in_reply_to=in_reply_to)
+        return cls(fingerprint=fingerprint, length=length, sample_weight=float(weight),
+                   purpose=purpose, in_reply_to=in_reply_to)
+
+
+@dataclass(frozen=True)
+class PayloadDigest:
+    """Sent after a payload: its length and BLAKE3 digest, bound to the manifest's nonce."""
+
+    KIND: ClassVar[str] = "payload_digest"
+
+    manifest_nonce: bytes  # nonce of the signed Manifest that announced the payload
+    length: int
+    digest: bytes  # BLAKE3-256 of the payload
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"digest": bytes(self.digest), "length": int(self.length),
+                "manifest_nonce": bytes(self.manifest_nonce)}
 
     @classmethod
-    def for_buffer(cls, buf: bytes | bytearray | memoryview, *, fingerprint: str,
-                   sample_weight: float, purpose: str, in_reply_to: bytes = b"") -> Manifest:
-        """Manifest describing ``buf`` (hashes it: run it off the event loop for big buffers)."""
-        view = _byte_view(buf)
-        return cls(fingerprint=fingerprint, length=view.nbytes, digest=digest_buffer(view),
-                   sample_weight=sample_weight, purpose=purpose, in_reply_to=in_reply_to)
+    def from_wire(cls, wire: dict[str, Any]) -> PayloadDigest:
+        nonce = read_field(wire, "manifest_nonce", bytes)
+        if len(nonce) != NONCE_SIZE:
+            raise Malformed(f"payload digest manifest_nonce must be {NONCE_SIZE} bytes")
+        length = read_field(wire, "length", int)
+        if not 0 <= length <= MAX_LENGTH:
+            raise Malformed(f"payload digest length {length} out of range")
+        digest = read_field(wire, "digest", bytes)
+        if len(digest) != DIGEST_SIZE:
+            raise Malformed(f"payload digest must be {DIGEST_SIZE} bytes, not {len(digest)}")
+        return cls(manifest_nonce=nonce, length=length, digest=digest)
+
+
+# The trailer: a 4-byte length, that many bytes of a sealed PayloadDigest, zero padding.
+# A fixed size lets the sender state Content-Length before it knows the digest.
+TRAILER_SIZE = 2048  # the longest sealed PayloadDigest (256 four-byte network chars) is 1336
+
+
+def pack_trailer(sealed: bytes) -> bytes:
+    if len(sealed) > TRAILER_SIZE - HEADER_SIZE:
+        raise ValueError(f"sealed digest of {len(sealed)} bytes does not fit the trailer")
+    return (HEADER.pack(len(sealed)) + sealed).ljust(TRAILER_SIZE, b"\0")
+
+
+def unpack_trailer(trailer: bytes | bytearray | memoryview) -> bytes:
+    """The sealed PayloadDigest inside a trailer; Malformed if the trailer is not one."""
+    raw = bytes(trailer)
+    if len(raw) != TRAILER_SIZE:
+        raise Malformed(f"trailer must be {TRAILER_SIZE} bytes, not {len(raw)}")
+    (size,) = HEADER.unpack_from(raw)
+    if size > TRAILER_SIZE - HEADER_SIZE:
+        raise Malformed(f"trailer announces {size} bytes, more than it holds")
+    if any(raw[HEADER_SIZE + size:]):
+        raise Malformed("trailer padding is not zero")
+    return raw[HEADER_SIZE:HEADER_SIZE + size]
 
 
 def _byte_view(chunk: bytes | bytearray | memoryview) -> memoryview:
@@ -116,14 +168,14 @@ def _byte_view(chunk: bytes | bytearray | memoryview) -> memoryview:
 
 
 class StreamDigest:
-    """Length and sha256 of the bytes seen so far; chunks are hashed in place, not copied.
+    """Length and BLAKE3 of the bytes seen so far; chunks are hashed in place, not copied.
 
     With ``expected_length`` set, ``update`` raises LengthMismatch as soon as more
     bytes arrive than announced, so a receiver can stop reading at once.
     """
 
     def __init__(self, expected_length: int | None = None) -> None:
-        self._hash = hashlib.sha256()
+        self._hash = blake3.blake3()
         self._length = 0
         self.expected_length = expected_length
 
@@ -133,7 +185,7 @@ class StreamDigest:
         if self.expected_length is not None and self._length + size > self.expected_length:
             raise LengthMismatch(
                 f"received more than the announced {self.expected_length} bytes")
-        self._hash.update(view)  # hashlib reads the buffer directly (and drops the GIL)
+        self._hash.update(view)  # blake3 reads the buffer directly (and drops the GIL)
         self._length += size
 
     @property
@@ -146,21 +198,21 @@ class StreamDigest:
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
 
-    def check(self, manifest: Manifest) -> None:
-        """Raise LengthMismatch or DigestMismatch unless the bytes seen match ``manifest``."""
-        if self._length != manifest.length:
+    def check(self, expected: PayloadDigest) -> None:
+        """Raise LengthMismatch or DigestMismatch unless the bytes seen match ``expected``."""
+        if self._length != expected.length:
             raise LengthMismatch(
-                f"received {self._length} bytes, manifest announced {manifest.length}")
-        if self._hash.digest() != manifest.digest:
-            raise DigestMismatch("sha256 of the received bytes does not match the manifest")
+                f"received {self._length} bytes, the sender's digest covers {expected.length}")
+        if self._hash.digest() != expected.digest:
+            raise DigestMismatch("BLAKE3 of the received bytes does not match the sender's digest")
 
 
 def digest_buffer(buf: bytes | bytearray | memoryview, chunk: int = 1 << 20) -> bytes:
-    """sha256 of ``buf``, fed in ``chunk``-byte slices of one memoryview (no copies)."""
+    """BLAKE3 of ``buf``, fed in ``chunk``-byte slices of one memoryview (no copies)."""
     if chunk <= 0:
         raise ValueError("chunk must be positive")
     view = _byte_view(buf)
-    h = hashlib.sha256()
+    h = blake3.blake3()
     for start in range(0, view.nbytes, chunk):
         h.update(view[start:start + chunk])
     return h.digest()
@@ -169,9 +221,13 @@ def digest_buffer(buf: bytes | bytearray | memoryview, chunk: int = 1 << 20) -> 
 __all__ = [
     "DIGEST_SIZE",
     "PURPOSES",
+    "TRAILER_SIZE",
     "Manifest",
+    "PayloadDigest",
     "StreamDigest",
     "digest_buffer",
+    "pack_trailer",
     "read_field",
     "read_text",
+    "unpack_trailer",
 ]

@@ -2,7 +2,10 @@
 
 ``POST /v1/exchange`` carries the initiator's signed manifest in a header and its snapshot
 in the body; the response carries the responder's manifest and snapshot, and streams while
-the request is still uploading, so both directions move at once. The initiator sends
+the request is still uploading, so both directions move at once. Each body ends with a
+signed trailer holding the BLAKE3 digest of its payload (core/manifest.py): a sender
+snapshots, hashes and sends chunk by chunk, and never reads its whole buffer before the
+first byte leaves. The initiator sends
 ``Expect: 100-continue``: every refusal (401 bad signature or not allowed, 409 other model,
 413 wrong length, 429 busy, 400 malformed) is answered before a single bulk byte crosses.
 ``GET /v1/model`` serves the current weights to a newcomer (state sync).
@@ -25,16 +28,30 @@ import aiohttp
 import torch
 from aiohttp import web
 
-from peerfed.averaging import check_values, mixing_weight
+from peerfed.averaging import ValueCheck, check_values, mixing_weight
 from peerfed.core.envelope import Envelope, ModelRequest, Verifier, decode, seal
 from peerfed.core.errors import ProtocolError, Rejected
 from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
-from peerfed.ops.api import serve
 from peerfed.net.transfer import (
-    MANIFEST_HEADER, REQUEST_HEADER, ViewPayload, byte_view, decode_header, digest_of,
-    encode_header, receive_into, write_view,
+    MANIFEST_HEADER,
+    REQUEST_HEADER,
+    Fill,
+    OpenDigest,
+    SealDigest,
+    StreamPayload,
+    byte_view,
+    decode_header,
+    digest_opener,
+    digest_sealer,
+    encode_header,
+    in_receive_worker,
+    receive_into,
+    send_weights,
+    wire_length,
 )
+from peerfed.ops.api import serve
+from peerfed.train.shared import TrainerUnavailable
 
 log = logging.getLogger("peerfed.exchange")
 
@@ -46,7 +63,8 @@ class Weights(Protocol):
     nbytes: int
     num_samples: int
 
-    def snapshot_into(self, dst: torch.Tensor) -> None: ...
+    def begin_snapshot(self) -> None: ...
+    def snapshot_range(self, dst: torch.Tensor, start: int, stop: int) -> None: ...
     def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> None: ...
 
 
@@ -60,8 +78,8 @@ class Slot:
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.send is None or self.recv is None:
-            self.send = torch.empty(self.numel, dtype=torch.float32)
-            self.recv = torch.empty(self.numel, dtype=torch.float32)
+            self.send = torch.zeros(self.numel, dtype=torch.float32)
+            self.recv = torch.zeros(self.numel, dtype=torch.float32)
         return self.send, self.recv
 
 
@@ -119,7 +137,12 @@ class Exchange:
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start_server(self, host: str, port: int) -> int:
-        """Serve /v1/exchange and /v1/model on host:port; returns the bound port."""
+        """Serve /v1/exchange and /v1/model on host:port; returns the bound port.
+
+        Reserves the buffers of one exchange first (2x the model, zeroed so the pages are
+        really there): a daemon's memory does not grow when its first exchange comes.
+        """
+        await asyncio.to_thread(self._free_slots[-1].buffers)
         app = web.Application()
         app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
         app.router.add_get("/v1/model", self._serve_model)
@@ -160,7 +183,7 @@ class Exchange:
             raise self._refuse(400, "malformed", f"manifest purpose {m.purpose!r} is not 'push'")
         if m.fingerprint != self._weights.fingerprint:
             raise self._refuse(409, "fingerprint_mismatch", "model fingerprint differs from ours")
-        if m.length != self._weights.nbytes or request.content_length != m.length:
+        if m.length != self._weights.nbytes or request.content_length != wire_length(m.length):
             raise self._refuse(413, "length_mismatch", f"length must be {self._weights.nbytes} bytes (the model's)")
         # Two merges at once would count our own weights twice: one exchange at a time,
         # unless max_incoming allows more incoming ones.
@@ -193,7 +216,9 @@ class Exchange:
         try:
             send, recv = slot.buffers()
             send_view, recv_view = byte_view(send), byte_view(recv)
-            receiving = asyncio.create_task(receive_into(request.content, recv_view, theirs))
+            values = ValueCheck(recv)
+            receiving = asyncio.create_task(receive_into(request.content, recv_view, self._digest_opener(env),
+                                                         landed=lambda nbytes: values.advance(nbytes // 4)))
             # One deadline for the whole exchange: a peer that neither reads nor sends holds
             # our incoming slot for transfer_timeout at most.
             try:
@@ -201,14 +226,14 @@ class Exchange:
                     got, sent = await self._reply(request, response, env, receiving, send, send_view)
             finally:
                 receiving.cancel()
-            outcome = await self._merge(recv, send, theirs, env.sender)
+            outcome = await self._merge(recv, send, theirs, env.sender, values)
             await response.write_eof()
         except Rejected as exc:
             outcome = "refused"
             self._count_rejected(exc.reason)
             log.warning("exchange from %s refused: %s (%s); nothing merged", env.sender, exc.reason, exc)
             response.force_close()
-        except (ConnectionError, asyncio.TimeoutError, OSError) as exc:
+        except (ConnectionError, asyncio.TimeoutError, OSError, TrainerUnavailable) as exc:
             log.info("exchange from %s failed: %s; nothing merged", env.sender, exc or type(exc).__name__,
                      exc_info=log.isEnabledFor(logging.DEBUG))
             response.force_close()
@@ -223,21 +248,19 @@ class Exchange:
     async def _reply(self, request: web.Request, response: web.StreamResponse, env: Envelope,
                      receiving: asyncio.Task[int], send: torch.Tensor, send_view: memoryview) -> tuple[int, int]:
         """Stream our snapshot back while theirs arrives; returns (bytes received, bytes sent)."""
-        await asyncio.to_thread(self._weights.snapshot_into, send)
         ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
-                        digest=await digest_of(send_view), sample_weight=self._weights.num_samples,
-                        purpose="reply", in_reply_to=env.nonce)
+                        sample_weight=self._weights.num_samples, purpose="reply", in_reply_to=env.nonce)
         sealed = seal(self._signer, network=self._network, recipient=env.sender, body=ours, now=time.time())
         response.headers[MANIFEST_HEADER] = encode_header(sealed)
-        response.content_length = send_view.nbytes
+        response.content_length = wire_length(send_view.nbytes)
         await response.prepare(request)
+        await asyncio.to_thread(self._weights.begin_snapshot)
         # Hold back our last byte until all of theirs is here: aiohttp's client cancels its
         # upload the moment our response is complete, so finishing first would cut off the
         # initiator's snapshot (it would merge ours, we would merge nothing).
-        await write_view(response, send_view[:-1])
-        got = await receiving
-        await response.write(send_view[-1:])
-        return got, send_view.nbytes
+        await send_weights(response, send_view, self._filler(send),
+                           self._digest_sealer(env.sender, _nonce_of(sealed)), before_last_byte=receiving)
+        return receiving.result(), send_view.nbytes
 
     async def _serve_model(self, request: web.Request) -> web.StreamResponse:
         """State sync: our current weights for a node of our network that asked, signed."""
@@ -253,15 +276,17 @@ class Exchange:
         try:
             send, _ = slot.buffers()
             view = byte_view(send)
-            await asyncio.to_thread(self._weights.snapshot_into, send)
             manifest = Manifest(fingerprint=self._weights.fingerprint, length=view.nbytes,
-                                digest=await digest_of(view), sample_weight=self._weights.num_samples,
-                                purpose="model", in_reply_to=env.nonce)
+                                sample_weight=self._weights.num_samples, purpose="model",
+                                in_reply_to=env.nonce)
             sealed = seal(self._signer, network=self._network, recipient=env.sender, body=manifest, now=time.time())
             response = web.StreamResponse(headers={MANIFEST_HEADER: encode_header(sealed)})
-            response.content_length = view.nbytes
+            response.content_length = wire_length(view.nbytes)
             await response.prepare(request)
-            await asyncio.wait_for(write_view(response, view), self._transfer_timeout)
+            await asyncio.to_thread(self._weights.begin_snapshot)
+            await asyncio.wait_for(send_weights(response, view, self._filler(send),
+                                                self._digest_sealer(env.sender, _nonce_of(sealed))),
+                                   self._transfer_timeout)
             await response.write_eof()
             self.bytes_sent += view.nbytes
             return response
@@ -278,19 +303,30 @@ class Exchange:
         slot = self._free_slots.pop()
         started = time.monotonic()
         outcome, sent, got = "failed", 0, 0
+        filled = False  # every chunk of `send` holds what we sent (the digest is sealed)
         try:
             send, recv = slot.buffers()
             send_view, recv_view = byte_view(send), byte_view(recv)
-            await asyncio.to_thread(self._weights.snapshot_into, send)
             ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
-                            digest=await digest_of(send_view), sample_weight=self._weights.num_samples,
-                            purpose="push")
+                            sample_weight=self._weights.num_samples, purpose="push")
             sealed = seal(self._signer, network=self._network, recipient=peer_id, body=ours, now=time.time())
             push_nonce = _nonce_of(sealed)
-            body = ViewPayload(send_view)
+
+            seal_push_digest = self._digest_sealer(peer_id, push_nonce)
+
+            def seal_digest(length: int, digest: bytes) -> bytes:
+                nonlocal filled
+                filled = True
+                return seal_push_digest(length, digest)
+
+            async def produce(writer: Any) -> None:  # runs once the peer said 100 Continue
+                await asyncio.to_thread(self._weights.begin_snapshot)
+                await send_weights(writer, send_view, self._filler(send), seal_digest)
+
+            size = wire_length(send_view.nbytes)
             async with self._http().post(
-                url.rstrip("/") + "/v1/exchange", data=body, expect100=True,
-                headers={MANIFEST_HEADER: encode_header(sealed), "Content-Length": str(send_view.nbytes)},
+                url.rstrip("/") + "/v1/exchange", data=StreamPayload(size, produce), expect100=True,
+                headers={MANIFEST_HEADER: encode_header(sealed), "Content-Length": str(size)},
                 timeout=aiohttp.ClientTimeout(total=self._transfer_timeout, sock_connect=self._connect_timeout),
             ) as response:
                 if response.status != 200:
@@ -305,9 +341,16 @@ class Exchange:
                     raise Refused(401, "reply manifest does not answer our push")
                 if theirs.fingerprint != self._weights.fingerprint:
                     raise Refused(409, "reply is for another model")
-                got = await receive_into(response.content, recv_view, theirs)
-                sent = send_view.nbytes  # the reply's last byte only comes once all of ours arrived
-            outcome = await self._merge(recv, send, theirs, peer_id)
+                if theirs.length != recv_view.nbytes:
+                    raise Refused(413, f"reply announces {theirs.length} bytes, our model has {recv_view.nbytes}")
+                values = ValueCheck(recv)
+                got = await receive_into(response.content, recv_view, self._digest_opener(env),
+                                         landed=lambda nbytes: values.advance(nbytes // 4))
+            if not filled:  # an honest peer ends its reply only after all of our push
+                log.info("exchange with %s: its reply ended before our push was sent; nothing merged", peer_id)
+                return "failed"
+            sent = send_view.nbytes
+            outcome = await self._merge(recv, send, theirs, peer_id, values)
             return outcome
         except Refused as exc:
             log.info("exchange with %s: refused its reply: %s", peer_id, exc.reason)
@@ -318,7 +361,8 @@ class Exchange:
             log.warning("exchange with %s: its reply was refused: %s (%s); nothing merged", peer_id, exc.reason, exc)
             outcome = "refused"
             return outcome
-        except (ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
+        except (ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError,
+                TrainerUnavailable) as exc:
             log.info("exchange with %s failed: %s", peer_id, exc or type(exc).__name__)
             return "failed"
         finally:
@@ -343,7 +387,9 @@ class Exchange:
                 m: Manifest = env.body
                 if env.sender != peer_id or m.purpose != "model" or m.in_reply_to != request_nonce:
                     raise Refused(401, "model manifest does not answer our request")
-                await receive_into(response.content, byte_view(dst), m)
+                if m.length != dst.numel() * dst.element_size():
+                    raise Refused(413, f"model length {m.length} is not ours")
+                await receive_into(response.content, byte_view(dst), self._digest_opener(env))
                 self.bytes_received += m.length
         except (Refused, ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.info("state sync from %s failed: %s", peer_id, exc or type(exc).__name__)
@@ -355,6 +401,17 @@ class Exchange:
         return True
 
     # -- shared ---------------------------------------------------------------------------
+
+    def _filler(self, send: torch.Tensor) -> Fill:
+        def fill(start: int, stop: int) -> None:  # byte offsets, multiples of 4
+            self._weights.snapshot_range(send, start // 4, stop // 4)
+        return fill
+
+    def _digest_sealer(self, recipient: str, manifest_nonce: bytes) -> SealDigest:
+        return digest_sealer(self._signer, self._network, recipient, manifest_nonce)
+
+    def _digest_opener(self, manifest: Envelope) -> OpenDigest:
+        return digest_opener(self._verifier, manifest)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -373,14 +430,15 @@ class Exchange:
             status = 400 if exc.reason == "malformed" else 401
             raise Refused(status, f"{exc.reason}: {exc}") from None
 
-    async def _merge(self, received: torch.Tensor, sent: torch.Tensor, theirs: Manifest, peer_id: str) -> str:
-        problem = await asyncio.to_thread(check_values, received)
+    async def _merge(self, received: torch.Tensor, sent: torch.Tensor, theirs: Manifest, peer_id: str,
+                     values: ValueCheck) -> str:
+        problem = await in_receive_worker(values.problem)  # checked as it arrived: little left
         if problem:
             self._count_rejected("bad_values")
             log.warning("not merging weights from %s: %s", peer_id, problem)
             return "refused"
         alpha = bounded_mixing_weight(self._weights.num_samples, theirs.sample_weight)
-        await asyncio.to_thread(self._weights.merge, received, sent, alpha)
+        await in_receive_worker(self._weights.merge, received, sent, alpha)
         return "ok"
 
     def _refusal(self, exc: Refused) -> web.Response:

@@ -1,19 +1,27 @@
 """Moving big flat buffers over aiohttp without copying them (design.md section 4).
 
-- Sending: ``ViewPayload`` writes a small first piece, then the rest as one memoryview, with
-  an explicit Content-Length. Never ``bytes()`` the buffer (a 100 MiB copy under the GIL
-  stops the trainer) and never chunked encoding (it copies every chunk).
-- Receiving: ``receive_into`` reads chunks straight into a preallocated buffer and hashes
-  what has landed in a worker thread (hashlib drops the GIL), so the event loop never
-  stalls on a 100 MiB sha256.
+- Sending (``send_weights``): the payload goes out in 4 MiB chunks. A worker thread fills
+  each chunk from the live weights (taking the weights lock per 1 MiB slice) and hashes it
+  while the previous chunk is on the wire, so the first byte leaves at once and the
+  digest is known when the last one has; a signed trailer then carries it (core/manifest.py).
+  Never ``bytes()`` the buffer (a 100 MiB copy under the GIL stops the trainer) and never
+  chunked encoding (it copies every chunk): chunks are memoryviews of one buffer, with an
+  explicit Content-Length.
+- Receiving (``receive_into``): chunks are copied straight into a preallocated buffer; a
+  worker thread hashes each 4 MiB batch (BLAKE3 drops the GIL) and checks its values while
+  it is still in cache, so the event loop never stalls on a 100 MiB hash.
+- Both workers run at a lower CPU priority than the trainer (ops/priority.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import time
+from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from itertools import pairwise
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -21,16 +29,39 @@ from aiohttp import StreamReader
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
-from peerfed.core.errors import LengthMismatch
-from peerfed.core.manifest import Manifest, StreamDigest, digest_buffer
+from peerfed.core.envelope import Envelope, Verifier, seal
+from peerfed.core.errors import DigestMismatch, LengthMismatch
+from peerfed.core.manifest import (
+    TRAILER_SIZE,
+    PayloadDigest,
+    StreamDigest,
+    pack_trailer,
+    unpack_trailer,
+)
+from peerfed.core.peerid import Signer
+from peerfed.ops.priority import BULK_NICE_STEP, lower_thread_priority
 
 MANIFEST_HEADER = "X-Peerfed-Manifest"
 REQUEST_HEADER = "X-Peerfed-Request"
+# aiohttp joins the HTTP head and the first write into one new bytes object: keep that
+# first write small, so it does not copy a whole chunk.
 FIRST_PIECE = 64 * 1024
-HASH_BATCH = 4 << 20  # hash in 4 MiB steps: few thread hops, small lag behind the socket
+CHUNK = 4 << 20  # send and hash in 4 MiB steps: few thread hops, little lag behind the socket
 
-# One thread for all hashing keeps updates of one digest in order and off the loop.
-_hash_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-hash")
+
+def _lower_priority() -> None:  # bulk work yields to the trainer and to the event loop
+    lower_thread_priority(BULK_NICE_STEP)
+
+
+# A node runs one exchange at a time; one worker thread per direction keeps each digest's
+# updates in order and off the loop, and lets sending and receiving hash at once.
+_send_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-send", initializer=_lower_priority)
+_recv_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-recv", initializer=_lower_priority)
+
+T = TypeVar("T")
+Fill = Callable[[int, int], None]  # copy the weights' bytes [start, stop) into the send buffer
+SealDigest = Callable[[int, bytes], bytes]  # (length, digest) -> sealed PayloadDigest
+OpenDigest = Callable[[bytes], PayloadDigest]  # sealed trailer -> verified PayloadDigest
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
@@ -52,64 +83,134 @@ def decode_header(value: str | None, max_size: int = 4096) -> bytes | None:
         return None
 
 
-class ViewPayload(Payload):
-    """A request body that streams a memoryview as-is."""
+class StreamPayload(Payload):
+    """A request body of ``size`` bytes that ``produce`` writes when aiohttp asks for it
+    (after the server's 100 Continue, so nothing is read or hashed for a refused push)."""
 
-    def __init__(self, view: memoryview, **kwargs: Any) -> None:
-        super().__init__(view, content_type="application/octet-stream", **kwargs)
-        self._view = view
-        self._size = view.nbytes
+    def __init__(self, size: int, produce: Callable[[AbstractStreamWriter], Awaitable[None]],
+                 **kwargs: Any) -> None:
+        super().__init__(b"", content_type="application/octet-stream", **kwargs)
+        self._size = size
+        self._produce = produce
 
     def decode(self, encoding: str = "utf-8", errors: str = "strict") -> str:
         raise TypeError("binary payload")
 
     async def write(self, writer: AbstractStreamWriter) -> None:
-        await write_view(writer, self._view)
+        await self._produce(writer)
 
     async def write_with_length(self, writer: AbstractStreamWriter, content_length: int | None) -> None:
-        await write_view(writer, self._view)
+        await self._produce(writer)
 
 
-async def write_view(writer: Any, view: memoryview) -> None:
-    """Write ``view`` to an aiohttp writer or StreamResponse: a small piece, then the rest."""
-    await writer.write(view[:FIRST_PIECE])
-    if view.nbytes > FIRST_PIECE:
-        await writer.write(view[FIRST_PIECE:])
+def digest_sealer(signer: Signer, network: str, recipient: str, manifest_nonce: bytes) -> SealDigest:
+    """Seals the trailer of a payload announced by the manifest with ``manifest_nonce``."""
+    def seal_digest(length: int, digest: bytes) -> bytes:
+        body = PayloadDigest(manifest_nonce=manifest_nonce, length=length, digest=digest)
+        return seal(signer, network=network, recipient=recipient, body=body, now=time.time())
+    return seal_digest
 
 
-async def receive_into(content: StreamReader, view: memoryview, manifest: Manifest) -> int:
-    """Read exactly ``manifest.length`` bytes into ``view`` and check their digest.
+def digest_opener(verifier: Verifier, manifest: Envelope) -> OpenDigest:
+    """Verifies a trailer: signed by the manifest's sender, for that very manifest."""
+    def open_digest(trailer: bytes) -> PayloadDigest:
+        env = verifier.verify(unpack_trailer(trailer), expected_kind=PayloadDigest)
+        if env.sender != manifest.sender or env.body.manifest_nonce != manifest.nonce:
+            raise DigestMismatch("the trailer's digest belongs to another manifest")
+        return env.body
+    return open_digest
 
-    Raises LengthMismatch / DigestMismatch (core errors) or a connection error. On any
-    error the caller must treat the whole buffer as garbage.
+
+def wire_length(payload_length: int) -> int:
+    """Bytes on the wire for a payload: the payload and its trailer."""
+    return payload_length + TRAILER_SIZE
+
+
+def _bounds(size: int) -> list[tuple[int, int]]:
+    edges = [0, *range(min(FIRST_PIECE, size), size, CHUNK), size]
+    return [(a, b) for a, b in pairwise(edges) if b > a]
+
+
+async def send_weights(writer: Any, view: memoryview, fill: Fill, seal_digest: SealDigest,
+                       before_last_byte: Awaitable[Any] | None = None) -> None:
+    """Fill, hash and write ``view`` chunk by chunk, then the signed trailer.
+
+    ``writer`` is an aiohttp writer or StreamResponse. Chunk i+1 is filled and hashed in a
+    worker thread while chunk i is written. ``before_last_byte``, if given, is awaited
+    before the trailer's last byte goes out (see the responder in exchange.py).
     """
-    if manifest.length != view.nbytes:
-        raise LengthMismatch(f"manifest announces {manifest.length} bytes, expected {view.nbytes}")
     loop = asyncio.get_running_loop()
-    digest = StreamDigest(expected_length=manifest.length)
+    digest = StreamDigest()
+
+    def prepare(start: int, stop: int) -> None:
+        fill(start, stop)
+        digest.update(view[start:stop])
+
+    bounds = _bounds(view.nbytes)
+    ready = loop.run_in_executor(_send_pool, prepare, *bounds[0]) if bounds else None
+    try:
+        for i, (start, stop) in enumerate(bounds):
+            assert ready is not None
+            await ready
+            ready = loop.run_in_executor(_send_pool, prepare, *bounds[i + 1]) if i + 1 < len(bounds) else None
+            await writer.write(view[start:stop])
+    finally:
+        if ready is not None:  # cancelled mid-stream: let the thread finish with the buffer
+            await asyncio.shield(ready)
+    trailer = pack_trailer(seal_digest(view.nbytes, digest.digest()))
+    await writer.write(trailer[:-1])
+    if before_last_byte is not None:
+        await before_last_byte
+    await writer.write(trailer[-1:])
+
+
+async def receive_into(content: StreamReader, view: memoryview, open_digest: OpenDigest,
+                       landed: Callable[[int], None] | None = None) -> int:
+    """Read a payload of ``view.nbytes`` bytes into ``view`` and its trailer; check both.
+
+    Chunks are copied into ``view`` as they come; the receive worker hashes each 4 MiB batch
+    while it is still in cache, then calls ``landed(bytes so far)`` (e.g. to check values).
+    ``open_digest`` verifies the sealed trailer (signature, sender, manifest nonce). Raises a
+    core Rejected (LengthMismatch, DigestMismatch, ...) or a connection error. On any error
+    the caller must treat the whole buffer as garbage.
+    """
+    loop = asyncio.get_running_loop()
+    length = view.nbytes
+    digest = StreamDigest(expected_length=length)
+
+    def land(start: int, stop: int) -> None:  # in the receive worker
+        digest.update(view[start:stop])
+        if landed is not None:
+            landed(stop)
+
     pending: list[asyncio.Future[None]] = []
+    trailer = bytearray()
     received = hashed = 0
-    while received < manifest.length:
-        chunk, _ = await content.readchunk()
-        if not chunk:
-            raise ConnectionError(f"stream ended after {received} of {manifest.length} bytes")
-        end = received + len(chunk)
-        if end > manifest.length:
-            raise LengthMismatch(f"received more than the announced {manifest.length} bytes")
-        view[received:end] = chunk
-        received = end
-        if received - hashed >= HASH_BATCH or received == manifest.length:
-            pending.append(loop.run_in_executor(_hash_pool, digest.update, view[hashed:received]))
-            hashed = received
-    extra, _ = await content.readchunk()
-    if extra:
-        raise LengthMismatch(f"received more than the announced {manifest.length} bytes")
-    await asyncio.gather(*pending)
-    digest.check(manifest)
+    try:
+        while received < length or len(trailer) < TRAILER_SIZE:
+            data, _ = await content.readchunk()
+            if not data:
+                raise ConnectionError(f"stream ended after {received} of {length} bytes")
+            chunk = memoryview(data)
+            take = min(chunk.nbytes, length - received)
+            if take:
+                view[received:received + take] = chunk[:take]
+                received += take
+                if received - hashed >= CHUNK or received == length:
+                    pending.append(loop.run_in_executor(_recv_pool, land, hashed, received))
+                    hashed = received
+            trailer += chunk[take:]
+            if len(trailer) > TRAILER_SIZE:
+                raise LengthMismatch(f"received more than the announced {length} bytes and trailer")
+        extra, _ = await content.readchunk()
+        if extra:
+            raise LengthMismatch(f"received more than the announced {length} bytes and trailer")
+    finally:
+        await asyncio.gather(*pending)  # the buffer must not change under a running worker
+    digest.check(open_digest(bytes(trailer)))
     return received
 
 
-async def digest_of(view: memoryview) -> bytes:
-    """sha256 of a whole buffer in a worker thread (not the stream-hash thread: a responder
-    hashes its own snapshot while the push it receives is being hashed)."""
-    return await asyncio.to_thread(digest_buffer, view)
+async def in_receive_worker(fn: Callable[..., T], *args: Any) -> T:
+    """Run bulk work on received data (value checks, merging) in the low-priority worker."""
+    return await asyncio.get_running_loop().run_in_executor(_recv_pool, fn, *args)

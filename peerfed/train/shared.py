@@ -183,6 +183,11 @@ class ControlBlock:
                 pass
 
 
+# The daemon reads or changes the trainer's weights 1 MiB at a time, taking the lock for each
+# slice: a trainer step waits a fraction of a millisecond at most, not for a 100 MiB pass.
+LOCK_SLICE = 1 << 18  # elements
+
+
 class WeightStore:
     """The trainer's weights and how they reach the shared buffer.
 
@@ -309,12 +314,23 @@ class SharedWeights:
         self.control[DONE] = 0
         self._seq = 0
 
-    def snapshot_into(self, dst: torch.Tensor, link: TrainerLink) -> None:
-        check_flat(dst, self.numel)
+    def begin_snapshot(self, link: TrainerLink) -> None:
+        """Make the shared buffer current before snapshot_range reads it (mirror mode)."""
         if self.mirror:
             self._request(link, REQ_SNAPSHOT)
-        with locked(link):
-            dst.copy_(self._tensor(self.weights))
+
+    def snapshot_range(self, dst: torch.Tensor, start: int, stop: int, link: TrainerLink) -> None:
+        """dst[start:stop] = weights[start:stop], taking the lock per 1 MiB slice."""
+        check_flat(dst, self.numel)
+        weights = self._tensor(self.weights)
+        for first in range(start, stop, LOCK_SLICE):
+            last = min(first + LOCK_SLICE, stop)
+            with locked(link):
+                dst[first:last].copy_(weights[first:last])
+
+    def snapshot_into(self, dst: torch.Tensor, link: TrainerLink) -> None:
+        self.begin_snapshot(link)
+        self.snapshot_range(dst, 0, self.numel, link)
 
     def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float, link: TrainerLink) -> None:
         check_flat(received, self.numel)
@@ -322,9 +338,8 @@ class SharedWeights:
         if self.mirror:
             delta = self._tensor(self.delta)
             self._request(link, REQ_MERGE, prepare=lambda: delta_into(delta, sent, received, alpha))
-        else:
-            with locked(link):
-                merge_(self._tensor(self.weights), sent, received, alpha)
+            return
+        merge_(self._tensor(self.weights), sent, received, alpha, chunk=LOCK_SLICE, hold=lambda: locked(link))
 
     def load(self, src: torch.Tensor, link: TrainerLink) -> None:
         check_flat(src, self.numel)

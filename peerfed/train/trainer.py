@@ -20,11 +20,13 @@ import os
 import threading
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from peerfed.train.child import run_child
 from peerfed.train.shared import (
     PROGRESS,
     SAMPLES,
@@ -35,7 +37,6 @@ from peerfed.train.shared import (
     TrainerUnavailable,
     remove_stale_segments,
 )
-from peerfed.train.child import run_child
 from peerfed.train.tasks import TrainSettings
 
 __all__ = ["ReadyInfo", "TrainerError", "TrainerHandle", "TrainerUnavailable"]
@@ -104,6 +105,10 @@ class TrainerHandle:
         self._last_checkpoint: dict[str, Any] | None = None
         self._progress_seen = (-1, time.monotonic())
         self._atexit: Any = None
+        # Trainer processes are started from this thread, which keeps the priority the daemon
+        # had when it made this handle: the daemon may lower its own later (ops/priority.py).
+        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-spawn")
+        self._spawner.submit(lambda: None).result()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -190,6 +195,7 @@ class TrainerHandle:
             if self._control is not None:
                 self._control.close()
             self._shared = self._control = None
+        self._spawner.shutdown(wait=False)
 
     def __enter__(self) -> TrainerHandle:
         return self
@@ -275,6 +281,18 @@ class TrainerHandle:
 
     # ------------------------------------------------------------ weights
 
+    def begin_snapshot(self) -> None:
+        """Before snapshot_range: make the shared copy current (mirror mode; else nothing)."""
+        with self._ops:
+            shared, link = self._ready()
+            shared.begin_snapshot(link)
+
+    def snapshot_range(self, dst: torch.Tensor, start: int, stop: int) -> None:
+        """Copy elements [start, stop) of the weights into `dst`, consistent between two steps."""
+        with self._ops:
+            shared, link = self._ready()
+            shared.snapshot_range(dst, start, stop, link)
+
     def snapshot_into(self, dst: torch.Tensor) -> None:
         """Copy the current weights into `dst` (flat float32), consistent between two steps."""
         with self._ops:
@@ -320,7 +338,7 @@ class TrainerHandle:
             name=f"peerfed-trainer-{self._generations}",
             args=(self._settings, self._force_mirror, reader, events, self._control.name, lock, os.getpid()),
         )
-        process.start()
+        self._spawner.submit(process.start).result()
         reader.close()
         gen_box: list[_Generation] = []
         link = TrainerLink(lock, lambda: bool(gen_box) and gen_box[0] is self._gen and process.is_alive())
