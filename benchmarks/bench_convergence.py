@@ -15,7 +15,7 @@ the trainer binds its model to) and peerfed.core.schedule.ExchangeScheduler
 (when a round opens, whom to pick, busy peers). An exchange is a push-pull: both sides take a
 snapshot, and ``--exchange-steps`` ticks later (local steps taken meanwhile) both merge
 x <- x + a (peer - sent), with a from the samples of both sides by the rule of
-peerfed.net.exchange (printed in the header). A node in an
+peerfed.averaging.bounded_mixing_weight (printed in the header). A node in an
 exchange answers "busy" and takes no other one, as with exchange.max_incoming = 1.
 
 One epoch = samples processed by all nodes together / 1437. Baselines in the same run, with
@@ -47,14 +47,14 @@ from typing import Any
 import torch
 
 from peerfed.averaging import (
+    MAX_WEIGHT_RATIO,
     FlatLayout,
     bind_to_flat,
+    bounded_mixing_weight,
     merge_,
-    mixing_weight,
     unflatten_from,
 )
 from peerfed.core.schedule import ExchangeScheduler
-from peerfed.net import exchange as _exchange
 from peerfed.train.tasks import BUILTIN_TASKS, NodeContext, Task, TrainSettings
 
 TRAIN_SIZE = 1437
@@ -204,21 +204,12 @@ def _gossip_round(node: SimNode, nodes: list[SimNode], flights: list[Flight], no
 
 
 def alpha_of(own_samples: int, peer_samples: int) -> float:
-    """The share of the peer's model in our merge, with the rule peerfed.net.exchange uses."""
-    bounded = getattr(_exchange, "bounded_mixing_weight", None)
-    if bounded is not None:
-        return float(bounded(own_samples, peer_samples))
-    cap = getattr(_exchange, "MAX_ALPHA", 1.0)
-    return min(cap, mixing_weight(own_samples, peer_samples))
+    """The share of the peer's model in our merge, with the rule the exchange uses."""
+    return float(bounded_mixing_weight(own_samples, peer_samples))
 
 
 def alpha_rule() -> str:
-    if hasattr(_exchange, "bounded_mixing_weight"):
-        ratio = getattr(_exchange, "MAX_WEIGHT_RATIO", "?")
-        return f"peerfed.net.exchange.bounded_mixing_weight (peer's claim clamped to {ratio}x ours)"
-    if hasattr(_exchange, "MAX_ALPHA"):
-        return f"min({_exchange.MAX_ALPHA}, mixing_weight)"
-    return "mixing_weight"
+    return f"peerfed.averaging.bounded_mixing_weight (peer's claim clamped to {MAX_WEIGHT_RATIO}x ours)"
 
 
 def _land(f: Flight) -> None:

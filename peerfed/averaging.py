@@ -187,6 +187,17 @@ def mixing_weight(own_samples: float, peer_samples: float) -> float:
     return peer / total
 
 
+# A peer declares its own sample weight. Both sides clamp the other's claim to within this
+# factor of their own: honest peers of similar size keep the exact sample-weighted average,
+# and no claim, however large, moves us more than 10/11 of the way in one exchange.
+MAX_WEIGHT_RATIO = 10.0
+
+
+def bounded_mixing_weight(own: float, claimed: float) -> float:
+    own = max(own, 1.0)
+    return mixing_weight(own, min(max(claimed, own / MAX_WEIGHT_RATIO), own * MAX_WEIGHT_RATIO))
+
+
 def merge_(
     local: torch.Tensor,
     sent: torch.Tensor,

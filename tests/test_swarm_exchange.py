@@ -39,7 +39,13 @@ import pytest
 import torch
 from swarmtools import wait_until
 
-from peerfed.averaging import FlatLayout, fingerprint, flatten_into, unflatten_from
+from peerfed.averaging import (
+    FlatLayout,
+    bounded_mixing_weight,
+    fingerprint,
+    flatten_into,
+    unflatten_from,
+)
 from peerfed.core.envelope import ModelRequest, Verifier, decode, seal
 from peerfed.core.manifest import (
     TRAILER_SIZE,
@@ -50,7 +56,6 @@ from peerfed.core.manifest import (
 )
 from peerfed.core.peerid import Signer
 from peerfed.localswarm import LocalNode, LocalSwarm
-from peerfed.net.exchange import bounded_mixing_weight
 from peerfed.net.transfer import MANIFEST_HEADER, REQUEST_HEADER
 from peerfed.train.tasks import (
     NodeContext,

@@ -21,14 +21,13 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import aiohttp
 import torch
 from aiohttp import web
 
-from peerfed.averaging import ValueCheck, check_values, mixing_weight
+from peerfed.averaging import ValueCheck, bounded_mixing_weight, check_values
 from peerfed.core.envelope import Envelope, ModelRequest, Verifier, decode, seal
 from peerfed.core.errors import ProtocolError, Rejected
 from peerfed.core.manifest import Manifest
@@ -39,7 +38,9 @@ from peerfed.net.transfer import (
     Fill,
     OpenDigest,
     SealDigest,
+    Slot,
     StreamPayload,
+    Weights,
     byte_view,
     decode_header,
     digest_opener,
@@ -56,33 +57,6 @@ from peerfed.train.shared import TrainerUnavailable
 log = logging.getLogger("peerfed.exchange")
 
 
-class Weights(Protocol):
-    """What the exchange needs from the trainer (TrainerHandle implements it)."""
-
-    fingerprint: str
-    nbytes: int
-    num_samples: int
-
-    def begin_snapshot(self) -> None: ...
-    def snapshot_range(self, dst: torch.Tensor, start: int, stop: int) -> None: ...
-    def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> None: ...
-
-
-@dataclass
-class Slot:
-    """Send and receive buffers for one exchange at a time, allocated on first use."""
-
-    numel: int
-    send: torch.Tensor | None = None
-    recv: torch.Tensor | None = None
-
-    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.send is None or self.recv is None:
-            self.send = torch.zeros(self.numel, dtype=torch.float32)
-            self.recv = torch.zeros(self.numel, dtype=torch.float32)
-        return self.send, self.recv
-
-
 class Refused(Exception):
     def __init__(self, status: int, reason: str) -> None:
         super().__init__(reason)
@@ -90,17 +64,6 @@ class Refused(Exception):
 
 
 OUTCOMES = ("ok", "busy", "refused", "failed")
-# A peer declares its own sample weight. Both sides clamp the other's claim to within this
-# factor of their own: honest peers of similar size keep the exact sample-weighted average,
-# and no claim, however large, moves us more than 10/11 of the way in one exchange.
-MAX_WEIGHT_RATIO = 10.0
-
-
-def bounded_mixing_weight(own: float, claimed: float) -> float:
-    own = max(own, 1.0)
-    return mixing_weight(own, min(max(claimed, own / MAX_WEIGHT_RATIO), own * MAX_WEIGHT_RATIO))
-
-
 class Exchange:
     """Both roles of the exchange for one node, sharing buffers, limits and counters."""
 

@@ -20,8 +20,9 @@ import base64
 import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from itertools import pairwise
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -62,6 +63,34 @@ T = TypeVar("T")
 Fill = Callable[[int, int], None]  # copy the weights' bytes [start, stop) into the send buffer
 SealDigest = Callable[[int, bytes], bytes]  # (length, digest) -> sealed PayloadDigest
 OpenDigest = Callable[[bytes], PayloadDigest]  # sealed trailer -> verified PayloadDigest
+
+
+class Weights(Protocol):
+    """What the exchange needs from the trainer (TrainerHandle implements it): the size, and
+    chunked reads and a merge of its weights."""
+
+    fingerprint: str
+    nbytes: int
+    num_samples: int
+
+    def begin_snapshot(self) -> None: ...
+    def snapshot_range(self, dst: torch.Tensor, start: int, stop: int) -> None: ...
+    def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> None: ...
+
+
+@dataclass
+class Slot:
+    """Send and receive buffers for one exchange at a time, allocated on first use."""
+
+    numel: int
+    send: torch.Tensor | None = None
+    recv: torch.Tensor | None = None
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.send is None or self.recv is None:
+            self.send = torch.zeros(self.numel, dtype=torch.float32)
+            self.recv = torch.zeros(self.numel, dtype=torch.float32)
+        return self.send, self.recv
 
 
 def byte_view(tensor: torch.Tensor) -> memoryview:
