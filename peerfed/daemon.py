@@ -28,7 +28,6 @@ from peerfed.net.p2p import P2PHost, local_ipv4_addresses
 from peerfed.ops.api import LocalAPI
 from peerfed.ops.logs import set_level
 from peerfed.ops.metrics import CONTENT_TYPE, Metrics
-from peerfed.ops.priority import DAEMON_NICE_STEP, lower_thread_priority
 from peerfed.ops.systemd import Notifier, WatchdogGate, watchdog_interval
 
 log = logging.getLogger("peerfed.daemon")
@@ -112,9 +111,6 @@ class Daemon:
         cfg = self.config
         self.trainer = TrainerHandle(TrainSettings.from_config(cfg))
         self.trainer.start()
-        # From here on this thread (the event loop) and the threads it starts yield to the
-        # trainer; the handle starts trainers from a thread that kept our first priority.
-        lower_thread_priority(DAEMON_NICE_STEP)
         try:
             info = await asyncio.to_thread(self.trainer.wait_ready, 300.0)
         except TrainerError as exc:

@@ -1,8 +1,12 @@
-"""CPU priority: training is what a node is for, so the daemon's own work yields to it.
+"""CPU priority: training is what a node is for, so bulk work in transit yields to it.
 
-On a machine with no idle core, an exchange then takes a little longer instead of slowing the
-trainer down (Syncthing lowers its own priority the same way). Linux keeps a nice value per
-thread, a new thread starts with its creator's, and raising one's own needs no privilege.
+The worker threads that copy and hash weights during an exchange run at a lower priority
+(nice +10) than everything else: on a machine with no idle core an exchange then takes a
+little longer instead of slowing the trainer down. The event loop and the control plane keep
+the daemon's priority: a node must answer its peers promptly however busy its trainer is
+(with the event loop at nice +10, a restarted node beside two flat-out trainers on 2 cores
+did not rejoin within 60 s). Linux keeps a nice value per thread, a new thread starts with
+its creator's, and raising one's own needs no privilege.
 """
 
 from __future__ import annotations
@@ -10,8 +14,7 @@ from __future__ import annotations
 import os
 import threading
 
-DAEMON_NICE_STEP = 10  # the daemon's threads: event loop, control plane, merges
-BULK_NICE_STEP = 5  # on top of that: the workers that copy and hash weights in transit
+BULK_NICE_STEP = 10  # the workers that copy and hash weights in transit
 
 
 def lower_thread_priority(step: int) -> int | None:

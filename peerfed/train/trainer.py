@@ -20,7 +20,6 @@ import os
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,10 +104,6 @@ class TrainerHandle:
         self._last_checkpoint: dict[str, Any] | None = None
         self._progress_seen = (-1, time.monotonic())
         self._atexit: Any = None
-        # Trainer processes are started from this thread, which keeps the priority the daemon
-        # had when it made this handle: the daemon may lower its own later (ops/priority.py).
-        self._spawner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-spawn")
-        self._spawner.submit(lambda: None).result()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -195,7 +190,6 @@ class TrainerHandle:
             if self._control is not None:
                 self._control.close()
             self._shared = self._control = None
-        self._spawner.shutdown(wait=False)
 
     def __enter__(self) -> TrainerHandle:
         return self
@@ -338,7 +332,7 @@ class TrainerHandle:
             name=f"peerfed-trainer-{self._generations}",
             args=(self._settings, self._force_mirror, reader, events, self._control.name, lock, os.getpid()),
         )
-        self._spawner.submit(process.start).result()
+        process.start()
         reader.close()
         gen_box: list[_Generation] = []
         link = TrainerLink(lock, lambda: bool(gen_box) and gen_box[0] is self._gen and process.is_alive())
