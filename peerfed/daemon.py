@@ -54,7 +54,8 @@ class Daemon:
         self.membership: Membership | None = None
         self.api: LocalAPI | None = None
         self.trainer: Any = None      # TrainerHandle when training is enabled
-        self.exchange: Any = None     # Exchange when training is enabled
+        self.exchange: Any = None     # Exchange when training is enabled (lives on data_plane)
+        self.data_plane: Any = None   # DataPlane: the thread and loop the exchange runs on
         self.gossip: Any = None       # GossipLoop when training is enabled
         self.exchange_url = ""
         self.state_sync: str = "none"
@@ -102,6 +103,7 @@ class Daemon:
         import torch  # only nodes that train pay for importing torch
 
         from peerfed.core.schedule import ExchangeScheduler
+        from peerfed.net.dataplane import DataPlane
         from peerfed.net.exchange import Exchange
         from peerfed.net.gossip import GossipLoop
         from peerfed.train.tasks import TrainSettings
@@ -117,6 +119,8 @@ class Daemon:
             raise ConfigError(f"train: the trainer could not start: {exc}") from exc
         log.info("model ready on %s: %d parameters (%.1f MiB), fingerprint %s…, resumed from step %d",
                  info.device, info.numel, info.nbytes / 2**20, info.fingerprint[:12], info.resumed_step)
+        # The exchange runs on the data-plane thread (its own loop, lower CPU priority); its
+        # callbacks only touch thread-safe prometheus metrics.
         self.exchange = Exchange(
             signer=self.signer, network=cfg.network, weights=self.trainer, verifier=self._new_verifier(),
             max_incoming=cfg.exchange.max_incoming, connect_timeout=cfg.exchange.connect_timeout,
@@ -124,12 +128,13 @@ class Daemon:
             on_finished=lambda role, outcome, duration, sent, got: self.metrics.exchange_finished(
                 outcome, duration, sent, got),
         )
-        port = await self.exchange.start_server(cfg.exchange.listen_host, cfg.exchange.listen_port)
+        self.data_plane = DataPlane(self.exchange)
+        port = await self.data_plane.start_server(cfg.exchange.listen_host, cfg.exchange.listen_port)
         self.exchange_url = cfg.exchange.advertise_url or f"http://{self._advertised_host()}:{port}"
         self.gossip = GossipLoop(
             scheduler=ExchangeScheduler(interval=cfg.exchange.interval, rng=random.Random(), now=time.monotonic()),
             candidates=lambda: {} if self.exchange.busy else self._exchange_candidates(),
-            run_exchange=self.exchange.exchange_with,
+            run_exchange=self.data_plane.exchange_with,
         )
 
     async def _sync_then_train(self) -> None:
@@ -153,7 +158,7 @@ class Daemon:
         buffer = torch.empty(self.trainer.numel, dtype=torch.float32)
         while deadline is None or time.monotonic() < deadline:
             for peer_id, url in self._exchange_candidates().items():
-                if await self.exchange.fetch_model(peer_id, url, buffer):
+                if await self.data_plane.fetch_model(peer_id, url, buffer):
                     await asyncio.to_thread(self.trainer.load_weights, buffer)
                     log.info("state sync: starting from %s's model", peer_id)
                     return f"from {peer_id}"
@@ -189,7 +194,7 @@ class Daemon:
         if self.membership is not None:
             await self.membership.stop()
         # The final checkpoint need not wait for a cut-off exchange (nothing of it is merged).
-        closing = [self.exchange.close()] if self.exchange is not None else []
+        closing = [self.data_plane.close()] if self.data_plane is not None else []
         if self.trainer is not None:
             closing.append(asyncio.to_thread(self.trainer.stop, 8.0))   # writes the final checkpoint
         await asyncio.gather(*closing)
@@ -306,7 +311,7 @@ class Daemon:
         if peer_id not in candidates:
             return {"outcome": "no_such_peer"}
         started = time.monotonic()
-        outcome = await self.exchange.exchange_with(peer_id, candidates[peer_id])
+        outcome = await self.data_plane.exchange_with(peer_id, candidates[peer_id])
         return {"outcome": outcome, "peer_id": peer_id, "duration_s": time.monotonic() - started}
 
     # -- helpers --------------------------------------------------------------------------

@@ -10,7 +10,8 @@
 - Receiving (``receive_into``): chunks are copied straight into a preallocated buffer; a
   worker thread hashes each 4 MiB batch (BLAKE3 drops the GIL) and checks its values while
   it is still in cache, so the event loop never stalls on a 100 MiB hash.
-- Both workers run at a lower CPU priority than the trainer (ops/priority.py).
+- Both workers are started by the data-plane thread and share its lower CPU priority
+  (net/dataplane.py).
 """
 
 from __future__ import annotations
@@ -40,7 +41,6 @@ from peerfed.core.manifest import (
     unpack_trailer,
 )
 from peerfed.core.peerid import Signer
-from peerfed.ops.priority import BULK_NICE_STEP, lower_thread_priority
 
 MANIFEST_HEADER = "X-Peerfed-Manifest"
 REQUEST_HEADER = "X-Peerfed-Request"
@@ -50,14 +50,10 @@ FIRST_PIECE = 64 * 1024
 CHUNK = 4 << 20  # send and hash in 4 MiB steps: few thread hops, little lag behind the socket
 
 
-def _lower_priority() -> None:  # bulk work yields to the trainer and to the event loop
-    lower_thread_priority(BULK_NICE_STEP)
-
-
 # A node runs one exchange at a time; one worker thread per direction keeps each digest's
 # updates in order and off the loop, and lets sending and receiving hash at once.
-_send_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-send", initializer=_lower_priority)
-_recv_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-recv", initializer=_lower_priority)
+_send_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-send")
+_recv_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-recv")
 
 T = TypeVar("T")
 Fill = Callable[[int, int], None]  # copy the weights' bytes [start, stop) into the send buffer
@@ -241,5 +237,5 @@ async def receive_into(content: StreamReader, view: memoryview, open_digest: Ope
 
 
 async def in_receive_worker(fn: Callable[..., T], *args: Any) -> T:
-    """Run bulk work on received data (value checks, merging) in the low-priority worker."""
+    """Run bulk work on received data (value checks, merging) in the receive worker."""
     return await asyncio.get_running_loop().run_in_executor(_recv_pool, fn, *args)

@@ -1,12 +1,12 @@
-"""CPU priority: training is what a node is for, so bulk work in transit yields to it.
+"""CPU priority: training is what a node is for, so moving weights yields to it.
 
-The worker threads that copy and hash weights during an exchange run at a lower priority
-(nice +10) than everything else: on a machine with no idle core an exchange then takes a
-little longer instead of slowing the trainer down. The event loop and the control plane keep
+The data plane (the exchange's event loop and its copy/hash workers, net/dataplane.py) runs
+at nice +10: on a machine with no idle core an exchange then takes a little longer instead
+of slowing the trainer down. The main event loop - control plane, local API, watchdog - keeps
 the daemon's priority: a node must answer its peers promptly however busy its trainer is
-(with the event loop at nice +10, a restarted node beside two flat-out trainers on 2 cores
-did not rejoin within 60 s). Linux keeps a nice value per thread, a new thread starts with
-its creator's, and raising one's own needs no privilege.
+(with the main loop at nice +10, a restarted node beside two flat-out trainers on 2 cores did
+not rejoin within 60 s). Linux keeps a nice value per thread, a new thread starts with its
+creator's, and raising one's own needs no privilege.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import threading
 
-BULK_NICE_STEP = 10  # the workers that copy and hash weights in transit
+DATA_PLANE_NICE_STEP = 10  # the data-plane thread; the workers it starts inherit it
 
 
 def lower_thread_priority(step: int) -> int | None:
