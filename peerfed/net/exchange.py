@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -35,7 +35,6 @@ from peerfed.core.peerid import Signer
 from peerfed.net.transfer import (
     MANIFEST_HEADER,
     REQUEST_HEADER,
-    Fill,
     OpenDigest,
     SealDigest,
     Slot,
@@ -217,12 +216,11 @@ class Exchange:
         response.headers[MANIFEST_HEADER] = encode_header(sealed)
         response.content_length = wire_length(send_view.nbytes)
         await response.prepare(request)
-        await asyncio.to_thread(self._weights.begin_snapshot)
         # Hold back our last byte until all of theirs is here: aiohttp's client cancels its
         # upload the moment our response is complete, so finishing first would cut off the
         # initiator's snapshot (it would merge ours, we would merge nothing).
-        await send_weights(response, send_view, self._filler(send),
-                           self._digest_sealer(env.sender, _nonce_of(sealed)), before_last_byte=receiving)
+        await self._send_snapshot(response, send, self._digest_sealer(env.sender, _nonce_of(sealed)),
+                                  before_last_byte=receiving)
         return receiving.result(), send_view.nbytes
 
     async def _serve_model(self, request: web.Request) -> web.StreamResponse:
@@ -246,10 +244,8 @@ class Exchange:
             response = web.StreamResponse(headers={MANIFEST_HEADER: encode_header(sealed)})
             response.content_length = wire_length(view.nbytes)
             await response.prepare(request)
-            await asyncio.to_thread(self._weights.begin_snapshot)
-            await asyncio.wait_for(send_weights(response, view, self._filler(send),
-                                                self._digest_sealer(env.sender, _nonce_of(sealed))),
-                                   self._transfer_timeout)
+            sealer = self._digest_sealer(env.sender, _nonce_of(sealed))
+            await asyncio.wait_for(self._send_snapshot(response, send, sealer), self._transfer_timeout)
             await response.write_eof()
             self.bytes_sent += view.nbytes
             return response
@@ -283,8 +279,7 @@ class Exchange:
                 return seal_push_digest(length, digest)
 
             async def produce(writer: Any) -> None:  # runs once the peer said 100 Continue
-                await asyncio.to_thread(self._weights.begin_snapshot)
-                await send_weights(writer, send_view, self._filler(send), seal_digest)
+                await self._send_snapshot(writer, send, seal_digest)
 
             size = wire_length(send_view.nbytes)
             async with self._http().post(
@@ -365,10 +360,14 @@ class Exchange:
 
     # -- shared ---------------------------------------------------------------------------
 
-    def _filler(self, send: torch.Tensor) -> Fill:
+    async def _send_snapshot(self, writer: Any, send: torch.Tensor, seal_digest: SealDigest,
+                             before_last_byte: Awaitable[Any] | None = None) -> None:
+        """Snapshot our weights into ``send`` chunk by chunk as they go out, then the trailer."""
         def fill(start: int, stop: int) -> None:  # byte offsets, multiples of 4
             self._weights.snapshot_range(send, start // 4, stop // 4)
-        return fill
+
+        await asyncio.to_thread(self._weights.begin_snapshot)
+        await send_weights(writer, byte_view(send), fill, seal_digest, before_last_byte)
 
     def _digest_sealer(self, recipient: str, manifest_nonce: bytes) -> SealDigest:
         return digest_sealer(self._signer, self._network, recipient, manifest_nonce)
