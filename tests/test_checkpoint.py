@@ -29,7 +29,7 @@ def save(directory: Path, step: int, keep: int = 3, model: nn.Module | None = No
     opt.step()
     return save_checkpoint(
         directory, model_state=model.state_dict(), optimizer_state=opt.state_dict(),
-        step=step, samples=step * 32, config_digest="digest", fingerprint="fp", keep=keep,
+        step=step, samples=step * 32, seconds_trained=step / 10, config_digest="digest", fingerprint="fp", keep=keep,
     )
 
 
@@ -44,6 +44,7 @@ def test_round_trip_with_weights_only(tmp_path: Path) -> None:
     data = load_checkpoint(path)
     assert data["format"] == FORMAT_VERSION and data["step"] == 7 and data["samples"] == 224
     assert data["config_digest"] == "digest" and data["fingerprint"] == "fp" and data["time"] > 0
+    assert data["seconds_trained"] == 0.7
     assert torch.equal(data["model"]["weight"], model.weight.detach())
     fresh = torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1, momentum=0.9)
     fresh.load_state_dict(data["optimizer"])  # momentum buffers came back
@@ -103,3 +104,16 @@ def test_garbage_and_foreign_files(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / checkpoint_name(2))
     assert load_newest_valid(tmp_path, quarantine=False) is None
     assert load_newest_valid(tmp_path / "missing") is None
+
+
+def test_seconds_trained_defaults_for_old_checkpoints_and_is_validated(tmp_path: Path) -> None:
+    path = save(tmp_path, 5)
+    data = torch.load(path, weights_only=True)
+    del data["seconds_trained"]  # as written before the lr clock was checkpointed
+    torch.save(data, path)
+    assert load_checkpoint(path)["seconds_trained"] == 0.0
+    for bad in (-1.0, float("nan"), float("inf"), "12"):
+        data["seconds_trained"] = bad
+        torch.save(data, path)
+        with pytest.raises(CheckpointError, match="seconds_trained"):
+            load_checkpoint(path)

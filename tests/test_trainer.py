@@ -63,6 +63,7 @@ def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path
     time.sleep(0.3)
     assert handle.statistics()["step"] == 0  # waits for begin_training
     handle.begin_training()
+    began = time.monotonic()
     stats = wait_for(handle, lambda s: s["step"] > 300 and s["metrics"])
     assert 0.0 <= stats["metrics"]["accuracy"] <= 1.0 and stats["alive"] and stats["training"]
 
@@ -89,6 +90,8 @@ def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path
     assert after["restarts"] == 1
     resumed = handle.ready_info.resumed_step
     assert checkpointed <= resumed <= killed_at  # (a checkpoint may land just before the kill)
+    # the lr schedule's clock goes on from the checkpoint instead of starting over
+    assert 0.0 < handle.ready_info.resumed_seconds < time.monotonic() - began
     steps_per_interval = stats["steps_per_s"] * 0.5
     assert killed_at - resumed <= max(2 * steps_per_interval, 2000)  # lost at most ~one interval
     wait_for(handle, lambda s: s["step"] > checkpointed + 50)

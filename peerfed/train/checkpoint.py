@@ -8,6 +8,7 @@ fingerprint, the config digest, a format version and the time. Files are named b
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import time
@@ -57,6 +58,7 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     step: int,
     samples: int,
+    seconds_trained: float = 0.0,
     config_digest: str = "",
     fingerprint: str = "",
     keep: int = 3,
@@ -70,6 +72,7 @@ def save_checkpoint(
         "optimizer": optimizer_state,
         "step": int(step),
         "samples": int(samples),
+        "seconds_trained": float(seconds_trained),  # the clock of a time-based lr schedule
         "fingerprint": fingerprint,
         "config_digest": config_digest,
         "time": time.time(),
@@ -119,6 +122,9 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     for key, kind in (("model", dict), ("optimizer", dict), ("step", int), ("samples", int)):
         if not isinstance(data.get(key), kind):
             raise CheckpointError(f"{path}: field {key!r} missing or not {kind.__name__}")
+    seconds = data.setdefault("seconds_trained", 0.0)  # absent in checkpoints of earlier versions
+    if not isinstance(seconds, float) or not 0.0 <= seconds < math.inf:
+        raise CheckpointError(f"{path}: field 'seconds_trained' is {seconds!r}, not a finite float >= 0")
     return data
 
 

@@ -116,6 +116,8 @@ class _Child:
         self.store: WeightStore | None = None
         self.buffers: list[SharedTensor] = []
         self.step = self.samples = 0
+        self.seconds_before = 0.0  # training time of earlier trainer processes (checkpointed)
+        self.train_began: float | None = None  # when this process began training (monotonic)
         self.checkpoint_step = -1
         self.metrics: dict[str, float] = {}
         self.evaluated_at: float | None = None  # unix time and step of the last evaluation
@@ -159,7 +161,8 @@ class _Child:
         self.events.put(("ready", {
             "fingerprint": self.fingerprint, "nbytes": layout.nbytes, "numel": layout.numel,
             "num_samples": int(self.task.num_samples), "device": str(self.device), "mode": self.store.mode,
-            "resumed_step": self.step, "resumed_samples": self.samples, "resumed_from": resumed_from,
+            "resumed_step": self.step, "resumed_samples": self.samples, "resumed_seconds": self.seconds_before,
+            "resumed_from": resumed_from,
         }))
         self._evaluate()
         now = time.monotonic()
@@ -178,11 +181,11 @@ class _Child:
         direct = self.store is not None and self.store.mode == "direct"
         schedule = self.task.lr_schedule
         base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        began = now = time.monotonic()
+        self.train_began = now = time.monotonic()
         next_housekeeping = 0.0
         for x, y in self.task.train_batches:
             if schedule is not None:  # per step: a few microseconds next to a step's milliseconds
-                factor = schedule(self.step, now - began)
+                factor = schedule(self.step, self._seconds_trained(now))
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
             x = x.to(self.device, non_blocking=True)
@@ -266,6 +269,11 @@ class _Child:
             "lr": float(self.optimizer.param_groups[0]["lr"]),
         }))
 
+    def _seconds_trained(self, now: float) -> float:
+        """Training time so far, across restarts: a time-based lr schedule goes on where the
+        last checkpoint left it instead of warming up again after every restart."""
+        return self.seconds_before + (now - self.train_began if self.train_began is not None else 0.0)
+
     def _checkpoint(self, use_lock: bool = True) -> dict[str, Any] | None:
         directory = self.s.checkpoint_dir
         if directory is None:
@@ -276,7 +284,8 @@ class _Child:
                 model_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             path = save_checkpoint(
                 directory, model_state=model_state, optimizer_state=self.optimizer.state_dict(),
-                step=self.step, samples=self.samples, config_digest=self.s.config_digest,
+                step=self.step, samples=self.samples, seconds_trained=self._seconds_trained(time.monotonic()),
+                config_digest=self.s.config_digest,
                 fingerprint=self.fingerprint, keep=self.s.checkpoint_keep,
             )
         except _ParentGone:
@@ -310,7 +319,7 @@ class _Child:
             log.info("settings changed since %s; resuming anyway", path.name)
         self.model.load_state_dict(data["model"])
         load_optimizer_state(self.optimizer, data["optimizer"])
-        self.step, self.samples = data["step"], data["samples"]
+        self.step, self.samples, self.seconds_before = data["step"], data["samples"], data["seconds_trained"]
         self.checkpoint_step = self.step
         log.info("resumed from %s (step %d)", path, self.step)
         return str(path)

@@ -61,6 +61,7 @@ class ReadyInfo:
     mode: str  # "direct" | "mirror" | "copy"
     resumed_step: int
     resumed_samples: int
+    resumed_seconds: float  # training time before this start (the clock of a time-based lr schedule)
     resumed_from: str | None  # checkpoint path
 
 
