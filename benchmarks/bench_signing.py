@@ -91,12 +91,12 @@ def main() -> None:
     seal_rates, verify_rates, decode_rates, stream_rates, raw_rates, sha_rates = [], [], [], [], [], []
     for _ in range(args.reps):
         envelopes: list[bytes] = []
-        seal_rates.append(args.count / timed(lambda: envelopes.extend(seal_all())))
+        seal_rates.append(args.count / timed(lambda out=envelopes: out.extend(seal_all())))
         verifier = Verifier(network=NETWORK, own_peer_id=receiver.peer_id, clock=lambda: NOW)
-        verify_rates.append(args.count / timed(lambda: [verifier.verify(e) for e in envelopes]))
+        verify_rates.append(args.count / timed(lambda v=verifier, es=envelopes: [v.verify(e) for e in es]))
         assert verifier.statistics()["accepted"] == args.count
         decode_rates.append(args.count / timed(
-            lambda: [decode(e, max_size=1 << 20) for e in envelopes]))
+            lambda es=envelopes: [decode(e, max_size=1 << 20) for e in es]))
         stream_rates.append(len(buf) / timed(stream_digest) / 1e6)
         raw_rates.append(len(buf) / timed(raw_digest) / 1e6)
         sha_rates.append(len(buf) / timed(sha256_digest) / 1e6)
