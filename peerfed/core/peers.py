@@ -7,19 +7,15 @@ tests and in a daemon that runs for months.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import dataclasses
-import enum
 import math
 import random
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
+from peerfed.core.peerinfo import PeerInfo, PeerState, from_entry, merge_addrs, to_entry
+
 FORMAT_VERSION = 1
-# A signed record is at most 16 KiB anyway; this keeps one peer from filling the dial queue.
-MAX_ADDRS = 16
 # Records stamped further ahead than this are ignored: stored, they would block that peer's
 # real updates (no rollback) until our clock caught up.
 RECORD_FUTURE_TOLERANCE = 300.0
@@ -32,38 +28,6 @@ def jittered_backoff(failures: int, *, base: float, cap: float, rng: random.Rand
         return 0.0
     raw = base * 2.0 ** min(failures - 1, 64)  # exponent clamped: no float overflow
     return rng.uniform(0.5, 1.0) * min(raw, cap)
-
-
-class PeerState(str, enum.Enum):
-    KNOWN = "known"  # not connected; no failure since the last success
-    CONNECTED = "connected"
-    FAILED = "failed"  # the last dial or ping failed
-
-
-@dataclass
-class PeerInfo:
-    peer_id: str
-    addrs: tuple[str, ...] = ()
-    exchange_url: str = ""
-    fingerprint: str = ""
-    state: PeerState = PeerState.KNOWN
-    last_seen: float | None = None  # last time it was connected or answered a ping
-    rtt_ms: float | None = None
-    failures: int = 0  # consecutive failures since the last success
-    next_attempt: float = 0.0  # earliest time to dial it again
-    record: bytes = b""  # its signed peer_record envelope, relayed as is
-    record_time: float = 0.0
-    first_seen: float = 0.0  # when it entered the table (eviction clock for never-seen peers)
-    pinned: bool = False  # bootstrap peer from the config: never evicted or replaced
-    pinned_addrs: tuple[str, ...] = ()  # addresses from the config, kept across records
-
-
-def _merge_addrs(*groups: Iterable[str]) -> tuple[str, ...]:
-    out: dict[str, None] = {}
-    for group in groups:
-        for addr in group:
-            out.setdefault(addr, None)
-    return tuple(out)[:MAX_ADDRS]
 
 
 def _keep_score(p: PeerInfo) -> tuple[bool, float, float, str]:
@@ -134,7 +98,7 @@ class PeerTable:
                 return False
         elif info.record and record_time <= info.record_time:
             return False
-        self._set_addrs(info, _merge_addrs(addrs, info.pinned_addrs), now)
+        self._set_addrs(info, merge_addrs(addrs, info.pinned_addrs), now)
         info.exchange_url = exchange_url
         info.fingerprint = fingerprint
         info.record = bytes(record)
@@ -154,8 +118,8 @@ class PeerTable:
             return
         if pinned:
             info.pinned = True
-            info.pinned_addrs = _merge_addrs(info.pinned_addrs, addrs)
-        self._set_addrs(info, _merge_addrs(info.addrs, addrs), now)
+            info.pinned_addrs = merge_addrs(info.pinned_addrs, addrs)
+        self._set_addrs(info, merge_addrs(info.addrs, addrs), now)
 
     def unpin(self, peer_id: str) -> None:
         """The peer left the bootstrap list (config reload): it ages like any other."""
@@ -315,22 +279,7 @@ class PeerTable:
         KNOWN and the config re-pins the bootstrap peers."""
         return {
             "version": FORMAT_VERSION,
-            "peers": [
-                {
-                    "peer_id": p.peer_id,
-                    "addrs": list(p.addrs),
-                    "exchange_url": p.exchange_url,
-                    "fingerprint": p.fingerprint,
-                    "last_seen": p.last_seen,
-                    "rtt_ms": p.rtt_ms,
-                    "failures": p.failures,
-                    "next_attempt": p.next_attempt,
-                    "record": base64.b64encode(p.record).decode("ascii"),
-                    "record_time": p.record_time,
-                    "first_seen": p.first_seen,
-                }
-                for p in sorted(self._peers.values(), key=lambda p: p.peer_id)
-            ],
+            "peers": [to_entry(p) for p in sorted(self._peers.values(), key=lambda p: p.peer_id)],
         }
 
     @classmethod
@@ -346,7 +295,7 @@ class PeerTable:
         loaded: dict[str, PeerInfo] = {}
         skipped = 0
         for entry in peers:
-            info = _info_from_dict(entry)
+            info = from_entry(entry)
             if info is None or info.peer_id == own_peer_id or info.peer_id in loaded:
                 skipped += 1
                 continue
@@ -388,56 +337,3 @@ class PeerTable:
         info = PeerInfo(peer_id=peer_id, first_seen=now, next_attempt=now)
         self._peers[peer_id] = info
         return info
-
-
-class _Invalid(ValueError):
-    pass
-
-
-def _number(value: Any, *, optional: bool = False) -> float | None:
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise _Invalid(value)
-    return float(value)
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str):
-        raise _Invalid(value)
-    return value
-
-
-def _info_from_dict(entry: Any) -> PeerInfo | None:
-    """One saved peer, or None if anything in it is the wrong type. Missing optional fields
-    take defaults so a hand-edited or older file still loads."""
-    try:
-        if not isinstance(entry, dict):
-            raise _Invalid(entry)
-        peer_id = _text(entry.get("peer_id"))
-        addrs = entry.get("addrs", [])
-        if not peer_id or not isinstance(addrs, list):
-            raise _Invalid(entry)
-        failures = entry.get("failures", 0)
-        if type(failures) is not int or failures < 0:
-            raise _Invalid(failures)
-        rtt_ms = _number(entry.get("rtt_ms"), optional=True)
-        if rtt_ms is not None and rtt_ms < 0:
-            raise _Invalid(rtt_ms)
-        record = base64.b64decode(_text(entry.get("record", "")), validate=True)
-        return PeerInfo(
-            peer_id=peer_id,
-            addrs=_merge_addrs(_text(a) for a in addrs),
-            exchange_url=_text(entry.get("exchange_url", "")),
-            fingerprint=_text(entry.get("fingerprint", "")),
-            state=PeerState.KNOWN,
-            last_seen=_number(entry.get("last_seen"), optional=True),
-            rtt_ms=rtt_ms,
-            failures=failures,
-            next_attempt=_number(entry.get("next_attempt", 0.0)) or 0.0,
-            record=record,
-            record_time=_number(entry.get("record_time", 0.0)) or 0.0,
-            first_seen=_number(entry.get("first_seen", 0.0)) or 0.0,
-        )
-    except (_Invalid, binascii.Error, ValueError):
-        return None
