@@ -236,6 +236,9 @@ class _MemoryWeights:
     def __init__(self, numel: int, log: list[tuple[float, str]]) -> None:
         self.w, self.nbytes, self._log = torch.randn(numel), numel * 4, log
 
+    def lr_clock(self) -> tuple[int, float]:
+        return 0, 0.0
+
     def begin_snapshot(self) -> None:
         pass
 

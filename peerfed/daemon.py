@@ -158,9 +158,13 @@ class Daemon:
         buffer = torch.empty(self.trainer.numel, dtype=torch.float32)
         while deadline is None or time.monotonic() < deadline:
             for peer_id, url in self._exchange_candidates().items():
-                if await self.data_plane.fetch_model(peer_id, url, buffer):
+                manifest = await self.data_plane.fetch_model(peer_id, url, buffer)
+                if manifest is not None:
                     await asyncio.to_thread(self.trainer.load_weights, buffer)
-                    log.info("state sync: starting from %s's model", peer_id)
+                    await asyncio.to_thread(self.trainer.set_lr_clock, manifest.schedule_step,
+                                            manifest.seconds_trained)
+                    log.info("state sync: starting from %s's model (its lr clock: step %d, %.0f s trained)",
+                             peer_id, manifest.schedule_step, manifest.seconds_trained)
                     return f"from {peer_id}"
             await asyncio.sleep(1.0)
         log.info("state sync: no peer with this model answered within %.0f s; starting from local init", wait)

@@ -44,7 +44,7 @@ def test_round_trip_with_weights_only(tmp_path: Path) -> None:
     data = load_checkpoint(path)
     assert data["format"] == FORMAT_VERSION and data["step"] == 7 and data["samples"] == 224
     assert data["config_digest"] == "digest" and data["fingerprint"] == "fp" and data["time"] > 0
-    assert data["seconds_trained"] == 0.7
+    assert data["seconds_trained"] == 0.7 and data["schedule_step"] == 7  # defaults to the step
     assert torch.equal(data["model"]["weight"], model.weight.detach())
     fresh = torch.optim.SGD(nn.Linear(3, 2).parameters(), lr=0.1, momentum=0.9)
     fresh.load_state_dict(data["optimizer"])  # momentum buffers came back
@@ -106,14 +106,16 @@ def test_garbage_and_foreign_files(tmp_path: Path) -> None:
     assert load_newest_valid(tmp_path / "missing") is None
 
 
-def test_seconds_trained_defaults_for_old_checkpoints_and_is_validated(tmp_path: Path) -> None:
+def test_lr_clock_defaults_for_old_checkpoints_and_is_validated(tmp_path: Path) -> None:
     path = save(tmp_path, 5)
     data = torch.load(path, weights_only=True)
-    del data["seconds_trained"]  # as written before the lr clock was checkpointed
+    del data["seconds_trained"], data["schedule_step"]  # as written before the lr clock was checkpointed
     torch.save(data, path)
-    assert load_checkpoint(path)["seconds_trained"] == 0.0
-    for bad in (-1.0, float("nan"), float("inf"), "12"):
-        data["seconds_trained"] = bad
-        torch.save(data, path)
-        with pytest.raises(CheckpointError, match="seconds_trained"):
+    loaded = load_checkpoint(path)
+    assert loaded["seconds_trained"] == 0.0 and loaded["schedule_step"] == 5
+    for field, bad in (("seconds_trained", -1.0), ("seconds_trained", float("nan")),
+                       ("seconds_trained", float("inf")), ("seconds_trained", "12"),
+                       ("schedule_step", -1), ("schedule_step", 2.0), ("schedule_step", True)):
+        torch.save({**data, field: bad}, path)
+        with pytest.raises(CheckpointError, match=field):
             load_checkpoint(path)

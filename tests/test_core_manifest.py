@@ -265,6 +265,18 @@ def test_wire_round_trip_and_defaults() -> None:
     assert Manifest.from_wire({**old_peer, "from_the_future": 1}).in_reply_to == b""
     assert Manifest.from_wire({**WIRE, "sample_weight": 2}).sample_weight == 2.0
     assert Manifest.from_wire({**WIRE, "length": MAX_LENGTH}).length == MAX_LENGTH
+    assert "schedule_step" not in WIRE and "seconds_trained" not in WIRE  # only a model's manifest
+
+
+def test_a_models_manifest_carries_the_lr_schedule_clock() -> None:
+    model = Manifest(fingerprint="fp", length=8, sample_weight=3.0, purpose="model",
+                     in_reply_to=b"\x02" * 16, schedule_step=1234, seconds_trained=56.5)
+    wire = model.to_wire()
+    assert list(wire) == sorted(wire) and wire["schedule_step"] == 1234 and wire["seconds_trained"] == 56.5
+    assert Manifest.from_wire(wire) == model
+    older = {k: v for k, v in wire.items() if k not in ("schedule_step", "seconds_trained")}
+    assert (Manifest.from_wire(older).schedule_step, Manifest.from_wire(older).seconds_trained) == (0, 0.0)
+    assert Manifest.from_wire({**wire, "seconds_trained": 7}).seconds_trained == 7.0
 
 
 @pytest.mark.parametrize("change", [
@@ -273,6 +285,9 @@ def test_wire_round_trip_and_defaults() -> None:
     {"sample_weight": math.inf}, {"sample_weight": -1.0}, {"sample_weight": False},
     {"purpose": "other"}, {"purpose": 1}, {"fingerprint": b"fp"}, {"fingerprint": "f" * 257},
     {"in_reply_to": b"x" * 5}, {"in_reply_to": None},
+    {"schedule_step": -1}, {"schedule_step": 1.0}, {"schedule_step": True}, {"schedule_step": MAX_LENGTH + 1},
+    {"seconds_trained": math.nan}, {"seconds_trained": math.inf}, {"seconds_trained": -0.5},
+    {"seconds_trained": "1"},
 ])
 def test_from_wire_rejects_bad_fields(change: dict[str, Any]) -> None:
     with pytest.raises(Malformed):

@@ -694,6 +694,10 @@ def test_newcomer_state_sync_yields_the_donors_weights(tmp_path: Path) -> None:
         assert np.abs(newcomer_w - own_init).max() > 0.05
         step = newcomer.get("/status")["step"]
         wait_until(lambda: newcomer.get("/status")["step"] > step, 20, "the newcomer to train")
+        # it took over the donor's lr clock (signed in the model's manifest), not step 0
+        donor_clock, clock = donor.get("/status")["trainer"], newcomer.get("/status")["trainer"]
+        assert 0 < clock["schedule_step"] - clock["step"] <= donor_clock["schedule_step"]
+        assert clock["seconds_trained"] > 0
 
 
 def socket_io(pid: int) -> tuple[int, int]:

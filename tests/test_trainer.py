@@ -107,6 +107,34 @@ def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path
     assert not handle.statistics()["alive"]
 
 
+def test_a_donors_lr_clock_goes_on_and_survives_a_restart(tmp_path: Path, handles: list[TrainerHandle]) -> None:
+    # cosine over 1M steps: taking over a donor's clock at step 500k starts at half the lr.
+    options = {"lr_schedule": "cosine", "lr_schedule_steps": 1_000_000}
+    handle = TrainerHandle(settings(tmp_path, lr=0.1, options=options))
+    handles.append(handle)
+    handle.start()
+    handle.wait_ready(READY_TIMEOUT)
+    handle.set_lr_clock(500_000, 300.0)  # as state sync does, after load_weights
+    began = time.monotonic()
+    handle.begin_training()
+    stats = wait_for(handle, lambda s: s["step"] > 50 and s["seconds_trained"] > 300.0)  # stats of a trained step
+    assert stats["schedule_step"] - stats["step"] == 500_000
+    assert stats["seconds_trained"] < 300.0 + (time.monotonic() - began)
+    assert 0.04 < stats["lr"] < 0.05 + 1e-6  # 0.1 * cosine factor just past its middle, not 0.1
+    assert handle.lr_clock()[0] >= stats["schedule_step"]
+
+    # the clock is checkpointed: a restarted trainer goes on from it, not from its own step
+    checkpointed = wait_for(handle, lambda s: (s["last_checkpoint"] or {}).get("step", 0) > 0)["last_checkpoint"]
+    os.kill(handle._gen.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    wait_for(handle, lambda s: s["ready"] and s["restarts"] == 1, timeout=READY_TIMEOUT)
+    after = wait_for(handle, lambda s: s["step"] > handle.ready_info.resumed_step)
+    assert after["schedule_step"] - after["step"] == 500_000
+    assert handle.ready_info.resumed_seconds > 300.0
+    data = load_newest_valid(tmp_path / "checkpoints")
+    assert data is not None and data[1]["schedule_step"] - data[1]["step"] == 500_000
+    assert data[1]["step"] >= checkpointed["step"]
+
+
 @pytest.mark.parametrize("mirror", [False, True], ids=["direct", "mirror"])
 def test_load_and_merge_are_exact_on_a_frozen_trainer(tmp_path: Path, handles: list[TrainerHandle], mirror: bool) -> None:
     # lr = 0: steps run but leave the weights as they are, so the effects can be checked exactly.

@@ -3,7 +3,8 @@
 Weights are not signed byte by byte. A body of weights travels as:
 
 - a signed Manifest, before the body (an HTTP header): model fingerprint, length, sample
-  weight, purpose. Everything a receiver may refuse on comes before a single bulk byte.
+  weight, purpose (for a state sync's model, also the sender's lr schedule clock).
+  Everything a receiver may refuse on comes before a single bulk byte.
 - the payload: ``length`` bytes, which the sender hashes (BLAKE3) as it sends them, so it
   need not read its whole buffer before the first byte leaves;
 - a trailer of exactly TRAILER_SIZE bytes after the payload: a signed PayloadDigest naming
@@ -75,16 +76,22 @@ class Manifest:
     sample_weight: float
     purpose: str  # "push" | "reply" | "model"
     in_reply_to: bytes = b""  # nonce of the push this reply answers
+    # Purpose "model" only: the sender's lr-schedule clock, so that a newcomer starting from
+    # these weights goes on from there instead of warming up again (train/child.py).
+    schedule_step: int = 0
+    seconds_trained: float = 0.0
 
     def to_wire(self) -> dict[str, Any]:
-        # Sorted keys: the signed encoding must not depend on dict order.
-        return {
+        wire: dict[str, Any] = {
             "fingerprint": self.fingerprint,
             "in_reply_to": bytes(self.in_reply_to),
             "length": int(self.length),
             "purpose": self.purpose,
             "sample_weight": float(self.sample_weight),
         }
+        if self.purpose == "model":
+            wire.update(schedule_step=int(self.schedule_step), seconds_trained=float(self.seconds_trained))
+        return dict(sorted(wire.items()))  # the signed encoding must not depend on dict order
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> Manifest:
@@ -101,8 +108,15 @@ class Manifest:
         in_reply_to = read_field(wire, "in_reply_to", bytes, b"")
         if len(in_reply_to) not in (0, NONCE_SIZE):
             raise Malformed(f"manifest in_reply_to must be empty or {NONCE_SIZE} bytes")
+        schedule_step = read_field(wire, "schedule_step", int, 0)
+        if not 0 <= schedule_step <= MAX_LENGTH:
+            raise Malformed(f"manifest schedule_step {schedule_step} out of range")
+        seconds = read_field(wire, "seconds_trained", (float, int), 0.0)
+        if not math.isfinite(seconds) or seconds < 0:
+            raise Malformed(f"manifest seconds_trained {seconds!r} must be finite and >= 0")
         return cls(fingerprint=fingerprint, length=length, sample_weight=float(weight),
-                   purpose=purpose, in_reply_to=in_reply_to)
+                   purpose=purpose, in_reply_to=in_reply_to, schedule_step=schedule_step,
+                   seconds_trained=float(seconds))
 
 
 @dataclass(frozen=True)

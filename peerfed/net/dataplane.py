@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import torch
 import uvloop
 
+from peerfed.core.manifest import Manifest
 from peerfed.net.exchange import Exchange
 from peerfed.ops.priority import DATA_PLANE_NICE_STEP, lower_thread_priority
 
@@ -48,7 +49,7 @@ class DataPlane:
     async def exchange_with(self, peer_id: str, url: str) -> str:
         return await self._on_plane(self.exchange.exchange_with(peer_id, url))
 
-    async def fetch_model(self, peer_id: str, url: str, dst: torch.Tensor) -> bool:
+    async def fetch_model(self, peer_id: str, url: str, dst: torch.Tensor) -> Manifest | None:
         return await self._on_plane(self.exchange.fetch_model(peer_id, url, dst))
 
     async def close(self) -> None:

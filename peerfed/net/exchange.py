@@ -237,9 +237,11 @@ class Exchange:
         try:
             send, _ = slot.buffers()
             view = byte_view(send)
+            schedule_step, seconds_trained = self._weights.lr_clock()
             manifest = Manifest(fingerprint=self._weights.fingerprint, length=view.nbytes,
                                 sample_weight=self._weights.num_samples, purpose="model",
-                                in_reply_to=env.nonce)
+                                in_reply_to=env.nonce, schedule_step=schedule_step,
+                                seconds_trained=seconds_trained)
             sealed = seal(self._signer, network=self._network, recipient=env.sender, body=manifest, now=time.time())
             response = web.StreamResponse(headers={MANIFEST_HEADER: encode_header(sealed)})
             response.content_length = wire_length(view.nbytes)
@@ -328,8 +330,9 @@ class Exchange:
             self._outgoing_busy = False
             self._finished("initiator", peer_id, outcome, started, sent, got)
 
-    async def fetch_model(self, peer_id: str, url: str, dst: torch.Tensor) -> bool:
-        """State sync: download ``peer_id``'s weights into ``dst`` and verify them."""
+    async def fetch_model(self, peer_id: str, url: str, dst: torch.Tensor) -> Manifest | None:
+        """State sync: download ``peer_id``'s weights into ``dst`` and verify them; their
+        manifest (with the donor's lr clock), or None."""
         sealed = seal(self._signer, network=self._network, recipient=peer_id,
                       body=ModelRequest(fingerprint=self._weights.fingerprint), now=time.time())
         request_nonce = _nonce_of(sealed)
@@ -340,7 +343,7 @@ class Exchange:
             ) as response:
                 if response.status != 200:
                     log.info("state sync from %s: %s %s", peer_id, response.status, (await response.text())[:200])
-                    return False
+                    return None
                 env = self._verify_header(response.headers.get(MANIFEST_HEADER), Manifest)
                 m: Manifest = env.body
                 if env.sender != peer_id or m.purpose != "model" or m.in_reply_to != request_nonce:
@@ -351,12 +354,12 @@ class Exchange:
                 self.bytes_received += m.length
         except (Refused, ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.info("state sync from %s failed: %s", peer_id, exc or type(exc).__name__)
-            return False
+            return None
         problem = check_values(dst)
         if problem:
             log.warning("state sync from %s: refusing its weights: %s", peer_id, problem)
-            return False
-        return True
+            return None
+        return m
 
     # -- shared ---------------------------------------------------------------------------
 

@@ -62,13 +62,14 @@ OpenDigest = Callable[[bytes], PayloadDigest]  # sealed trailer -> verified Payl
 
 
 class Weights(Protocol):
-    """What the exchange needs from the trainer (TrainerHandle implements it): the size, and
-    chunked reads and a merge of its weights."""
+    """What the exchange needs from the trainer (TrainerHandle implements it): the size, the
+    lr schedule's clock (for state sync), and chunked reads and a merge of its weights."""
 
     fingerprint: str
     nbytes: int
     num_samples: int
 
+    def lr_clock(self) -> tuple[int, float]: ...
     def begin_snapshot(self) -> None: ...
     def snapshot_range(self, dst: torch.Tensor, start: int, stop: int) -> None: ...
     def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> None: ...

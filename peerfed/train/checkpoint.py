@@ -58,6 +58,7 @@ def save_checkpoint(
     optimizer_state: dict[str, Any],
     step: int,
     samples: int,
+    schedule_step: int | None = None,
     seconds_trained: float = 0.0,
     config_digest: str = "",
     fingerprint: str = "",
@@ -72,7 +73,10 @@ def save_checkpoint(
         "optimizer": optimizer_state,
         "step": int(step),
         "samples": int(samples),
-        "seconds_trained": float(seconds_trained),  # the clock of a time-based lr schedule
+        # The lr schedule's clock: steps (our own, or continued from a state sync's donor) and
+        # training time, so that a restart does not warm the lr up again.
+        "schedule_step": int(step if schedule_step is None else schedule_step),
+        "seconds_trained": float(seconds_trained),
         "fingerprint": fingerprint,
         "config_digest": config_digest,
         "time": time.time(),
@@ -122,7 +126,11 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     for key, kind in (("model", dict), ("optimizer", dict), ("step", int), ("samples", int)):
         if not isinstance(data.get(key), kind):
             raise CheckpointError(f"{path}: field {key!r} missing or not {kind.__name__}")
-    seconds = data.setdefault("seconds_trained", 0.0)  # absent in checkpoints of earlier versions
+    # Both absent in checkpoints of earlier versions.
+    schedule_step = data.setdefault("schedule_step", data["step"])
+    if type(schedule_step) is not int or schedule_step < 0:
+        raise CheckpointError(f"{path}: field 'schedule_step' is {schedule_step!r}, not an int >= 0")
+    seconds = data.setdefault("seconds_trained", 0.0)
     if not isinstance(seconds, float) or not 0.0 <= seconds < math.inf:
         raise CheckpointError(f"{path}: field 'seconds_trained' is {seconds!r}, not a finite float >= 0")
     return data

@@ -117,6 +117,7 @@ class _Child:
         self.buffers: list[SharedTensor] = []
         self.step = self.samples = 0
         self.seconds_before = 0.0  # training time of earlier trainer processes (checkpointed)
+        self.schedule_offset = 0  # lr schedule step - own step (a donor's clock after state sync)
         self.train_began: float | None = None  # when this process began training (monotonic)
         self.checkpoint_step = -1
         self.metrics: dict[str, float] = {}
@@ -185,7 +186,7 @@ class _Child:
         next_housekeeping = 0.0
         for x, y in self.task.train_batches:
             if schedule is not None:  # per step: a few microseconds next to a step's milliseconds
-                factor = schedule(self.step, self._seconds_trained(now))
+                factor = schedule(self.step + self.schedule_offset, self._seconds_trained(now))
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
             x = x.to(self.device, non_blocking=True)
@@ -220,9 +221,12 @@ class _Child:
         self._serve()
         try:
             while self.commands.poll(0):
-                command = self.commands.recv()[0]
+                message = self.commands.recv()
+                command = message[0]
                 if command == "start":
                     self.started = True
+                elif command == "clock":
+                    self._set_clock(int(message[1]), float(message[2]))
                 elif command == "checkpoint":
                     self._checkpoint()
                 elif command == "stop":
@@ -267,12 +271,22 @@ class _Child:
             "steps_per_s": (self.step - step_then) / (now - then) if now > then else 0.0,
             "evaluated_at": self.evaluated_at, "evaluated_step": self.evaluated_step,
             "lr": float(self.optimizer.param_groups[0]["lr"]),
+            "schedule_step": self.step + self.schedule_offset, "seconds_trained": self._seconds_trained(now),
         }))
 
     def _seconds_trained(self, now: float) -> float:
         """Training time so far, across restarts: a time-based lr schedule goes on where the
         last checkpoint left it instead of warming up again after every restart."""
         return self.seconds_before + (now - self.train_began if self.train_began is not None else 0.0)
+
+    def _set_clock(self, schedule_step: int, seconds_trained: float) -> None:
+        """Take over a state sync donor's lr clock: the lr goes on where the swarm's is."""
+        if self.train_began is not None:
+            log.warning("lr clock from a donor came after training began; ignored")
+            return
+        self.schedule_offset = schedule_step - self.step
+        self.seconds_before = seconds_trained
+        self._publish_stats(time.monotonic())  # the daemon sees the new clock at once
 
     def _checkpoint(self, use_lock: bool = True) -> dict[str, Any] | None:
         directory = self.s.checkpoint_dir
@@ -284,7 +298,8 @@ class _Child:
                 model_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             path = save_checkpoint(
                 directory, model_state=model_state, optimizer_state=self.optimizer.state_dict(),
-                step=self.step, samples=self.samples, seconds_trained=self._seconds_trained(time.monotonic()),
+                step=self.step, samples=self.samples, schedule_step=self.step + self.schedule_offset,
+                seconds_trained=self._seconds_trained(time.monotonic()),
                 config_digest=self.s.config_digest,
                 fingerprint=self.fingerprint, keep=self.s.checkpoint_keep,
             )
@@ -320,6 +335,7 @@ class _Child:
         self.model.load_state_dict(data["model"])
         load_optimizer_state(self.optimizer, data["optimizer"])
         self.step, self.samples, self.seconds_before = data["step"], data["samples"], data["seconds_trained"]
+        self.schedule_offset = data["schedule_step"] - self.step
         self.checkpoint_step = self.step
         log.info("resumed from %s (step %d)", path, self.step)
         return str(path)

@@ -143,7 +143,8 @@ def lr_factor(kind: str, progress: float, min_factor: float = 0.0) -> float:
 def lr_schedule_from_options(options: Mapping[str, Any]) -> LrSchedule | None:
     """Options lr_schedule ("constant" | "cosine" | "linear"), with exactly one of
     lr_schedule_steps (decay over that many steps) or lr_schedule_seconds (over that much
-    training time; checkpoints keep that clock, so a restart goes on where the last one left it),
+    training time; checkpoints keep that clock and a state sync hands a newcomer its donor's,
+    so neither a restart nor a late joiner starts it over),
     and lr_min (fraction of the lr kept once the decay is over, default 0).
 
     A decaying lr lets gossiping nodes on skewed shards settle: late local steps drift less, so

@@ -8,7 +8,8 @@ or the child serves those requests between steps (mirror mode, GPU/MPS); see sha
 child -> daemon, a multiprocessing Queue (put never blocks the trainer):
   ("hello", info) ("ready", ReadyInfo fields) ("stats", dict) ("checkpoint", {path, step})
   ("error", text) ("stopped", {checkpoint})
-daemon -> child, a Pipe: ("attach", weights_name, delta_name | None) ("start",) ("checkpoint",) ("stop",)
+daemon -> child, a Pipe: ("attach", weights_name, delta_name | None) ("clock", schedule_step, seconds)
+  ("start",) ("checkpoint",) ("stop",)
 """
 
 from __future__ import annotations
@@ -155,6 +156,20 @@ class TrainerHandle:
             if self._gen is not None and self._gen.ready:
                 self._send(self._gen, ("start",))
 
+    def set_lr_clock(self, schedule_step: int, seconds_trained: float) -> None:
+        """Before begin_training, after load_weights (state sync): go on with the donor's lr
+        schedule instead of starting ours over on a model that has already trained."""
+        with self._state:
+            if self._gen is None or not self._gen.ready:
+                raise TrainerUnavailable("trainer not ready")
+            self._send(self._gen, ("clock", int(schedule_step), float(seconds_trained)))
+
+    def lr_clock(self) -> tuple[int, float]:
+        """Our lr schedule's clock as of the last stats (a second old at most): a state sync
+        donor sends it with its weights."""
+        stats = self.statistics()
+        return int(stats["schedule_step"]), float(stats["seconds_trained"])
+
     def request_checkpoint(self) -> None:
         with self._state:
             if self._gen is not None and self._gen.ready:
@@ -230,8 +245,11 @@ class TrainerHandle:
         with self._state:
             self._observe_progress()
             control, gen, info, stats = self._control, self._gen, self._info, self._stats
+            step = control[STEP] if control is not None else stats.get("step", 0)
+            # the lr clock's offset from our own step only changes at a state sync or a resume
+            clock_offset = stats.get("schedule_step", 0) - stats.get("step", 0)
             return {
-                "step": control[STEP] if control is not None else stats.get("step", 0),
+                "step": step,
                 "samples": control[SAMPLES] if control is not None else stats.get("samples", 0),
                 "metrics": dict(stats.get("metrics", {})),
                 "loss": stats.get("loss"),
@@ -239,6 +257,9 @@ class TrainerHandle:
                 "evaluated_at": stats.get("evaluated_at"),  # unix time of the metrics' evaluation
                 "evaluated_step": stats.get("evaluated_step"),
                 "lr": stats.get("lr"),
+                # the lr schedule's clock (steps, seconds); a state sync hands it to a newcomer
+                "schedule_step": step + clock_offset,
+                "seconds_trained": stats.get("seconds_trained", 0.0),
                 "device": info.device if info else None,
                 "mode": info.mode if info else None,
                 "num_samples": info.num_samples if info else None,
