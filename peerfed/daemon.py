@@ -154,18 +154,25 @@ class Daemon:
     async def _state_sync(self, wait: float | None) -> str:
         import torch
 
+        from peerfed.train.shared import TrainerUnavailable
+
         deadline = None if wait is None else time.monotonic() + wait
         buffer = torch.empty(self.trainer.numel, dtype=torch.float32)
         while deadline is None or time.monotonic() < deadline:
             for peer_id, url in self._exchange_candidates().items():
                 manifest = await self.data_plane.fetch_model(peer_id, url, buffer)
-                if manifest is not None:
+                if manifest is None:
+                    continue
+                try:
                     await asyncio.to_thread(self.trainer.load_weights, buffer)
                     await asyncio.to_thread(self.trainer.set_lr_clock, manifest.schedule_step,
                                             manifest.seconds_trained)
-                    log.info("state sync: starting from %s's model (its lr clock: step %d, %.0f s trained)",
-                             peer_id, manifest.schedule_step, manifest.seconds_trained)
-                    return f"from {peer_id}"
+                except TrainerUnavailable as exc:  # it restarted meanwhile: fetch again once it is back
+                    log.warning("state sync: trainer unavailable (%s); trying again", exc)
+                    break
+                log.info("state sync: starting from %s's model (its lr clock: step %d, %.0f s trained)",
+                         peer_id, manifest.schedule_step, manifest.seconds_trained)
+                return f"from {peer_id}"
             await asyncio.sleep(1.0)
         log.info("state sync: no peer with this model answered within %.0f s; starting from local init", wait)
         return "none (no donor)"
