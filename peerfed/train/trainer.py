@@ -165,8 +165,8 @@ class TrainerHandle:
             self._send(self._gen, ("clock", int(schedule_step), float(seconds_trained)))
 
     def lr_clock(self) -> tuple[int, float]:
-        """Our lr schedule's clock as of the last stats (a second old at most): a state sync
-        donor sends it with its weights."""
+        """Our lr schedule's clock (steps live, seconds as of the last stats, a second or two
+        old): a state sync donor sends it with its weights."""
         stats = self.statistics()
         return int(stats["schedule_step"]), float(stats["seconds_trained"])
 
