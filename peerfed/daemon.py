@@ -163,10 +163,9 @@ class Daemon:
                 manifest = await self.data_plane.fetch_model(peer_id, url, buffer)
                 if manifest is None:
                     continue
+                clock = (manifest.schedule_step, manifest.seconds_trained)
                 try:
-                    await asyncio.to_thread(self.trainer.load_weights, buffer)
-                    await asyncio.to_thread(self.trainer.set_lr_clock, manifest.schedule_step,
-                                            manifest.seconds_trained)
+                    await asyncio.to_thread(self.trainer.load_weights, buffer, clock)
                 except TrainerUnavailable as exc:  # it restarted meanwhile: fetch again once it is back
                     log.warning("state sync: trainer unavailable (%s); trying again", exc)
                     break

@@ -114,7 +114,9 @@ def test_a_donors_lr_clock_goes_on_and_survives_a_restart(tmp_path: Path, handle
     handles.append(handle)
     handle.start()
     handle.wait_ready(READY_TIMEOUT)
-    handle.set_lr_clock(500_000, 300.0)  # as state sync does, after load_weights
+    own = torch.empty(handle.numel)
+    handle.snapshot_into(own)
+    handle.load_weights(own, lr_clock=(500_000, 300.0))  # as state sync does
     began = time.monotonic()
     handle.begin_training()
     stats = wait_for(handle, lambda s: s["step"] > 50 and s["seconds_trained"] > 300.0)  # stats of a trained step

@@ -156,14 +156,6 @@ class TrainerHandle:
             if self._gen is not None and self._gen.ready:
                 self._send(self._gen, ("start",))
 
-    def set_lr_clock(self, schedule_step: int, seconds_trained: float) -> None:
-        """Before begin_training, after load_weights (state sync): go on with the donor's lr
-        schedule instead of starting ours over on a model that has already trained."""
-        with self._state:
-            if self._gen is None or not self._gen.ready:
-                raise TrainerUnavailable("trainer not ready")
-            self._send(self._gen, ("clock", int(schedule_step), float(seconds_trained)))
-
     def lr_clock(self) -> tuple[int, float]:
         """Our lr schedule's clock (steps live, seconds as of the last stats, a second or two
         old): a state sync donor sends it with its weights."""
@@ -323,11 +315,16 @@ class TrainerHandle:
             shared, link = self._ready()
             shared.merge(received, sent, alpha, link)
 
-    def load_weights(self, src: torch.Tensor) -> None:
-        """Replace the weights entirely (state sync from a peer)."""
+    def load_weights(self, src: torch.Tensor, lr_clock: tuple[int, float] | None = None) -> None:
+        """Replace the weights entirely (state sync from a peer, before the first step) and take
+        over the donor's lr clock (steps, seconds): its schedule goes on instead of ours from 0."""
         with self._ops:
             shared, link = self._ready()
             shared.load(src, link)
+            if lr_clock is not None:
+                with self._state:
+                    if self._gen is not None:
+                        self._send(self._gen, ("clock", int(lr_clock[0]), float(lr_clock[1])))
 
     # ------------------------------------------------------------ internals
 
