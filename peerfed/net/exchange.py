@@ -20,14 +20,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
 import aiohttp
 import torch
 from aiohttp import web
 
-from peerfed.averaging import ValueCheck, bounded_mixing_weight, check_values
+from peerfed.averaging import ValueCheck, bounded_mixing_weight
 from peerfed.core.envelope import Envelope, ModelRequest, Verifier, decode, seal
 from peerfed.core.errors import ProtocolError, Rejected
 from peerfed.core.manifest import Manifest
@@ -177,10 +177,9 @@ class Exchange:
         response = web.StreamResponse()
         try:
             send, recv = slot.buffers()
-            send_view, recv_view = byte_view(send), byte_view(recv)
-            values = ValueCheck(recv)
-            receiving = asyncio.create_task(receive_into(request.content, recv_view, self._digest_opener(env),
-                                                         landed=lambda nbytes: values.advance(nbytes // 4)))
+            send_view = byte_view(send)
+            values, receive = self._receive_checked(request.content, recv, env)
+            receiving = asyncio.create_task(receive)
             # One deadline for the whole exchange: a peer that neither reads nor sends holds
             # our incoming slot for transfer_timeout at most.
             try:
@@ -303,9 +302,8 @@ class Exchange:
                     raise Refused(409, "reply is for another model")
                 if theirs.length != recv_view.nbytes:
                     raise Refused(413, f"reply announces {theirs.length} bytes, our model has {recv_view.nbytes}")
-                values = ValueCheck(recv)
-                got = await receive_into(response.content, recv_view, self._digest_opener(env),
-                                         landed=lambda nbytes: values.advance(nbytes // 4))
+                values, receive = self._receive_checked(response.content, recv, env)
+                got = await receive
             if not filled:  # an honest peer ends its reply only after all of our push
                 log.info("exchange with %s: its reply ended before our push was sent; nothing merged", peer_id)
                 return "failed"
@@ -350,12 +348,13 @@ class Exchange:
                     raise Refused(401, "model manifest does not answer our request")
                 if m.length != dst.numel() * dst.element_size():
                     raise Refused(413, f"model length {m.length} is not ours")
-                await receive_into(response.content, byte_view(dst), self._digest_opener(env))
+                values, receive = self._receive_checked(response.content, dst, env)
+                await receive
                 self.bytes_received += m.length
         except (Refused, ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.info("state sync from %s failed: %s", peer_id, exc or type(exc).__name__)
             return None
-        problem = check_values(dst)
+        problem = await in_receive_worker(values.problem)  # checked as it arrived: little left
         if problem:
             log.warning("state sync from %s: refusing its weights: %s", peer_id, problem)
             return None
@@ -371,6 +370,15 @@ class Exchange:
 
         await asyncio.to_thread(self._weights.begin_snapshot)
         await send_weights(writer, byte_view(send), fill, seal_digest, before_last_byte)
+
+    def _receive_checked(self, content: aiohttp.StreamReader, buf: torch.Tensor,
+                         manifest: Envelope) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
+        """Receiving ``manifest``'s payload into ``buf`` (a coroutine to await), and the check of
+        its values, fed batch by batch in the receive worker as the bytes land."""
+        values = ValueCheck(buf)
+        receive = receive_into(content, byte_view(buf), self._digest_opener(manifest),
+                               landed=lambda nbytes: values.advance(nbytes // 4))
+        return values, receive
 
     def _digest_sealer(self, recipient: str, manifest_nonce: bytes) -> SealDigest:
         return digest_sealer(self._signer, self._network, recipient, manifest_nonce)
