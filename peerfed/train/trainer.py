@@ -333,6 +333,9 @@ class TrainerHandle:
             gen, shared = self._gen, self._shared
             if gen is None or not gen.ready or shared is None:
                 raise TrainerUnavailable("trainer not running" if gen is None else "trainer not ready")
+            # dead but not yet polled: its buffer is no longer trained, and its lock may be held forever
+            if not gen.process.is_alive():
+                raise TrainerUnavailable("trainer not running")
             return shared, gen.link
 
     def _spawn(self) -> None:
