@@ -17,7 +17,6 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing as mp
-import os
 import threading
 import time
 import weakref
@@ -26,7 +25,7 @@ from typing import Any
 
 import torch
 
-from peerfed.train.child import run_child
+from peerfed.train.process import TrainerProcess
 from peerfed.train.shared import (
     PROGRESS,
     SAMPLES,
@@ -66,20 +65,6 @@ class ReadyInfo:
     resumed_from: str | None  # checkpoint path
 
 
-@dataclass
-class _Generation:
-    """One trainer process and its plumbing."""
-
-    number: int
-    process: Any  # multiprocessing.Process (spawn context)
-    commands: Any  # Connection, daemon -> child
-    events: Any  # multiprocessing.Queue, child -> daemon
-    link: TrainerLink
-    started_at: float
-    ready: bool = False
-    error: str | None = None  # the last error it reported
-
-
 class TrainerHandle:
     """The daemon's side. Methods block briefly; call them from asyncio via asyncio.to_thread."""
 
@@ -92,7 +77,7 @@ class TrainerHandle:
         self._ops = threading.Lock()  # one weight operation at a time; taken before _state
         self._control: ControlBlock | None = None
         self._shared: SharedWeights | None = None
-        self._gen: _Generation | None = None
+        self._gen: TrainerProcess | None = None
         self._generations = 0
         self._info: ReadyInfo | None = None
         self._began = False
@@ -138,7 +123,7 @@ class TrainerHandle:
                 if self._fatal is not None:
                     gen = self._gen
                     if gen is not None:  # it is on its way out: reap it for a clean state
-                        gen.process.join(5.0)
+                        gen.join(5.0)
                     self.poll()
                     raise TrainerError(self._fatal)
                 if self._gen is not None and self._gen.ready and self._info is not None:
@@ -154,7 +139,7 @@ class TrainerHandle:
         with self._state:
             self._began = True
             if self._gen is not None and self._gen.ready:
-                self._send(self._gen, ("start",))
+                self._gen.send(("start",))
 
     def lr_clock(self) -> tuple[int, float]:
         """Our lr schedule's clock (steps live, seconds as of the last stats, a second or two
@@ -165,7 +150,7 @@ class TrainerHandle:
     def request_checkpoint(self) -> None:
         with self._state:
             if self._gen is not None and self._gen.ready:
-                self._send(self._gen, ("checkpoint",))
+                self._gen.send(("checkpoint",))
 
     def stop(self, timeout: float = 10.0) -> None:
         """Ask for a final checkpoint and wait for it; terminate, then kill, if the trainer hangs."""
@@ -177,21 +162,11 @@ class TrainerHandle:
         if self._atexit is not None:
             atexit.unregister(self._atexit)
         if gen is not None:
-            if gen.process.is_alive():
-                self._send(gen, ("stop",))
-                deadline = time.monotonic() + timeout
-                while gen.process.is_alive() and time.monotonic() < deadline:
-                    self._drain(gen)
-                    gen.process.join(0.05)
-            if gen.process.is_alive():
-                log.warning("trainer did not stop within %.0f s; terminating it", timeout)
-                gen.process.terminate()
-                gen.process.join(2.0)
-            if gen.process.is_alive():
-                gen.process.kill()
-                gen.process.join(2.0)
+            if gen.is_alive():
+                gen.send(("stop",))
+            gen.wait_exit(timeout, lambda: self._drain(gen))
             self._drain(gen)
-            self._close_generation(gen)
+            gen.close()
         with self._state:
             if self._shared is not None:
                 self._shared.close()
@@ -214,7 +189,7 @@ class TrainerHandle:
                 return
             gen = self._gen
             if gen is not None:
-                alive = gen.process.is_alive()  # before draining: keeps its last words
+                alive = gen.is_alive()  # before draining: keeps its last words
                 self._drain(gen)
                 if not alive:
                     self._on_death(gen)
@@ -255,7 +230,7 @@ class TrainerHandle:
                 "device": info.device if info else None,
                 "mode": info.mode if info else None,
                 "num_samples": info.num_samples if info else None,
-                "alive": gen is not None and gen.process.is_alive(),
+                "alive": gen is not None and gen.is_alive(),
                 "ready": gen is not None and gen.ready,
                 "training": self._began and gen is not None and gen.ready,
                 "restarts": self._restarts,
@@ -324,7 +299,7 @@ class TrainerHandle:
             if lr_clock is not None:
                 with self._state:
                     if self._gen is not None:
-                        self._send(self._gen, ("clock", int(lr_clock[0]), float(lr_clock[1])))
+                        self._gen.send(("clock", int(lr_clock[0]), float(lr_clock[1])))
 
     # ------------------------------------------------------------ internals
 
@@ -334,7 +309,7 @@ class TrainerHandle:
             if gen is None or not gen.ready or shared is None:
                 raise TrainerUnavailable("trainer not running" if gen is None else "trainer not ready")
             # dead but not yet polled: its buffer is no longer trained, and its lock may be held forever
-            if not gen.process.is_alive():
+            if not gen.is_alive():
                 raise TrainerUnavailable("trainer not running")
             return shared, gen.link
 
@@ -344,39 +319,16 @@ class TrainerHandle:
         if self._shared is not None:
             self._shared.reset_requests()
         self._generations += 1
-        reader, writer = self._mp.Pipe(duplex=False)
-        events = self._mp.Queue()
-        lock = self._mp.Lock()
-        # Not daemonic: a task may start DataLoader workers. stop() (or the atexit hook) ends it,
-        # and it exits by itself when it sees that its parent is gone.
-        process = self._mp.Process(
-            target=run_child,
-            name=f"peerfed-trainer-{self._generations}",
-            args=(self._settings, self._force_mirror, reader, events, self._control.name, lock, os.getpid()),
+        self._gen = TrainerProcess(
+            self._mp, self._generations, self._settings, self._force_mirror, self._control.name,
+            is_current=lambda process: process is self._gen,
         )
-        process.start()
-        reader.close()
-        gen_box: list[_Generation] = []
-        link = TrainerLink(lock, lambda: bool(gen_box) and gen_box[0] is self._gen and process.is_alive())
-        gen = _Generation(self._generations, process, writer, events, link, time.monotonic())
-        gen_box.append(gen)
-        self._gen = gen
 
-    def _send(self, gen: _Generation, message: tuple[Any, ...]) -> None:
-        try:
-            gen.commands.send(message)
-        except (OSError, ValueError) as exc:  # the child is gone; poll() will notice
-            log.debug("cannot send %s to the trainer: %s", message[0], exc)
-
-    def _drain(self, gen: _Generation, limit: int = 1000) -> None:
-        for _ in range(limit):
-            try:
-                kind, body = gen.events.get_nowait()
-            except Exception:  # Empty, or a message cut short by a killed child
-                return
+    def _drain(self, gen: TrainerProcess) -> None:
+        for kind, body in gen.events():
             self._on_event(gen, kind, body)
 
-    def _on_event(self, gen: _Generation, kind: str, body: Any) -> None:
+    def _on_event(self, gen: TrainerProcess, kind: str, body: Any) -> None:
         if kind == "hello":
             self._on_hello(gen, body)
         elif kind == "ready":
@@ -388,7 +340,7 @@ class TrainerHandle:
                 self._info.resumed_step,
             )
             if self._began:
-                self._send(gen, ("start",))
+                gen.send(("start",))
         elif kind == "stats":
             self._stats = body
         elif kind in ("checkpoint", "stopped"):
@@ -401,26 +353,26 @@ class TrainerHandle:
                 self._fatal = str(body)
             log.error("trainer: %s", body)
 
-    def _on_hello(self, gen: _Generation, hello: dict[str, Any]) -> None:
+    def _on_hello(self, gen: TrainerProcess, hello: dict[str, Any]) -> None:
         numel, mirror = int(hello["numel"]), bool(hello["mirror"])
         if self._stopped:
             return  # stop() already asked it to go
         if self._info is not None and hello["fingerprint"] != self._info.fingerprint:
             self._fatal = "the restarted trainer has a different model (fingerprint changed)"
-            self._send(gen, ("stop",))
+            gen.send(("stop",))
             return
         if self._shared is None or self._shared.numel != numel or self._shared.mirror != mirror:
             if self._shared is not None:
                 self._shared.close()
             assert self._control is not None
             self._shared = SharedWeights(self._control, numel, mirror=mirror, request_timeout=self._request_timeout)
-        self._send(gen, ("attach", *self._shared.names))
+        gen.send(("attach", *self._shared.names))
 
-    def _on_death(self, gen: _Generation) -> None:
-        code = gen.process.exitcode
+    def _on_death(self, gen: TrainerProcess) -> None:
+        code = gen.exitcode
         lived = time.monotonic() - gen.started_at
         was_ready = gen.ready
-        self._close_generation(gen)
+        gen.close()
         self._gen = None
         if self._fatal is None and self._info is None:  # never got going: it would fail again
             self._fatal = gen.error or f"trainer exited with code {code} before it was ready"
@@ -436,16 +388,6 @@ class TrainerHandle:
             self._quick_failures += 1
         log.warning("trainer exited with code %s after %.1f s; restarting in %.1f s", code, lived, delay)
         self._restart_at = time.monotonic() + delay
-
-    def _close_generation(self, gen: _Generation) -> None:
-        gen.ready = False
-        try:
-            gen.commands.close()
-        except OSError:
-            pass
-        gen.events.close()
-        gen.events.join_thread()
-        gen.process.join(0)  # reap
 
     def _observe_progress(self) -> None:
         value = self.progress_counter()
