@@ -21,7 +21,7 @@ import math
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, TypeAlias
+from typing import Any, TypeAlias
 
 import msgpack
 
@@ -40,93 +40,24 @@ from peerfed.core.errors import (
     TooOld,
     WrongNetwork,
 )
-from peerfed.core.manifest import Manifest, PayloadDigest, read_field, read_text
+from peerfed.core.manifest import Manifest, PayloadDigest
 from peerfed.core.peerid import (
     SIGNATURE_SIZE,
     Signer,
     public_key_from_peer_id,
     verify_signature,
 )
+from peerfed.core.records import ModelRequest, PeerList, PeerRecord
 
 PROTOCOL_VERSION = 1
 DOMAIN = b"peerfed/envelope/v1\0"
 NONCE_SIZE = 16
 MAX_NETWORK_CHARS = 256
-MAX_ADDRS = 64
-MAX_ADDR_CHARS = 1024
-MAX_URL_CHARS = 2048
-MAX_RECORDS = 1024
 # Wire framing of the array: fixarray(9) header; signature as bin8 of 64 bytes at the end.
 _WIRE_HEADER = 0x99
 _SIGNED_HEADER = b"\x98"
 _SIG_HEADER = b"\xc4\x40"
 _SIG_TAIL = len(_SIG_HEADER) + SIGNATURE_SIZE
-
-
-@dataclass(frozen=True)
-class PeerRecord:
-    """A node's own description of itself, signed by it and relayed by others."""
-
-    KIND: ClassVar[str] = "peer_record"
-
-    addrs: tuple[str, ...]  # libp2p multiaddrs, each ending /p2p/<sender>
-    exchange_url: str = ""
-    fingerprint: str = ""
-    version: str = ""
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"addrs": list(self.addrs), "exchange_url": self.exchange_url,
-                "fingerprint": self.fingerprint, "version": self.version}
-
-    @classmethod
-    def from_wire(cls, wire: dict[str, Any]) -> PeerRecord:
-        addrs = read_field(wire, "addrs", list)
-        if len(addrs) > MAX_ADDRS:
-            raise Malformed(f"peer record has more than {MAX_ADDRS} addresses")
-        for addr in addrs:
-            if not isinstance(addr, str) or not addr.startswith("/") or len(addr) > MAX_ADDR_CHARS:
-                raise Malformed("peer record address must be a multiaddr string")
-        return cls(addrs=tuple(addrs),
-                   exchange_url=read_text(wire, "exchange_url", "", MAX_URL_CHARS),
-                   fingerprint=read_text(wire, "fingerprint", ""),
-                   version=read_text(wire, "version", ""))
-
-
-@dataclass(frozen=True)
-class PeerList:
-    """Peer exchange: signed peer_record envelopes, each to be checked on its own."""
-
-    KIND: ClassVar[str] = "peer_list"
-
-    records: tuple[bytes, ...]
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"records": [bytes(r) for r in self.records]}
-
-    @classmethod
-    def from_wire(cls, wire: dict[str, Any]) -> PeerList:
-        records = read_field(wire, "records", list)
-        if len(records) > MAX_RECORDS:
-            raise Malformed(f"peer list has more than {MAX_RECORDS} records")
-        if not all(isinstance(r, bytes) for r in records):
-            raise Malformed("peer list records must be bytes")
-        return cls(records=tuple(records))
-
-
-@dataclass(frozen=True)
-class ModelRequest:
-    """State sync: a newcomer asks a peer for its current weights of this model."""
-
-    KIND: ClassVar[str] = "model_request"
-
-    fingerprint: str
-
-    def to_wire(self) -> dict[str, Any]:
-        return {"fingerprint": self.fingerprint}
-
-    @classmethod
-    def from_wire(cls, wire: dict[str, Any]) -> ModelRequest:
-        return cls(fingerprint=read_text(wire, "fingerprint"))
 
 
 Body: TypeAlias = PeerRecord | PeerList | Manifest | PayloadDigest | ModelRequest
@@ -404,6 +335,7 @@ __all__ = [
     "NONCE_SIZE",
     "PeerRecord",
     "PeerList",
+    "ModelRequest",
     "Manifest",
     "PayloadDigest",
     "Body",

@@ -37,7 +37,7 @@ def read_field(wire: dict[str, Any], name: str, kinds: type | tuple[type, ...],
                default: Any = _MISSING) -> Any:
     """``wire[name]`` checked to be one of ``kinds``; Malformed if missing or mistyped.
 
-    Shared by the body kinds of envelope.py. ``bool`` never passes for ``int``/``float``
+    Shared by the body kinds here and in records.py. ``bool`` never passes for ``int``/``float``
     (it is an int subclass in Python, but a different msgpack type).
     """
     if not isinstance(wire, dict):
