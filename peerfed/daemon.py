@@ -142,12 +142,17 @@ class Daemon:
         init = self.config.train.init
         resumed = self.trainer.ready_info.resumed_step > 0
         peers_known = bool(self.config.p2p.bootstrap) or len(self.membership.table) > 0
-        if init == "peer" or (init == "auto" and not resumed and peers_known):
+        will_sync = init == "peer" or (init == "auto" and not resumed and peers_known)
+        # Only a fresh random init waiting for a peer's model is not ours to share yet.
+        self.exchange.weights_ready = resumed or not will_sync
+        if will_sync:
+            self.state_sync = "waiting for a peer's model"
             self.state_sync = await self._state_sync(wait=None if init == "peer" else SYNC_WAIT_AUTO)
         elif resumed:
             self.state_sync = "skipped (resumed from checkpoint)"
         else:
             self.state_sync = "skipped (train.init = local)" if init == "local" else "skipped (no peers known)"
+        self.exchange.weights_ready = True
         await asyncio.to_thread(self.trainer.begin_training)
         self._tasks.append(asyncio.create_task(self.gossip.run(), name="gossip"))
 
@@ -158,8 +163,15 @@ class Daemon:
 
         deadline = None if wait is None else time.monotonic() + wait
         buffer = torch.empty(self.trainer.numel, dtype=torch.float32)
+        say_waiting_at = time.monotonic() + 60.0
         while deadline is None or time.monotonic() < deadline:
-            for peer_id, url in self._exchange_candidates().items():
+            candidates = self._exchange_candidates()
+            if time.monotonic() >= say_waiting_at:  # train.init = peer waits as long as it takes
+                say_waiting_at += 600.0
+                log.warning("state sync: still waiting for a peer's model; %d peers with this model known, "
+                            "none gave one (a peer that is itself waiting for one answers 'not ready')",
+                            len(candidates))
+            for peer_id, url in candidates.items():
                 manifest = await self.data_plane.fetch_model(peer_id, url, buffer)
                 if manifest is None:
                     continue

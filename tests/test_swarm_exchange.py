@@ -677,17 +677,22 @@ def test_peer_hanging_up_mid_upload_counts_failed_merges_nothing_and_frees_the_n
 @pytest.mark.slow
 def test_newcomer_state_sync_yields_the_donors_weights(tmp_path: Path) -> None:
     # lr 1e-12: both keep stepping, but their weights stay put (to ~1e-9), so equality is exact.
+    # The donor gossips every 0.5 s: pushes that reach the newcomer before its sync must be
+    # refused (its random init would pull the donor away from donor_init), later ones merge
+    # equal weights.
     common = {"train.threads": 1, "train.lr": 1e-12, "exchange.interval": 1000.0}
     with LocalSwarm(tmp_path, network=NETWORK) as swarm:
-        donor = swarm.add_node(settings={**common, "train.init": "local", "train.seed": 1})
+        donor = swarm.add_node(settings={**common, "train.init": "local", "train.seed": 1,
+                                         "exchange.interval": 0.5})
         newcomer = swarm.add_node(settings={**common, "train.init": "peer", "train.seed": 2})
         donor.start()
         donor.wait_up(120)
         wait_until(lambda: donor.get("/status")["step"] > 100, 60, "the donor to train")  # its lr clock runs
         newcomer.start()
         newcomer.wait_up(120)
-        wait_until(lambda: newcomer.get("/status")["state_sync"] != "none", 60, "state sync to finish")
+        wait_until(lambda: newcomer.get("/status")["state_sync"].startswith("from "), 60, "state sync to finish")
         assert newcomer.get("/status")["state_sync"] == f"from {donor.peer_id}"
+        wait_until(lambda: donor.get("/status")["exchanges"]["ok"] >= 2, 30, "the donor to exchange")
         peer = EvilPeer()
         donor_w, newcomer_w = peer.fetch_model(donor), peer.fetch_model(newcomer)
         own_init, donor_init = digits_init(2), digits_init(1)
@@ -706,6 +711,27 @@ def test_newcomer_state_sync_yields_the_donors_weights(tmp_path: Path) -> None:
         wait_until(lambda: clock_offset() != 0, 10, "the newcomer's stats to show its lr clock")
         assert 100 < clock_offset() <= donor.get("/status")["trainer"]["schedule_step"]
         assert newcomer.get("/status")["trainer"]["seconds_trained"] > 0
+
+
+def test_a_node_waiting_for_its_first_weights_shares_none(tmp_path: Path) -> None:
+    # train.init = peer and no peer yet: it holds a random init, which must neither be averaged
+    # into a trained peer nor handed to a newcomer. Both are "not ready" (429: ask again later).
+    with LocalSwarm(tmp_path, network=NETWORK) as swarm:
+        node = swarm.add_node(settings={"train.init": "peer", "train.threads": 1})
+        node.start()
+        node.wait_up(120)
+        wait_until(lambda: node.get("/status")["state_sync"].startswith("waiting"), 30, "the node to wait")
+        peer = EvilPeer()
+        body = digits_init(5).tobytes()
+        pushed = peer.push_manifest(node, body, sample_weight=1.0)
+        reply = post_exchange(node, b64(pushed), peer.wire(node, pushed, body))
+        assert reply.status == 429 and not reply.continued and b"not ready" in reply.body, reply
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            peer.fetch_model(node)
+        assert refused.value.code == 429 and b"not ready" in refused.value.read()
+        status = node.get("/status")
+        assert status["step"] == 0 and status["trainer"]["alive"]  # waits before its first step
+        assert status["exchange_rejected"] == {} and sum(status["exchanges"].values()) == 0
 
 
 def socket_io(pid: int) -> tuple[int, int]:

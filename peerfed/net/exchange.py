@@ -63,6 +63,9 @@ class Refused(Exception):
 
 
 OUTCOMES = ("ok", "busy", "refused", "failed")
+NOT_READY = "not ready: our first weights are still coming (state sync)"
+
+
 class Exchange:
     """Both roles of the exchange for one node, sharing buffers, limits and counters."""
 
@@ -91,6 +94,9 @@ class Exchange:
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
         self.accepting = True
+        # Until state sync is done (or skipped) our weights are a random init: averaging them
+        # into a trained peer, or handing them to a newcomer, would set the swarm back.
+        self.weights_ready = False
         self.counts: dict[str, int] = {o: 0 for o in OUTCOMES}
         self.rejected: dict[str, int] = {}
         self.bytes_sent = self.bytes_received = 0
@@ -139,6 +145,8 @@ class Exchange:
         """Everything we can refuse on from the headers alone; raises Refused."""
         if not self.accepting:
             raise Refused(429, "shutting down")
+        if not self.weights_ready:
+            raise Refused(429, NOT_READY)
         env = self._verify_header(request.headers.get(MANIFEST_HEADER), Manifest)
         m: Manifest = env.body
         if m.purpose != "push":
@@ -225,6 +233,8 @@ class Exchange:
     async def _serve_model(self, request: web.Request) -> web.StreamResponse:
         """State sync: our current weights for a node of our network that asked, signed."""
         try:
+            if not self.weights_ready:
+                raise Refused(429, NOT_READY)
             if not self._free_slots:
                 raise Refused(429, "busy")
             env = self._verify_header(request.headers.get(REQUEST_HEADER), ModelRequest)
@@ -339,8 +349,9 @@ class Exchange:
                 url.rstrip("/") + "/v1/model", headers={REQUEST_HEADER: encode_header(sealed)},
                 timeout=aiohttp.ClientTimeout(total=self._transfer_timeout, sock_connect=self._connect_timeout),
             ) as response:
-                if response.status != 200:
-                    log.info("state sync from %s: %s %s", peer_id, response.status, (await response.text())[:200])
+                if response.status != 200:  # 429: busy, or syncing itself (the caller asks again)
+                    log.log(logging.DEBUG if response.status == 429 else logging.INFO, "state sync from %s: %s %s",
+                            peer_id, response.status, (await response.text())[:200])
                     return None
                 env = self._verify_header(response.headers.get(MANIFEST_HEADER), Manifest)
                 m: Manifest = env.body
