@@ -224,9 +224,11 @@ def _exchange_with_peaks(a: Any, b: Any, pa: int, pb: int, info: dict[str, Any])
 # ------------------------------------------------------------------ --timeline: where the time goes
 # Two peerfed.net.exchange.Exchange objects in two spawned processes (uvloop), with in-memory
 # weights instead of a trainer, and the exchange's steps wrapped with timestamps. A profiling
-# aid: it patches names inside peerfed.net.exchange, so it follows that module's structure.
+# aid: it patches names inside peerfed.net.transfer and .exchange, so it follows their structure.
 
-TIMELINE_STEPS = ("receive_into", "send_weights", "check_values")
+# (module, function): the receive and send loops; the value check's tail and the merge run
+# through in_receive_worker.
+TIMELINE_STEPS = (("transfer", "receive_into"), ("transfer", "send_weights"), ("exchange", "in_receive_worker"))
 
 
 class _MemoryWeights:
@@ -258,10 +260,13 @@ class _MemoryWeights:
 def _instrument(log: list[tuple[float, str]]) -> None:
     import functools
 
-    import peerfed.net.exchange as ex
+    import peerfed.net.exchange
+    import peerfed.net.transfer
 
-    for name in TIMELINE_STEPS:
-        original = getattr(ex, name)
+    modules = {"transfer": peerfed.net.transfer, "exchange": peerfed.net.exchange}
+    for module_name, name in TIMELINE_STEPS:
+        module = modules[module_name]
+        original = getattr(module, name)
 
         def wrapped(*a: Any, _f: Any = original, _n: str = name, **k: Any) -> Any:
             log.append((time.monotonic(), f"{_n} start"))
@@ -277,7 +282,7 @@ def _instrument(log: list[tuple[float, str]]) -> None:
             finally:
                 log.append((time.monotonic(), f"{_n} end"))
 
-        setattr(ex, name, functools.wraps(original)(wrapped))
+        setattr(module, name, functools.wraps(original)(wrapped))
 
 
 def _timeline_node(role: str, numel: int, ports: Any, go: Any, out: Any, exchanges: int) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import aiohttp
@@ -35,7 +35,6 @@ from peerfed.core.peerid import Signer
 from peerfed.net.transfer import (
     MANIFEST_HEADER,
     REQUEST_HEADER,
-    OpenDigest,
     SealDigest,
     Slot,
     StreamPayload,
@@ -46,8 +45,8 @@ from peerfed.net.transfer import (
     digest_sealer,
     encode_header,
     in_receive_worker,
-    receive_into,
-    send_weights,
+    receive_checked,
+    send_snapshot,
     wire_length,
 )
 from peerfed.ops.api import serve
@@ -226,8 +225,8 @@ class Exchange:
         # Hold back our last byte until all of theirs is here: aiohttp's client cancels its
         # upload the moment our response is complete, so finishing first would cut off the
         # initiator's snapshot (it would merge ours, we would merge nothing).
-        await self._send_snapshot(response, send, self._digest_sealer(env.sender, _nonce_of(sealed)),
-                                  before_last_byte=receiving)
+        await send_snapshot(response, self._weights, send, self._digest_sealer(env.sender, _nonce_of(sealed)),
+                            before_last_byte=receiving)
         return receiving.result(), send_view.nbytes
 
     async def _serve_model(self, request: web.Request) -> web.StreamResponse:
@@ -256,7 +255,7 @@ class Exchange:
             response.content_length = wire_length(view.nbytes)
             await response.prepare(request)
             sealer = self._digest_sealer(env.sender, _nonce_of(sealed))
-            await asyncio.wait_for(self._send_snapshot(response, send, sealer), self._transfer_timeout)
+            await asyncio.wait_for(send_snapshot(response, self._weights, send, sealer), self._transfer_timeout)
             await response.write_eof()
             self.bytes_sent += view.nbytes
             return response
@@ -290,7 +289,7 @@ class Exchange:
                 return seal_push_digest(length, digest)
 
             async def produce(writer: Any) -> None:  # runs once the peer said 100 Continue
-                await self._send_snapshot(writer, send, seal_digest)
+                await send_snapshot(writer, self._weights, send, seal_digest)
 
             size = wire_length(send_view.nbytes)
             async with self._http().post(
@@ -373,29 +372,12 @@ class Exchange:
 
     # -- shared ---------------------------------------------------------------------------
 
-    async def _send_snapshot(self, writer: Any, send: torch.Tensor, seal_digest: SealDigest,
-                             before_last_byte: Awaitable[Any] | None = None) -> None:
-        """Snapshot our weights into ``send`` chunk by chunk as they go out, then the trailer."""
-        def fill(start: int, stop: int) -> None:  # byte offsets, multiples of 4
-            self._weights.snapshot_range(send, start // 4, stop // 4)
-
-        await asyncio.to_thread(self._weights.begin_snapshot)
-        await send_weights(writer, byte_view(send), fill, seal_digest, before_last_byte)
-
     def _receive_checked(self, content: aiohttp.StreamReader, buf: torch.Tensor,
                          manifest: Envelope) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
-        """Receiving ``manifest``'s payload into ``buf`` (a coroutine to await), and the check of
-        its values, fed batch by batch in the receive worker as the bytes land."""
-        values = ValueCheck(buf)
-        receive = receive_into(content, byte_view(buf), self._digest_opener(manifest),
-                               landed=lambda nbytes: values.advance(nbytes // 4))
-        return values, receive
+        return receive_checked(content, buf, digest_opener(self._verifier, manifest))
 
     def _digest_sealer(self, recipient: str, manifest_nonce: bytes) -> SealDigest:
         return digest_sealer(self._signer, self._network, recipient, manifest_nonce)
-
-    def _digest_opener(self, manifest: Envelope) -> OpenDigest:
-        return digest_opener(self._verifier, manifest)
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:

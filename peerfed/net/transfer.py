@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
@@ -31,6 +31,7 @@ from aiohttp import StreamReader
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
+from peerfed.averaging import ValueCheck
 from peerfed.core.envelope import Envelope, Verifier, seal
 from peerfed.core.errors import DigestMismatch, LengthMismatch
 from peerfed.core.manifest import (
@@ -235,6 +236,25 @@ async def receive_into(content: StreamReader, view: memoryview, open_digest: Ope
         await asyncio.gather(*pending)  # the buffer must not change under a running worker
     digest.check(open_digest(bytes(trailer)))
     return received
+
+
+async def send_snapshot(writer: Any, weights: Weights, send: torch.Tensor, seal_digest: SealDigest,
+                        before_last_byte: Awaitable[Any] | None = None) -> None:
+    """send_weights of a snapshot of ``weights``, taken into ``send`` chunk by chunk as it goes out."""
+    def fill(start: int, stop: int) -> None:  # byte offsets, multiples of 4
+        weights.snapshot_range(send, start // 4, stop // 4)
+
+    await asyncio.to_thread(weights.begin_snapshot)
+    await send_weights(writer, byte_view(send), fill, seal_digest, before_last_byte)
+
+
+def receive_checked(content: StreamReader, buf: torch.Tensor,
+                    open_digest: OpenDigest) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
+    """receive_into ``buf`` (a coroutine to await), and the check of its values, fed batch by
+    batch in the receive worker as the bytes land (ask ``problem()`` once it is all here)."""
+    values = ValueCheck(buf)
+    receive = receive_into(content, byte_view(buf), open_digest, landed=lambda nbytes: values.advance(nbytes // 4))
+    return values, receive
 
 
 async def in_receive_worker(fn: Callable[..., T], *args: Any) -> T:
