@@ -2,14 +2,15 @@
 
 - Sending (``send_weights``; ``send_snapshot`` feeds it the trainer's weights): the payload
   goes out in 4 MiB chunks. A worker thread fills each chunk from the live weights (taking
-  the weights lock per 1 MiB slice) and hashes it while the previous chunk is on the wire, so the first byte leaves at once and the
-  digest is known when the last one has; a signed trailer then carries it (core/manifest.py).
-  Never ``bytes()`` the buffer (a 100 MiB copy under the GIL stops the trainer) and never
-  chunked encoding (it copies every chunk): chunks are memoryviews of one buffer, with an
-  explicit Content-Length.
+  the weights lock per 1 MiB slice) and hashes it while the previous chunk is on the wire,
+  so the first byte leaves at once and the digest is known when the last one has; a signed
+  trailer then carries it (core/manifest.py). Never ``bytes()`` the buffer (a 100 MiB copy
+  under the GIL stops the trainer) and never chunked encoding (it copies every chunk):
+  chunks are memoryviews of one buffer, with an explicit Content-Length.
 - Receiving (``receive_into``; ``receive_checked`` adds the value check): chunks are copied
   straight into a preallocated buffer; a worker thread hashes each 4 MiB batch (BLAKE3 drops
-  the GIL) and checks its values while it is still in cache, so the event loop never stalls on a 100 MiB hash.
+  the GIL) and checks its values while it is still in cache, so the event loop never stalls
+  on a 100 MiB hash.
 - Both workers are started by the data-plane thread and share its lower CPU priority
   (net/dataplane.py).
 """
