@@ -5,12 +5,13 @@ exchange every ``--interval`` seconds each, checkpoints and evaluations far more
 the defaults) for ``--minutes``, and samples every daemon and its trainer: resident memory,
 open file descriptors, threads, log bytes, files in the state folder and in /dev/shm.
 
-After a warm-up (the first quarter of the run), it prints how much each figure moved per
-1000 exchanges. A leak shows as a growth that keeps going; a bounded cache shows as a step
-in the warm-up and then flat. Figures are growth against the first sample after the
-warm-up, taken in the same run.
+After a warm-up (``--warmup`` minutes: by default 6, so the replay cache, which remembers
+every signed message for 5 minutes, is full), it prints how much each figure moved per 1000
+exchanges. A leak shows as a growth that keeps going; a bounded cache shows as a step in the
+warm-up and then flat. Figures are growth against the first sample after the warm-up,
+taken in the same run.
 
-    python benchmarks/soak.py --nodes 3 --minutes 10
+    python benchmarks/soak.py --nodes 3 --minutes 14
 """
 
 from __future__ import annotations
@@ -119,13 +120,14 @@ def report(track: Track, warm_index: int) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=3)
-    parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--minutes", type=float, default=14.0, help="the whole run, warm-up included")
+    parser.add_argument("--warmup", type=float, default=6.0, help="minutes not counted in the growth figures")
     parser.add_argument("--interval", type=float, default=0.5, help="exchange.interval of every node (s)")
     parser.add_argument("--every", type=float, default=15.0, help="seconds between samples")
     args = parser.parse_args()
 
     print_header("soak", f"{args.nodes} daemons, digits-mlp, exchange every {args.interval} s, "
-                         f"{args.minutes} min")
+                         f"{args.minutes} min, the first {args.warmup} not counted")
     settings = {
         "train.task": "digits-mlp",
         "train.threads": 1,
@@ -156,7 +158,8 @@ def main() -> None:
             if time.monotonic() >= end:
                 break
             time.sleep(min(args.every, max(0.0, end - time.monotonic())))
-        warm_index = next(i for i, s in enumerate(tracks[0].samples) if s.at - began >= args.minutes * 15)
+        warm_index = next((i for i, s in enumerate(tracks[0].samples) if s.at - began >= args.warmup * 60),
+                          len(tracks[0].samples) - 1)
         print(f"\nafter the warm-up ({tracks[0].samples[warm_index].at - began:.0f} s) to the end "
               f"({tracks[0].samples[-1].at - began:.0f} s):")
         for track in tracks:

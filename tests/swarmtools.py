@@ -26,6 +26,9 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from peerfed.localswarm import LocalNode, LocalSwarm
 
 NO_TRAINING = {"train.enabled": False}
+# exchange.interval for nodes that must not gossip on their own: the first round opens at a
+# random point within one interval, so even 1000 s fires within a 60 s test one time in 17.
+NO_GOSSIP = 1e9
 
 
 def make_swarm(tmp_path: Path, n: int, **kwargs: Any) -> LocalSwarm:

@@ -33,6 +33,7 @@ from peerfed.train.checkpoint import list_checkpoints, load_checkpoint, load_new
 from peerfed.train.tasks import NodeContext, TrainSettings, digits_mlp
 
 from swarmtools import (
+    NO_GOSSIP,
     NotifyListener,
     exchange_until_ok,
     post_exchange,
@@ -44,7 +45,7 @@ from swarmtools import (
 
 TESTS_DIR = Path(__file__).resolve().parent
 # init = local: a lone node trains at once instead of looking for a donor for 10 s.
-TRAIN = {"train.threads": 1, "train.init": "local", "exchange.interval": 3600.0}
+TRAIN = {"train.threads": 1, "train.init": "local", "exchange.interval": NO_GOSSIP}
 WATCHDOG_USEC = 2_000_000  # WatchdogSec=2 -> a ping every second
 PING_INTERVAL = WATCHDOG_USEC / 2e6
 STATUS_RE = re.compile(r"^STATUS=peers (\d+), step (\d+)", re.MULTILINE)

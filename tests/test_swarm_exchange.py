@@ -37,7 +37,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from swarmtools import wait_until
+from swarmtools import NO_GOSSIP, wait_until
 
 from peerfed.averaging import (
     FlatLayout,
@@ -68,7 +68,7 @@ NETWORK = "exch-test"
 TESTS_DIR = Path(__file__).resolve().parent
 # A node we attack: trains at once (no state-sync wait), never starts an exchange itself.
 VICTIM_TRANSFER_TIMEOUT = 5.0
-VICTIM = {"train.init": "local", "train.threads": 1, "exchange.interval": 1000.0,
+VICTIM = {"train.init": "local", "train.threads": 1, "exchange.interval": NO_GOSSIP,
           "train.eval_interval": 1.0, "exchange.transfer_timeout": VICTIM_TRANSFER_TIMEOUT}
 BIG_SAMPLE_WEIGHT = 1e9  # asks for a mixing weight ~1 (clamped to 10/11)
 HONEST_MAX_ABS = 100.0   # digits-mlp weights stay far below this; all garbage here is above
@@ -680,7 +680,7 @@ def test_newcomer_state_sync_yields_the_donors_weights(tmp_path: Path) -> None:
     # The donor gossips every 0.5 s: pushes that reach the newcomer before its sync must be
     # refused (its random init would pull the donor away from donor_init), later ones merge
     # equal weights.
-    common = {"train.threads": 1, "train.lr": 1e-12, "exchange.interval": 1000.0}
+    common = {"train.threads": 1, "train.lr": 1e-12, "exchange.interval": NO_GOSSIP}
     with LocalSwarm(tmp_path, network=NETWORK) as swarm:
         donor = swarm.add_node(settings={**common, "train.init": "local", "train.seed": 1,
                                          "exchange.interval": 0.5})
@@ -755,7 +755,7 @@ def test_killing_the_responder_mid_transfer_merges_nothing_on_the_initiator(tmp_
     big_fp = fingerprint(torch.nn.Linear(BIG_DIM, BIG_DIM, bias=False, device="meta"))  # layout only
     common = {"train.threads": 1, "train.lr": 1e-12, "train.task": "big_task:factory",
               "train.options": {"dim": BIG_DIM}, "train.eval_interval": 30.0, "train.init": "local",
-              "exchange.interval": 1000.0, "exchange.transfer_timeout": 60.0}
+              "exchange.interval": NO_GOSSIP, "exchange.transfer_timeout": 60.0}
     env = {"PYTHONPATH": os.pathsep.join(p for p in (str(TESTS_DIR), os.environ.get("PYTHONPATH")) if p)}
     with LocalSwarm(tmp_path, network=NETWORK) as swarm:
         initiator = swarm.add_node(settings={**common, "train.seed": 1})
