@@ -142,10 +142,10 @@ class Daemon:
         init = self.config.train.init
         resumed = self.trainer.ready_info.resumed_step > 0
         peers_known = bool(self.config.p2p.bootstrap) or len(self.membership.table) > 0
-        will_sync = init == "peer" or (init == "auto" and not resumed and peers_known)
-        # Only a fresh random init waiting for a peer's model is not ours to share yet.
-        self.exchange.weights_ready = resumed or not will_sync
-        if will_sync:
+        if init == "peer" or (init == "auto" and not resumed and peers_known):
+            # A fresh random init is not ours to share until the sync replaces it (Exchange
+            # starts with weights_ready False); resumed, trained weights are.
+            self.exchange.weights_ready = resumed
             self.state_sync = "waiting for a peer's model"
             self.state_sync = await self._state_sync(wait=None if init == "peer" else SYNC_WAIT_AUTO)
         elif resumed:

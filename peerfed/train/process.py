@@ -31,7 +31,6 @@ class TrainerProcess:
         control_name: str,
         is_current: Callable[[TrainerProcess], bool],
     ) -> None:
-        self.number = number
         reader, self._commands = context.Pipe(duplex=False)
         self._events = context.Queue()
         lock = context.Lock()
