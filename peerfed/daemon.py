@@ -20,7 +20,7 @@ from typing import Any
 from peerfed import __version__
 from peerfed.config import Config, load_config
 from peerfed.core.envelope import Verifier
-from peerfed.errors import ConfigError, PeerfedError
+from peerfed.errors import ConfigError, PeerfedError, TrainerUnavailable
 from peerfed.identity import load_identity, peer_id_of, signer_of
 from peerfed.net.bridge import Bridge
 from peerfed.net.membership import Membership, load_peer_table
@@ -159,7 +159,6 @@ class Daemon:
     async def _state_sync(self, wait: float | None) -> str:
         import torch
 
-        from peerfed.train.shared import TrainerUnavailable
 
         deadline = None if wait is None else time.monotonic() + wait
         buffer = torch.empty(self.trainer.numel, dtype=torch.float32)

@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,73 +28,19 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from peerfed.demo_report import build_report, fmt_acc, fmt_bytes, plot_accuracy, print_summary
+from peerfed.demo_report import (
+    DemoSettings,
+    NodeView,
+    build_report,
+    fmt_acc,
+    fmt_bytes,
+    plot_accuracy,
+    print_summary,
+)
 from peerfed.errors import ExitCode
 
 NETWORK = "peerfed-demo"
-DEFAULT_DURATION = 60.0  # seconds of training once all nodes are up; the whole run fits in 3 min
-LOCAL_ONLY_MAX_STEPS = 5000  # per node, to keep the run short (a lone node is still slowly learning)
 PLAIN_LINE_EVERY_S = 5.0  # not a terminal: one progress line this often
-
-
-@dataclass(frozen=True)
-class DemoSettings:
-    nodes: int = 8
-    task: str = "digits-mlp"
-    alpha: float | None = 0.1  # None: iid shards
-    duration: float = DEFAULT_DURATION
-    seed: int = 0
-    lr: float = 0.05
-    batch_size: int = 32
-    lr_schedule: str = "cosine"  # decays to lr_min over `duration` seconds of each node's training
-    lr_min: float = 0.0
-    exchange_interval: float = 0.5
-    eval_interval: float = 2.0
-    threads: int = 1  # per trainer: N trainers share the machine's cores
-    local_only_max_steps: int = LOCAL_ONLY_MAX_STEPS
-
-    def task_options(self) -> dict[str, Any]:
-        options: dict[str, Any] = {"alpha": "iid" if self.alpha is None else self.alpha}
-        if self.lr_schedule != "constant":
-            options.update(lr_schedule=self.lr_schedule, lr_schedule_seconds=self.duration, lr_min=self.lr_min)
-        return options
-
-    def node_config(self, index: int) -> dict[str, Any]:
-        return {
-            "log_level": "info", "train.task": self.task, "train.device": "cpu", "train.threads": self.threads,
-            "train.node_index": index, "train.node_count": self.nodes, "train.options": self.task_options(),
-            "train.seed": self.seed, "train.lr": self.lr, "train.batch_size": self.batch_size,
-            "train.eval_interval": self.eval_interval,
-            "train.init": "local",  # same seed, same init everywhere: no state sync wait
-            "exchange.interval": self.exchange_interval, "checkpoint.interval": 3600.0,
-        }
-
-
-@dataclass
-class NodeView:
-    """What the demo knows about one node: its latest /status and its accuracy curve."""
-
-    index: int
-    peer_id: str
-    status: dict[str, Any] = field(default_factory=dict)
-    curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, accuracy)
-    died: int | None = None  # exit code, when it exited on its own
-    exit_code: int | None = None
-
-    def observe(self, status: dict[str, Any], t0: float) -> None:
-        self.status = status
-        trainer = status.get("trainer") or {}
-        at, accuracy = trainer.get("evaluated_at"), (status.get("metrics") or {}).get("accuracy")
-        if at is not None and accuracy is not None and (not self.curve or at - t0 > self.curve[-1][0]):
-            self.curve.append((at - t0, float(accuracy)))
-
-    @property
-    def accuracy(self) -> float | None:
-        return (self.status.get("metrics") or {}).get("accuracy")
-
-    def exchanges(self) -> dict[str, int]:
-        ex = self.status.get("exchanges") or {}
-        return {k: int(ex.get(k, 0)) for k in ("ok", "refused", "failed", "busy")}
 
 
 def parse_alpha(text: str) -> float | None:
@@ -293,7 +238,11 @@ def fresh_age(view: NodeView, ended: float) -> float | None:
 
 
 def run_baselines(settings: DemoSettings, views: list[NodeView], console: Console) -> dict[str, Any]:
-    from peerfed.baselines import init_baseline_worker, train_allreduce, train_local_only
+    from peerfed.baselines import (
+        init_baseline_worker,
+        train_allreduce,
+        train_local_only,
+    )
     from peerfed.train.tasks import TrainSettings
 
     train = TrainSettings(task=settings.task, device="cpu", batch_size=settings.batch_size, lr=settings.lr,

@@ -1,20 +1,80 @@
-"""What `peerfed demo` leaves behind: report.json, accuracy.png and the summary table."""
+"""What `peerfed demo` watches and leaves behind: its settings, each node's view, report.json,
+accuracy.png and the summary table (demo.py runs the swarm and imports this, never the reverse)."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
 from peerfed import __version__
 
-if TYPE_CHECKING:
-    from peerfed.demo import DemoSettings, NodeView
-
 DIGITS_TRAIN_SIZE = 1437  # one epoch of the built-in digits tasks
+DEFAULT_DURATION = 60.0  # seconds of training once all nodes are up; the whole run fits in 3 min
+LOCAL_ONLY_MAX_STEPS = 5000  # per node, to keep the run short (a lone node is still slowly learning)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    nodes: int = 8
+    task: str = "digits-mlp"
+    alpha: float | None = 0.1  # None: iid shards
+    duration: float = DEFAULT_DURATION
+    seed: int = 0
+    lr: float = 0.05
+    batch_size: int = 32
+    lr_schedule: str = "cosine"  # decays to lr_min over `duration` seconds of each node's training
+    lr_min: float = 0.0
+    exchange_interval: float = 0.5
+    eval_interval: float = 2.0
+    threads: int = 1  # per trainer: N trainers share the machine's cores
+    local_only_max_steps: int = LOCAL_ONLY_MAX_STEPS
+
+    def task_options(self) -> dict[str, Any]:
+        options: dict[str, Any] = {"alpha": "iid" if self.alpha is None else self.alpha}
+        if self.lr_schedule != "constant":
+            options.update(lr_schedule=self.lr_schedule, lr_schedule_seconds=self.duration, lr_min=self.lr_min)
+        return options
+
+    def node_config(self, index: int) -> dict[str, Any]:
+        return {
+            "log_level": "info", "train.task": self.task, "train.device": "cpu", "train.threads": self.threads,
+            "train.node_index": index, "train.node_count": self.nodes, "train.options": self.task_options(),
+            "train.seed": self.seed, "train.lr": self.lr, "train.batch_size": self.batch_size,
+            "train.eval_interval": self.eval_interval,
+            "train.init": "local",  # same seed, same init everywhere: no state sync wait
+            "exchange.interval": self.exchange_interval, "checkpoint.interval": 3600.0,
+        }
+
+
+@dataclass
+class NodeView:
+    """What the demo knows about one node: its latest /status and its accuracy curve."""
+
+    index: int
+    peer_id: str
+    status: dict[str, Any] = field(default_factory=dict)
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, accuracy)
+    died: int | None = None  # exit code, when it exited on its own
+    exit_code: int | None = None
+
+    def observe(self, status: dict[str, Any], t0: float) -> None:
+        self.status = status
+        trainer = status.get("trainer") or {}
+        at, accuracy = trainer.get("evaluated_at"), (status.get("metrics") or {}).get("accuracy")
+        if at is not None and accuracy is not None and (not self.curve or at - t0 > self.curve[-1][0]):
+            self.curve.append((at - t0, float(accuracy)))
+
+    @property
+    def accuracy(self) -> float | None:
+        return (self.status.get("metrics") or {}).get("accuracy")
+
+    def exchanges(self) -> dict[str, int]:
+        ex = self.status.get("exchanges") or {}
+        return {k: int(ex.get(k, 0)) for k in ("ok", "refused", "failed", "busy")}
 
 
 def fmt_bytes(n: float) -> str:

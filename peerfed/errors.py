@@ -56,3 +56,9 @@ class AlreadyExistsError(PeerfedError):
 
 class NotRunningError(PeerfedError):
     exit_code = ExitCode.NOT_RUNNING
+
+
+class TrainerUnavailable(RuntimeError):
+    """The trainer is not running or not ready right now (e.g. restarting); try later.
+
+    Not a PeerfedError: callers (the exchange, state sync) catch it and try again later."""

@@ -2,6 +2,9 @@
 
 peerfed.core is the protocol core: no I/O frameworks, no torch, nothing of ours
 outside peerfed.core. peerfed.averaging is math: torch yes, I/O and drivers no.
+The drivers (net, train, ops) are siblings: none imports another, only what lies
+below them (core, averaging, and the bottom helpers errors.py and serving.py).
+No import circle anywhere in the package.
 Every import counts: top level, inside functions, under TYPE_CHECKING, relative,
 and importlib.import_module / __import__ with a constant name.
 """
@@ -158,3 +161,103 @@ def test_checker_finds_every_kind_of_import(tmp_path: Path) -> None:
     assert any("example.py:10) imports torch" in m for m in messages)
     assert averaging_rule("torch") is None and averaging_rule("aiohttp.web")
     assert averaging_rule("peerfed.net.exchange") and not averaging_rule("peerfed.core.manifest")
+
+
+# -- the sibling rule and circles ----------------------------------------------------------
+
+DRIVERS = ("peerfed.net", "peerfed.train", "peerfed.ops")
+# What every layer may use: the package root (__version__) and the bottom helpers.
+BOTTOM = ("peerfed.errors", "peerfed.serving")
+
+
+def driver_rule(own: str) -> Callable[[str], str | None]:
+    """For modules of driver ``own``: only core, averaging, the bottom helpers and itself."""
+    def rule(target: str) -> str | None:
+        if not _within(target, "peerfed") or target == "peerfed.__version__":
+            return None
+        allowed = (own, "peerfed.core", "peerfed.averaging", *BOTTOM)
+        if any(_within(target, a) for a in allowed):
+            return None
+        if any(_within(target, d) for d in DRIVERS):
+            return "a sibling driver (drivers only meet in the composition root)"
+        return "a layer above the drivers"
+    return rule
+
+
+def bottom_rule(target: str) -> str | None:
+    if _within(target, "peerfed") and target != "peerfed.__version__" \
+            and not any(_within(target, b) for b in ("peerfed.core", *BOTTOM)):
+        return "peerfed code above the bottom helpers"
+    return None
+
+
+@pytest.mark.parametrize("driver", DRIVERS)
+def test_drivers_import_no_sibling_and_nothing_above(driver: str) -> None:
+    files = sorted((PACKAGE / driver.split(".")[1]).rglob("*.py"))
+    assert len(files) >= 3, f"{driver} looks empty: wrong folder?"
+    problems = [p for f in files for p in violations(f, driver_rule(driver))]
+    assert not problems, "layering rule broken:\n" + "\n".join(problems)
+
+
+def test_bottom_helpers_import_only_the_core() -> None:
+    problems = [p for name in BOTTOM
+                for p in violations(PACKAGE / f"{name.split('.')[1]}.py", bottom_rule)]
+    assert not problems, "layering rule broken:\n" + "\n".join(problems)
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the peerfed modules it imports (``from m import name`` counts as m)."""
+    files = sorted((root / "peerfed").rglob("*.py"))
+    modules = {module_name(f, root): f for f in files}
+    graph: dict[str, set[str]] = {}
+    for module, path in modules.items():
+        targets = set()
+        for _, target in imported_names(path.read_text(encoding="utf-8"), module,
+                                        is_package=path.name == "__init__.py"):
+            while target and target not in modules:  # "a.b.name" -> the module "a.b"
+                target = target.rpartition(".")[0]
+            if target and target != module and target != "peerfed":
+                targets.add(target)
+        graph[module] = targets
+    return graph
+
+
+def find_circle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import circle as a path (first module repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(graph.get(node, ())):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt]
+            if nxt not in state and (found := visit(nxt)):
+                return found
+        path.pop()
+        state[node] = 2
+        return None
+
+    for start in sorted(graph):
+        if start not in state and (found := visit(start)):
+            return found
+    return None
+
+
+def test_no_import_circle() -> None:
+    graph = import_graph()
+    assert "peerfed.daemon" in graph and graph["peerfed.daemon"], "import graph looks empty"
+    circle = find_circle(graph)
+    assert circle is None, "import circle: " + " -> ".join(circle or [])
+
+
+def test_checker_sees_sideways_arrows_and_circles() -> None:
+    net = driver_rule("peerfed.net")
+    assert net("peerfed.train.shared.TrainerUnavailable") and net("peerfed.ops.api.serve")
+    assert net("peerfed.daemon") and net("peerfed.config.Config")
+    assert not net("peerfed.core.manifest") and not net("peerfed.errors.TrainerUnavailable")
+    assert not net("peerfed.net.transfer") and not net("peerfed.__version__")
+    assert driver_rule("peerfed.train")("peerfed.net.exchange")
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_circle({"a": {"b"}, "b": {"c"}, "c": set()}) is None

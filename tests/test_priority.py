@@ -1,4 +1,4 @@
-"""Moving weights yields to the trainer: per-thread nice values (ops/priority.py).
+"""Moving weights yields to the trainer: per-thread nice values (net/priority.py).
 
 The data plane (exchange loop, and the copy/hash workers it starts) runs DATA_PLANE_NICE_STEP
 nicer than the daemon; the main loop (control plane, API, watchdog) and the trainer keep the
@@ -19,7 +19,7 @@ from swarmtools import trainer_pid
 
 from peerfed.localswarm import LocalSwarm
 from peerfed.net.dataplane import DataPlane
-from peerfed.ops.priority import DATA_PLANE_NICE_STEP, lower_thread_priority
+from peerfed.net.priority import DATA_PLANE_NICE_STEP, lower_thread_priority
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux")
 

@@ -3,7 +3,7 @@
 Moving 100 MiB each way costs the event loop that does it tens of milliseconds of CPU
 (socket copies, aiohttp), and on a machine with no idle core that time comes out of the
 trainer's. So the exchange runs on its own thread and loop at a lower CPU priority (nice
-+10, ops/priority.py; its copy/hash workers inherit it), while the main loop - control plane,
++10, net/priority.py; its copy/hash workers inherit it), while the main loop - control plane,
 local API, systemd watchdog - keeps the daemon's priority and answers peers promptly however
 busy the trainer is. The daemon calls the Exchange only through this class: each coroutine
 runs on the data-plane loop, and cancelling the caller cancels it there.
@@ -21,7 +21,7 @@ import uvloop
 
 from peerfed.core.manifest import Manifest
 from peerfed.net.exchange import Exchange
-from peerfed.ops.priority import DATA_PLANE_NICE_STEP, lower_thread_priority
+from peerfed.net.priority import DATA_PLANE_NICE_STEP, lower_thread_priority
 
 T = TypeVar("T")
 

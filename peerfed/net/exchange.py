@@ -32,6 +32,7 @@ from peerfed.core.envelope import Envelope, ModelRequest, Verifier, decode, seal
 from peerfed.core.errors import ProtocolError, Rejected
 from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
+from peerfed.errors import TrainerUnavailable
 from peerfed.net.transfer import (
     MANIFEST_HEADER,
     REQUEST_HEADER,
@@ -49,8 +50,7 @@ from peerfed.net.transfer import (
     send_snapshot,
     wire_length,
 )
-from peerfed.ops.api import serve
-from peerfed.train.shared import TrainerUnavailable
+from peerfed.serving import serve
 
 log = logging.getLogger("peerfed.exchange")
 

@@ -32,7 +32,8 @@ from libp2p import new_host
 from libp2p.abc import INetConn, INotifee
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
-from libp2p.host.ping import ID as PING_PROTOCOL, perform_ping_roundtrip
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import perform_ping_roundtrip
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -44,9 +45,22 @@ from libp2p.stream_muxer.yamux.yamux import Yamux
 from peerfed.core.framing import FrameDecoder, encode_frame
 from peerfed.errors import AddressInUseError, ConfigError
 from peerfed.net.bridge import Bridge
-from peerfed.ops.logs import adopt_libp2p_logger
 
 log = logging.getLogger("peerfed.p2p")
+
+
+def adopt_libp2p_logger() -> None:
+    """py-libp2p cuts its logger off from ours when imported (unless LIBP2P_DEBUG is set),
+    which would hide its warnings; call again after importing it."""
+    libp2p_logger = logging.getLogger("libp2p")
+    libp2p_logger.propagate = True
+    libp2p_logger.setLevel(logging.NOTSET)
+    # Every failed dial to a peer that is down logs an ERROR here, several a second; the
+    # membership service logs each failed attempt once, with its reason.
+    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
+    logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)  # we stop it
+
+
 adopt_libp2p_logger()
 
 # Called from trio for an inbound request: (remote PeerID, request bytes) -> reply bytes.

@@ -7,7 +7,6 @@ the one action, POST /exchange, asks for an exchange the node would make anyway.
 
 from __future__ import annotations
 
-import errno
 import json
 import urllib.error
 import urllib.request
@@ -16,7 +15,8 @@ from typing import Any
 
 from aiohttp import web
 
-from peerfed.errors import AddressInUseError, ConfigError, NotRunningError
+from peerfed.errors import NotRunningError
+from peerfed.serving import serve
 
 JSONSource = Callable[[], Any]
 
@@ -72,25 +72,6 @@ class LocalAPI:
             raise web.HTTPNotFound(text="metrics are not enabled\n")
         body, content_type = self._metrics()
         return web.Response(body=body, headers={"Content-Type": content_type})
-
-
-async def serve(app: web.Application, host: str, port: int, *, setting: str,
-                shutdown_timeout: float = 60.0) -> tuple[web.AppRunner, int]:
-    """Serve ``app`` on host:port; returns the runner and the bound port (port 0 picks one).
-    A port in use is AddressInUseError and any other bind failure a ConfigError, both naming
-    the config ``setting``."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    try:
-        await site.start()
-    except OSError as exc:
-        await runner.cleanup()
-        if exc.errno == errno.EADDRINUSE:
-            raise AddressInUseError(f"{setting}: {host}:{port} is already in use") from exc
-        raise ConfigError(f"{setting}: cannot listen on {host}:{port}: {exc.strerror}") from exc
-    sockets = getattr(site._server, "sockets", None) or []  # aiohttp keeps the asyncio server here
-    return runner, (sockets[0].getsockname()[1] if sockets else port)
 
 
 def fetch_json(host: str, port: int, path: str, timeout: float = 5.0) -> Any:

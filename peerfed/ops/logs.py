@@ -113,16 +113,3 @@ def _apply_level(levelno: int) -> None:
     # Records from "peerfed.*" reach the root handler whatever the root level is; the root
     # level only filters other libraries, whose debug output would drown ours.
     logging.getLogger().setLevel(max(levelno, logging.WARNING))
-    adopt_libp2p_logger()
-
-
-def adopt_libp2p_logger() -> None:
-    """py-libp2p cuts its logger off from ours when imported (unless LIBP2P_DEBUG is set),
-    which would hide its warnings; call again after importing it."""
-    libp2p_logger = logging.getLogger("libp2p")
-    libp2p_logger.propagate = True
-    libp2p_logger.setLevel(logging.NOTSET)
-    # Every failed dial to a peer that is down logs an ERROR here, several a second; the
-    # membership service logs each failed attempt once, with its reason.
-    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
-    logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)  # we stop it

@@ -38,6 +38,7 @@ from peerfed.averaging import (
     merge_,
     unflatten_from,
 )
+from peerfed.errors import TrainerUnavailable
 
 # Control block slots (int64 each).
 PROGRESS = 0  # +1 per training step, never reset (the watchdog's heartbeat)
@@ -387,10 +388,6 @@ class SharedWeights:
         except TrainerUnavailable:
             pass  # dead: a restarted trainer starts with a clean mailbox
         raise TrainerUnavailable("trainer did not serve the request")
-
-
-class TrainerUnavailable(RuntimeError):
-    """The trainer is not running or not ready right now (e.g. restarting); try later."""
 
 
 @contextmanager
