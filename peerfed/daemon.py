@@ -9,6 +9,7 @@ raises a PeerfedError with one clear line, which the CLI maps to an exit code.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import random
@@ -53,7 +54,7 @@ class Daemon:
         self.host: P2PHost | None = None
         self.membership: Membership | None = None
         self.api: LocalAPI | None = None
-        self.trainer: Any = None      # TrainerHandle when training is enabled
+        self.trainer: Any = None      # TrainerSupervisor when training is enabled
         self.exchange: Any = None     # Exchange when training is enabled (lives on data_plane)
         self.data_plane: Any = None   # DataPlane: the thread and loop the exchange runs on
         self.gossip: Any = None       # GossipLoop when training is enabled
@@ -90,7 +91,7 @@ class Daemon:
                             metrics=self._render_metrics, exchange_now=self.exchange_now)
         await self.api.start()
         if self.trainer is not None:
-            self.membership.set_own_fields(exchange_url=self.exchange_url, fingerprint=self.trainer.fingerprint)
+            self.membership.set_own_fields(exchange_url=self.exchange_url, fingerprint=self.trainer.weights.fingerprint)
         await self.membership.start()
         if self.trainer is not None:
             self._tasks.append(asyncio.create_task(self._sync_then_train(), name="sync_then_train"))
@@ -106,12 +107,12 @@ class Daemon:
         from peerfed.net.dataplane import DataPlane
         from peerfed.net.exchange import Exchange
         from peerfed.net.gossip import GossipLoop
+        from peerfed.train.supervisor import TrainerError, TrainerSupervisor
         from peerfed.train.tasks import TrainSettings
-        from peerfed.train.trainer import TrainerError, TrainerHandle
 
         torch.set_num_threads(1)  # the daemon only copies and merges; cores are the trainer's
         cfg = self.config
-        self.trainer = TrainerHandle(TrainSettings.from_config(cfg))
+        self.trainer = TrainerSupervisor(TrainSettings.from_config(cfg))
         self.trainer.start()
         try:
             info = await asyncio.to_thread(self.trainer.wait_ready, 300.0)
@@ -122,7 +123,7 @@ class Daemon:
         # The exchange runs on the data-plane thread (its own loop, lower CPU priority); its
         # callbacks only touch thread-safe prometheus metrics.
         self.exchange = Exchange(
-            signer=self.signer, network=cfg.network, weights=self.trainer, verifier=self._new_verifier(),
+            signer=self.signer, network=cfg.network, weights=self.trainer.weights, verifier=self._new_verifier(),
             max_incoming=cfg.exchange.max_incoming, connect_timeout=cfg.exchange.connect_timeout,
             transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=self.metrics.rejected,
             on_finished=lambda role, outcome, duration, sent, got: self.metrics.exchange_finished(
@@ -140,7 +141,7 @@ class Daemon:
     async def _sync_then_train(self) -> None:
         """State sync (a newcomer starts from a peer's model), then training and gossip."""
         init = self.config.train.init
-        resumed = self.trainer.ready_info.resumed_step > 0
+        resumed = self.trainer.weights.ready_info.resumed_step > 0
         peers_known = bool(self.config.p2p.bootstrap) or len(self.membership.table) > 0
         if init == "peer" or (init == "auto" and not resumed and peers_known):
             # A fresh random init is not ours to share until the sync replaces it (Exchange
@@ -161,7 +162,7 @@ class Daemon:
 
 
         deadline = None if wait is None else time.monotonic() + wait
-        buffer = torch.empty(self.trainer.numel, dtype=torch.float32)
+        buffer = torch.empty(self.trainer.weights.numel, dtype=torch.float32)
         say_waiting_at = time.monotonic() + 60.0
         while deadline is None or time.monotonic() < deadline:
             candidates = self._exchange_candidates()
@@ -176,7 +177,7 @@ class Daemon:
                     continue
                 clock = (manifest.schedule_step, manifest.seconds_trained)
                 try:
-                    await asyncio.to_thread(self.trainer.load_weights, buffer, clock)
+                    await asyncio.to_thread(self.trainer.weights.load_weights, buffer, clock)
                 except TrainerUnavailable as exc:  # it restarted meanwhile: fetch again once it is back
                     log.warning("state sync: trainer unavailable (%s); trying again", exc)
                     break
@@ -193,13 +194,12 @@ class Daemon:
             await asyncio.sleep(POLL_INTERVAL)
             self.trainer.poll()
             stats = self.trainer.statistics()
-            self.metrics.update_training(stats["step"], stats["samples"], stats.get("loss"),
-                                         stats["metrics"].get("accuracy"))
-            for _ in range(stats["restarts"] - restarts):
+            self.metrics.update_training(stats.step, stats.samples, stats.loss, stats.metrics.get("accuracy"))
+            for _ in range(stats.restarts - restarts):
                 self.metrics.trainer_restarted()
-            restarts = stats["restarts"]
-            if stats.get("last_checkpoint"):
-                self.metrics.checkpoint_saved(stats["last_checkpoint"].get("time"))
+            restarts = stats.restarts
+            if stats.last_checkpoint is not None:
+                self.metrics.checkpoint_saved(stats.last_checkpoint.time)
             if self.membership is not None:
                 self.metrics.set_peers_connected(len(self.membership.connected_peers()))
 
@@ -289,7 +289,7 @@ class Daemon:
             self._loop_ticks += 1   # this line running at all is the event loop's progress
             now = time.monotonic()
             if gate is not None:
-                training = self.trainer is not None and self.trainer.statistics()["training"]
+                training = self.trainer is not None and self.trainer.statistics().training
                 # Before training begins (state sync) there is no trainer heartbeat to ask for.
                 trainer_progress = self.trainer.progress_counter() if training else self._loop_ticks
                 if gate.should_ping(now, self._loop_ticks, trainer_progress):
@@ -303,9 +303,9 @@ class Daemon:
         parts = [f"peers {peers}"]
         if self.trainer is not None:
             stats = self.trainer.statistics()
-            parts.append(f"step {stats['step']}")
-            if stats["metrics"].get("accuracy") is not None:
-                parts.append(f"accuracy {stats['metrics']['accuracy']:.3f}")
+            parts.append(f"step {stats.step}")
+            if stats.metrics.get("accuracy") is not None:
+                parts.append(f"accuracy {stats.metrics['accuracy']:.3f}")
         last = self.exchange.last_exchange if self.exchange is not None else None
         if last:
             parts.append(f"last exchange {last['outcome']} {time.time() - last['at']:.0f} s ago")
@@ -365,7 +365,7 @@ class Daemon:
         live = set(self.membership.connected_peers())
         table = self.membership.table
         out = {}
-        for peer_id in table.exchange_candidates(self.trainer.fingerprint):
+        for peer_id in table.exchange_candidates(self.trainer.weights.fingerprint):
             info = table.get(peer_id)
             if peer_id in live and info is not None and info.exchange_url:
                 out[peer_id] = info.exchange_url
@@ -389,8 +389,8 @@ class Daemon:
         }
         if self.trainer is not None:
             stats = self.trainer.statistics()
-            status.update(step=stats["step"], samples=stats["samples"], metrics=stats["metrics"],
-                          loss=stats["loss"], trainer=stats, state_sync=self.state_sync)
+            status.update(step=stats.step, samples=stats.samples, metrics=dict(stats.metrics),
+                          loss=stats.loss, trainer=dataclasses.asdict(stats), state_sync=self.state_sync)
         if self.exchange is not None:
             ex = self.exchange.statistics()
             status["exchanges"] = {k: ex[k] for k in ("ok", "refused", "failed", "busy")}

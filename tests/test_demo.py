@@ -9,7 +9,6 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -17,8 +16,8 @@ import torch
 from peerfed.baselines import options_over_steps, train_allreduce, train_local_only
 from peerfed.core.peerid import is_valid_peer_id
 from peerfed.demo import DemoSettings, add_demo_arguments, cmd_demo
+from peerfed.train.supervisor import TrainerStats, TrainerSupervisor
 from peerfed.train.tasks import TrainSettings, lr_factor, lr_schedule_from_options
-from peerfed.train.trainer import TrainerHandle
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_TRAIN_SIZE = 1437
@@ -99,23 +98,23 @@ def test_trainer_follows_the_schedule_and_stamps_evaluations(tmp_path: Path) -> 
         task="digits-mlp", device="cpu", threads=1, eval_interval=0.2, lr=0.05,
         options={"lr_schedule": "linear", "lr_schedule_steps": 200, "lr_min": 0.1},
     )
-    with TrainerHandle(settings) as handle:
+    with TrainerSupervisor(settings) as handle:
         handle.start()
         handle.wait_ready(60.0)
         handle.begin_training()
         deadline = time.monotonic() + 60.0
-        seen: list[dict[str, Any]] = []
+        seen: list[TrainerStats] = []
         while time.monotonic() < deadline:
             handle.poll()
             stats = handle.statistics()
             seen.append(stats)
-            if stats["step"] > 400 and stats["evaluated_step"] and stats["evaluated_step"] > 250:
+            if stats.step > 400 and stats.evaluated_step and stats.evaluated_step > 250:
                 break
             time.sleep(0.05)
         else:
             pytest.fail(f"trainer did not get past 400 steps: {seen[-1]}")
-    assert stats["lr"] == pytest.approx(0.005)  # 0.05 * lr_min once the 200 steps are over
-    stamps = [s["evaluated_at"] for s in seen if s["evaluated_at"] is not None]
+    assert stats.lr == pytest.approx(0.005)  # 0.05 * lr_min once the 200 steps are over
+    stamps = [s.evaluated_at for s in seen if s.evaluated_at is not None]
     assert stamps and stamps == sorted(stamps) and stamps[-1] > stamps[0]
     assert abs(stamps[-1] - time.time()) < 30
 

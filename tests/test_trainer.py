@@ -1,10 +1,14 @@
-"""The trainer process and its handle: a real child process training digits-mlp on CPU."""
+"""The trainer process, its supervisor and its weights port: a real child process training digits-mlp on CPU."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import multiprocessing as mp
 import os
+import pickle
 import signal
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -14,10 +18,27 @@ import pytest
 import torch
 
 from peerfed.averaging import FlatLayout, check_values
+from peerfed.errors import TrainerUnavailable
 from peerfed.train.checkpoint import list_checkpoints, load_newest_valid
-from peerfed.train.shared import REQ_LOAD, REQ_MERGE, REQ_SNAPSHOT, WeightStore
+from peerfed.train.messages import (
+    Attach,
+    CheckpointInfo,
+    CheckpointSaved,
+    Failed,
+    Hello,
+    Ready,
+    ReadyInfo,
+    SetClock,
+    Start,
+    Stats,
+    Stop,
+    Stopped,
+)
+from peerfed.train.shm import REQ_LOAD, REQ_MERGE, REQ_SNAPSHOT, ControlBlock
+from peerfed.train.supervisor import TrainerError, TrainerStats, TrainerSupervisor
 from peerfed.train.tasks import TrainSettings
-from peerfed.train.trainer import TrainerError, TrainerHandle, TrainerUnavailable
+from peerfed.train.weight_store import WeightStore
+from peerfed.train.weights_port import TrainerLink, WeightsPort
 
 READY_TIMEOUT = 60.0
 
@@ -31,7 +52,7 @@ def settings(tmp_path: Path, **kw: Any) -> TrainSettings:
     return TrainSettings(**base)
 
 
-def wait_for(handle: TrainerHandle, condition: Callable[[dict[str, Any]], bool], timeout: float = 30.0) -> dict[str, Any]:
+def wait_for(handle: TrainerSupervisor, condition: Callable[[TrainerStats], bool], timeout: float = 30.0) -> TrainerStats:
     deadline = time.monotonic() + timeout
     while True:
         handle.poll()
@@ -43,143 +64,144 @@ def wait_for(handle: TrainerHandle, condition: Callable[[dict[str, Any]], bool],
 
 
 @pytest.fixture
-def handles() -> Iterator[list[TrainerHandle]]:
-    made: list[TrainerHandle] = []
+def handles() -> Iterator[list[TrainerSupervisor]]:
+    made: list[TrainerSupervisor] = []
     yield made
     for h in made:
         h.stop(timeout=5)
 
 
-def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path, handles: list[TrainerHandle]) -> None:
-    handle = TrainerHandle(settings(tmp_path))
+def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path, handles: list[TrainerSupervisor]) -> None:
+    handle = TrainerSupervisor(settings(tmp_path))
     handles.append(handle)
     with pytest.raises(TrainerUnavailable):
-        handle.snapshot_into(torch.empty(1))
+        handle.weights.snapshot_into(torch.empty(1))
     handle.start()
     info = handle.wait_ready(READY_TIMEOUT)
     assert info.mode == "direct" and info.device == "cpu" and info.num_samples == 1437
     assert info.nbytes == 4 * info.numel == 4 * (64 * 32 + 32 + 32 * 10 + 10)
-    assert info.resumed_step == 0 and handle.fingerprint == info.fingerprint
+    assert info.resumed_step == 0 and handle.weights.fingerprint == info.fingerprint
     time.sleep(0.3)
-    assert handle.statistics()["step"] == 0  # waits for begin_training
+    assert handle.statistics().step == 0  # waits for begin_training
     handle.begin_training()
     began = time.monotonic()
-    stats = wait_for(handle, lambda s: s["step"] > 300 and s["metrics"])
-    assert 0.0 <= stats["metrics"]["accuracy"] <= 1.0 and stats["alive"] and stats["training"]
+    stats = wait_for(handle, lambda s: s.step > 300 and s.metrics)
+    assert 0.0 <= stats.metrics["accuracy"] <= 1.0 and stats.alive and stats.training
 
     first, second = torch.empty(info.numel), torch.empty(info.numel)
-    handle.snapshot_into(first)
-    wait_for(handle, lambda s: s["step"] > stats["step"] + 100)
-    handle.snapshot_into(second)
+    handle.weights.snapshot_into(first)
+    wait_for(handle, lambda s: s.step > stats.step + 100)
+    handle.weights.snapshot_into(second)
     assert check_values(first) is None and check_values(second) is None
     assert not torch.equal(first, second)  # taken while training
     with pytest.raises(ValueError):
-        handle.snapshot_into(torch.empty(info.numel + 1))
+        handle.weights.snapshot_into(torch.empty(info.numel + 1))
 
     # kill -9: restarted from its last checkpoint, training again without being told
-    with_checkpoint = wait_for(handle, lambda s: s["last_checkpoint"] is not None and s["last_checkpoint"]["step"] > 0)
+    with_checkpoint = wait_for(handle, lambda s: s.last_checkpoint is not None and s.last_checkpoint.step > 0)
     progress = handle.progress_counter()
-    os.kill(handle._gen.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-    wait_for(handle, lambda s: not s["alive"], timeout=5)
-    killed_at = handle.statistics()["step"]
-    checkpointed = handle.statistics()["last_checkpoint"]["step"]
-    assert checkpointed >= with_checkpoint["last_checkpoint"]["step"]
+    os.kill(handle._process.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    wait_for(handle, lambda s: not s.alive, timeout=5)
+    killed_at = handle.statistics().step
+    checkpointed = handle.statistics().last_checkpoint.step
+    assert checkpointed >= with_checkpoint.last_checkpoint.step
     with pytest.raises(TrainerUnavailable):
-        handle.snapshot_into(first)
-    after = wait_for(handle, lambda s: s["ready"], timeout=READY_TIMEOUT)
-    assert after["restarts"] == 1
-    resumed = handle.ready_info.resumed_step
+        handle.weights.snapshot_into(first)
+    after = wait_for(handle, lambda s: s.ready, timeout=READY_TIMEOUT)
+    assert after.restarts == 1
+    resumed = handle.weights.ready_info.resumed_step
     assert checkpointed <= resumed <= killed_at  # (a checkpoint may land just before the kill)
     # the lr schedule's clock goes on from the checkpoint instead of starting over
-    assert 0.0 < handle.ready_info.resumed_seconds < time.monotonic() - began
-    steps_per_interval = stats["steps_per_s"] * 0.5
+    assert 0.0 < handle.weights.ready_info.resumed_seconds < time.monotonic() - began
+    steps_per_interval = stats.steps_per_s * 0.5
     assert killed_at - resumed <= max(2 * steps_per_interval, 2000)  # lost at most ~one interval
-    wait_for(handle, lambda s: s["step"] > checkpointed + 50)
+    wait_for(handle, lambda s: s.step > checkpointed + 50)
     assert handle.progress_counter() > progress  # heartbeat keeps counting across restarts
 
     handle.stop(timeout=10)
-    final_step = handle.statistics()["last_checkpoint"]["step"]
+    final_step = handle.statistics().last_checkpoint.step
     found = load_newest_valid(tmp_path / "checkpoints")
     assert found is not None
     path, data = found
     assert data["step"] == final_step > checkpointed and data["fingerprint"] == info.fingerprint
     assert len(list_checkpoints(tmp_path / "checkpoints")) <= 3
-    assert not handle.statistics()["alive"]
+    assert not handle.statistics().alive
 
 
-def test_a_donors_lr_clock_goes_on_and_survives_a_restart(tmp_path: Path, handles: list[TrainerHandle]) -> None:
+def test_a_donors_lr_clock_goes_on_and_survives_a_restart(tmp_path: Path, handles: list[TrainerSupervisor]) -> None:
     # cosine over 1M steps: taking over a donor's clock at step 500k starts at half the lr.
     options = {"lr_schedule": "cosine", "lr_schedule_steps": 1_000_000}
-    handle = TrainerHandle(settings(tmp_path, lr=0.1, options=options))
+    handle = TrainerSupervisor(settings(tmp_path, lr=0.1, options=options))
     handles.append(handle)
     handle.start()
     handle.wait_ready(READY_TIMEOUT)
-    own = torch.empty(handle.numel)
-    handle.snapshot_into(own)
-    handle.load_weights(own, lr_clock=(500_000, 300.0))  # as state sync does
+    own = torch.empty(handle.weights.numel)
+    handle.weights.snapshot_into(own)
+    handle.weights.load_weights(own, lr_clock=(500_000, 300.0))  # as state sync does
     began = time.monotonic()
     handle.begin_training()
-    stats = wait_for(handle, lambda s: s["step"] > 50 and s["seconds_trained"] > 300.0)  # stats of a trained step
-    assert stats["schedule_step"] - stats["step"] == 500_000
-    assert stats["seconds_trained"] < 300.0 + (time.monotonic() - began)
-    assert 0.04 < stats["lr"] < 0.05 + 1e-6  # 0.1 * cosine factor just past its middle, not 0.1
-    assert handle.lr_clock()[0] >= stats["schedule_step"]
+    stats = wait_for(handle, lambda s: s.step > 50 and s.seconds_trained > 300.0)  # stats of a trained step
+    assert stats.schedule_step - stats.step == 500_000
+    assert stats.seconds_trained < 300.0 + (time.monotonic() - began)
+    assert 0.04 < stats.lr < 0.05 + 1e-6  # 0.1 * cosine factor just past its middle, not 0.1
+    assert handle.lr_clock()[0] >= stats.schedule_step
 
     # the clock is checkpointed: a restarted trainer goes on from it, not from its own step
-    checkpointed = wait_for(handle, lambda s: (s["last_checkpoint"] or {}).get("step", 0) > 0)["last_checkpoint"]
-    os.kill(handle._gen.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-    wait_for(handle, lambda s: s["ready"] and s["restarts"] == 1, timeout=READY_TIMEOUT)
-    after = wait_for(handle, lambda s: s["step"] > handle.ready_info.resumed_step)
-    assert after["schedule_step"] - after["step"] == 500_000
-    assert handle.ready_info.resumed_seconds > 300.0
+    checkpointed = wait_for(handle, lambda s: s.last_checkpoint is not None and s.last_checkpoint.step > 0).last_checkpoint
+    assert checkpointed is not None
+    os.kill(handle._process.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    wait_for(handle, lambda s: s.ready and s.restarts == 1, timeout=READY_TIMEOUT)
+    after = wait_for(handle, lambda s: s.step > handle.weights.ready_info.resumed_step)
+    assert after.schedule_step - after.step == 500_000
+    assert handle.weights.ready_info.resumed_seconds > 300.0
     data = load_newest_valid(tmp_path / "checkpoints")
     assert data is not None and data[1]["schedule_step"] - data[1]["step"] == 500_000
-    assert data[1]["step"] >= checkpointed["step"]
+    assert data[1]["step"] >= checkpointed.step
 
 
 @pytest.mark.parametrize("mirror", [False, True], ids=["direct", "mirror"])
-def test_load_and_merge_are_exact_on_a_frozen_trainer(tmp_path: Path, handles: list[TrainerHandle], mirror: bool) -> None:
+def test_load_and_merge_are_exact_on_a_frozen_trainer(tmp_path: Path, handles: list[TrainerSupervisor], mirror: bool) -> None:
     # lr = 0: steps run but leave the weights as they are, so the effects can be checked exactly.
-    handle = TrainerHandle(settings(tmp_path, lr=0.0, checkpoint_dir=None), _force_mirror=mirror)
+    handle = TrainerSupervisor(settings(tmp_path, lr=0.0, checkpoint_dir=None), _force_mirror=mirror)
     handles.append(handle)
     handle.start()
     info = handle.wait_ready(READY_TIMEOUT)
     assert info.mode == ("mirror" if mirror else "direct")
 
     peer = torch.randn(info.numel, generator=torch.Generator().manual_seed(7)) * 0.1
-    handle.load_weights(peer)  # state sync before the first step
+    handle.weights.load_weights(peer)  # state sync before the first step
     got = torch.empty(info.numel)
-    handle.snapshot_into(got)
+    handle.weights.snapshot_into(got)
     assert torch.equal(got, peer)
 
     handle.begin_training()
-    wait_for(handle, lambda s: s["step"] > 100)
+    wait_for(handle, lambda s: s.step > 100)
     sent = torch.empty(info.numel)
-    handle.snapshot_into(sent)
+    handle.weights.snapshot_into(sent)
     assert torch.equal(sent, peer)
-    handle.merge(sent + 1.0, sent, 0.25)  # while it trains
-    handle.snapshot_into(got)
+    handle.weights.merge(sent + 1.0, sent, 0.25)  # while it trains
+    handle.weights.snapshot_into(got)
     assert torch.allclose(got, sent + 0.25, atol=1e-6)
     # the trainer really trains on the merged weights: its evaluation sees them
-    handle.load_weights(torch.zeros(info.numel))
-    wait_for(handle, lambda s: abs(s["metrics"].get("loss", 0.0) - 2.302585) < 1e-4, timeout=10)
+    handle.weights.load_weights(torch.zeros(info.numel))
+    wait_for(handle, lambda s: abs(s.metrics.get("loss", 0.0) - 2.302585) < 1e-4, timeout=10)
 
 
-def test_bad_task_fails_fast_with_its_name(tmp_path: Path, handles: list[TrainerHandle]) -> None:
-    handle = TrainerHandle(settings(tmp_path, task="no_such_module_qq:factory"))
+def test_bad_task_fails_fast_with_its_name(tmp_path: Path, handles: list[TrainerSupervisor]) -> None:
+    handle = TrainerSupervisor(settings(tmp_path, task="no_such_module_qq:factory"))
     handles.append(handle)
     handle.start()
     with pytest.raises(TrainerError, match="no_such_module_qq"):
         handle.wait_ready(READY_TIMEOUT)
-    assert not handle.statistics()["alive"] and handle.statistics()["restarts"] == 0
+    assert not handle.statistics().alive and handle.statistics().restarts == 0
 
 
 def _run_daemon_then_die(checkpoint_dir: str, pid_file: str) -> None:
-    handle = TrainerHandle(settings(Path(checkpoint_dir), checkpoint_interval=1000.0))
+    handle = TrainerSupervisor(settings(Path(checkpoint_dir), checkpoint_interval=1000.0))
     handle.start()
     handle.wait_ready(READY_TIMEOUT)
     handle.begin_training()
-    Path(pid_file).write_text(str(handle._gen.process.pid))  # type: ignore[union-attr]
+    Path(pid_file).write_text(str(handle._process.process.pid))  # type: ignore[union-attr]
     time.sleep(60)
 
 
@@ -216,13 +238,13 @@ def _alive(pid: int) -> bool:
 
 
 def test_stop_before_ready_and_stop_twice(tmp_path: Path) -> None:
-    handle = TrainerHandle(settings(tmp_path))
+    handle = TrainerSupervisor(settings(tmp_path))
     handle.start()
     handle.stop(timeout=20)  # the child may still be importing torch
     handle.stop()
-    assert not handle.statistics()["alive"]
+    assert not handle.statistics().alive
     with pytest.raises(TrainerUnavailable):
-        handle.snapshot_into(torch.empty(1))
+        handle.weights.snapshot_into(torch.empty(1))
 
 
 # --------------------------------------------------------------- trainer-side weight store, in-process
@@ -251,3 +273,74 @@ def test_weight_store_serves_requests(dtype: torch.dtype) -> None:
     store.serve(REQ_LOAD)
     assert model[1].bias[1].item() == shared.numel() - 1
     assert shared.data_ptr() != model[0].weight.data_ptr()  # mirrored, not shared
+
+
+# --------------------------------------------------------------- the boundary's types and the port, in-process
+
+STATUS_KEYS = [
+    "step", "samples", "metrics", "loss", "steps_per_s", "evaluated_at", "evaluated_step", "lr", "schedule_step",
+    "seconds_trained", "device", "mode", "num_samples", "alive", "ready", "training", "restarts", "progress",
+    "last_progress_age_s", "last_checkpoint", "last_error",
+]
+INFO = ReadyInfo(fingerprint="f" * 64, nbytes=40, numel=10, num_samples=7, device="cpu", mode="direct",
+                 resumed_step=0, resumed_samples=0, resumed_seconds=0.0, resumed_from=None)
+
+
+def test_trainer_stats_keep_the_status_keys() -> None:
+    stats = TrainerStats(metrics={"accuracy": 0.5}, last_checkpoint=CheckpointInfo("ckpt", 3, 96, 1.0))
+    view = dataclasses.asdict(stats)  # the daemon's /status "trainer" (tests, the demo, operators)
+    assert list(view) == STATUS_KEYS
+    assert view["last_checkpoint"] == {"path": "ckpt", "step": 3, "samples": 96, "time": 1.0}
+    assert json.loads(json.dumps(view))["metrics"] == {"accuracy": 0.5}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.step = 1  # type: ignore[misc]
+    # the supervisor copies a Stats report into TrainerStats field by field name
+    assert {f.name for f in dataclasses.fields(Stats)} <= set(STATUS_KEYS)
+
+
+@pytest.mark.parametrize("message", [
+    Attach("peerfed_1_a", None), SetClock(500_000, 300.0), Start(), Stop(),
+    Hello("f" * 64, 10, True), Ready(INFO), Stats(step=3, samples=96, metrics={"loss": 2.3}, lr=0.1),
+    CheckpointSaved(CheckpointInfo("ckpt", 3, 96, 1.0)), Failed("boom"), Stopped(None),
+], ids=lambda m: type(m).__name__)
+def test_messages_cross_the_process_boundary_as_they_are(message: object) -> None:
+    assert pickle.loads(pickle.dumps(message)) == message
+
+
+def test_weights_port_refuses_unless_connected_to_a_live_trainer() -> None:
+    control = ControlBlock.create()
+    port = WeightsPort(lambda: (12, 3.5))
+    sent: list[object] = []
+    alive = [True]
+    link = TrainerLink(threading.Lock(), lambda: alive[0], sent.append)
+    try:
+        with pytest.raises(TrainerUnavailable, match="not running"):
+            port.snapshot_into(torch.empty(10))
+        with pytest.raises(TrainerUnavailable, match="not ready yet"):
+            port.fingerprint
+        port.attach(control, 10, mirror=False)
+        port.disconnect("trainer not ready")
+        with pytest.raises(TrainerUnavailable, match="not ready"):
+            port.load_weights(torch.ones(10))
+        port.connect(link, INFO)
+        assert (port.fingerprint, port.nbytes, port.numel, port.num_samples) == ("f" * 64, 40, 10, 7)
+        assert port.lr_clock() == (12, 3.5)
+        port.load_weights(torch.arange(10.0), lr_clock=(500, 2.0))
+        assert sent == [SetClock(500, 2.0)]  # the donor's clock goes to the trainer
+        got = torch.empty(10)
+        port.snapshot_into(got)
+        assert torch.equal(got, torch.arange(10.0))
+        port.merge(got + 2.0, got, 0.5)
+        port.begin_snapshot()
+        port.snapshot_range(got, 0, 10)
+        assert torch.equal(got, torch.arange(10.0) + 1.0)
+        with pytest.raises(ValueError):
+            port.merge(got, got, float("nan"))
+        alive[0] = False  # died, and the supervisor has not noticed yet
+        with pytest.raises(TrainerUnavailable, match="not running"):
+            port.snapshot_into(got)
+    finally:
+        port.close()
+        control.close()
+    with pytest.raises(TrainerUnavailable, match="stopped"):
+        port.snapshot_into(torch.empty(10))

@@ -150,3 +150,11 @@ def load_newest_valid(directory: Path, *, quarantine: bool = True) -> tuple[Path
                 except OSError as rename_exc:
                     log.warning("cannot set aside %s: %s", path, rename_exc)
     return None
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Restore the optimizer's state (momentum etc.) but keep the configured hyperparameters."""
+    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, settings in zip(optimizer.param_groups, configured):
+        group.update(settings)

@@ -1,9 +1,13 @@
 """The trainer process: an ordinary PyTorch loop, read top to bottom in ``_Child.run``.
 
 It sets torch's thread count before its first op, builds the task, resumes from the newest
-valid checkpoint, reports ready, waits for "start" (the daemon may first load a peer's weights:
-state sync), then trains continuously, evaluates every eval_interval, publishes statistics,
-writes checkpoints, and never waits for the network. The daemon's side is trainer.py.
+valid checkpoint, says Hello and attaches the shared weights the daemon hands over, reports
+Ready, waits for Start (the daemon may first load a peer's weights: state sync), then trains
+continuously, evaluates every eval_interval, reports Stats, writes checkpoints, and never
+waits for the network. Messages are messages.py's; the daemon's side is supervisor.py.
+
+Owner: the trainer process's one thread. It only talks to the daemon through its DaemonLine
+(daemon_line.py): the command pipe, the event queue, the control block and the weights lock.
 """
 
 from __future__ import annotations
@@ -13,28 +17,52 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.queues import Queue
+from multiprocessing.synchronize import Lock
 from typing import Any
 
 import torch
+from torch import nn
 
 from peerfed.averaging import FlatLayout
-from peerfed.train.checkpoint import load_newest_valid, save_checkpoint
-from peerfed.train.shared import DONE, PROGRESS, SAMPLES, STEP, ControlBlock, SharedTensor, WeightStore
-from peerfed.train.tasks import NodeContext, TaskLoadError, TrainSettings, load_task_factory
+from peerfed.train.checkpoint import (
+    load_newest_valid,
+    load_optimizer_state,
+    save_checkpoint,
+)
+from peerfed.train.daemon_line import DaemonLine, ParentGone
+from peerfed.train.messages import (
+    Attach,
+    CheckpointInfo,
+    CheckpointSaved,
+    Failed,
+    Hello,
+    Ready,
+    ReadyInfo,
+    SetClock,
+    Start,
+    Stats,
+    Stop,
+    Stopped,
+    TrainerCommand,
+    TrainerEvent,
+)
+from peerfed.train.shm import DONE, PROGRESS, SAMPLES, STEP
+from peerfed.train.tasks import (
+    NodeContext,
+    TaskLoadError,
+    TrainSettings,
+    load_task_factory,
+)
+from peerfed.train.weight_store import WeightStore
 
 log = logging.getLogger("peerfed.trainer")
-# Everything below runs in the child. It only talks to the daemon through the queue, the pipe,
-# the control block and the lock.
 
 STATS_INTERVAL_S = 1.0
 HOUSEKEEPING_INTERVAL_S = 0.05
-PARENT_CHECK_INTERVAL_S = 1.0
 LOSS_EMA_DECAY = 0.98
-
-
-class _ParentGone(Exception):
-    pass
 
 
 class _Stopped(Exception):
@@ -64,10 +92,10 @@ def pick_device(spec: str) -> torch.device:
 def run_child(
     settings: TrainSettings,
     force_mirror: bool,
-    commands: Any,
-    events: Any,
+    commands: Connection,
+    events: Queue[TrainerEvent],
     control_name: str,
-    lock: Any,
+    lock: Lock,
     parent_pid: int,
 ) -> None:
     """Entry point of the trainer process."""
@@ -78,67 +106,87 @@ def run_child(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     logging.basicConfig(level=logging.INFO, format="peerfed-trainer: %(levelname)s %(name)s: %(message)s")
-    child = _Child(settings, force_mirror, commands, events, control_name, lock, parent_pid)
+    line = DaemonLine(commands, events, lock, control_name, parent_pid)
+    child = _Child(settings, line)
     signal.signal(signal.SIGTERM, child.on_sigterm)
     code = 0
     try:
-        child.run()
-    except _ParentGone:
+        child.run(force_mirror)
+    except ParentGone:
         log.warning("the daemon is gone; writing a last checkpoint and exiting")
         child.last_checkpoint()
     except _Stopped:
-        events.put(("stopped", {"checkpoint": None}))
+        line.send(Stopped(checkpoint=None))
     except BaseException as exc:
         log.error("trainer failed: %s", exc, exc_info=not isinstance(exc, TaskLoadError))
-        events.put(("error", f"{type(exc).__name__}: {exc}"))
+        line.send(Failed(f"{type(exc).__name__}: {exc}"))
         code = 1
-    child.close()
-    events.close()
-    events.join_thread()  # deliver the last messages before exiting
+    line.close()  # delivers the last events before exiting
     if code:
         raise SystemExit(code)
 
 
+@dataclass
+class Counters:
+    """Where training stands; checkpointed, and resumed from the checkpoint."""
+
+    step: int = 0
+    samples: int = 0
+    seconds_before: float = 0.0  # training time of earlier trainer processes (checkpointed)
+    schedule_offset: int = 0  # lr schedule step - own step (a donor's clock after state sync)
+    began: float | None = None  # when this process began training (monotonic)
+    checkpointed_step: int = -1
+
+    @property
+    def schedule_step(self) -> int:
+        return self.step + self.schedule_offset
+
+    def seconds_trained(self, now: float) -> float:
+        """Training time so far, across restarts: a time-based lr schedule goes on where the
+        last checkpoint left it instead of warming up again after every restart."""
+        return self.seconds_before + (now - self.began if self.began is not None else 0.0)
+
+
+@dataclass
+class Evaluation:
+    """The last evaluation and the training loss, for Stats."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    evaluated_at: float | None = None  # unix time and step of the last evaluation
+    evaluated_step: int = 0
+    loss_ema: torch.Tensor | None = None  # stays on the device: no sync per step
+
+
+@dataclass
+class Timers:
+    next_eval: float = 0.0
+    next_checkpoint: float = 0.0
+    last_stats: tuple[float, int] = (0.0, 0)  # (monotonic time, step) of the last Stats
+
+
 class _Child:
-    def __init__(
-        self, settings: TrainSettings, force_mirror: bool, commands: Any, events: Any,
-        control_name: str, lock: Any, parent_pid: int,
-    ) -> None:
+    def __init__(self, settings: TrainSettings, line: DaemonLine) -> None:
         self.s = settings
-        self.force_mirror = force_mirror
-        self.commands = commands
-        self.events = events
-        self.lock = lock
-        self.parent_pid = parent_pid
-        self.control = ControlBlock.attach(control_name)
+        self.line = line
         self.started = False
         self.stop_requested = False
         self.store: WeightStore | None = None
-        self.buffers: list[SharedTensor] = []
-        self.step = self.samples = 0
-        self.seconds_before = 0.0  # training time of earlier trainer processes (checkpointed)
-        self.schedule_offset = 0  # lr schedule step - own step (a donor's clock after state sync)
-        self.train_began: float | None = None  # when this process began training (monotonic)
-        self.checkpoint_step = -1
-        self.metrics: dict[str, float] = {}
-        self.evaluated_at: float | None = None  # unix time and step of the last evaluation
-        self.evaluated_step = 0
-        self.loss_ema: torch.Tensor | None = None
-        self.next_parent_check = 0.0
+        self.counters = Counters()
+        self.evaluation = Evaluation()
+        self.timers = Timers()
 
-    def close(self) -> None:
-        for block in self.buffers:
-            block.close()
-        self.control.close()
+    @property
+    def model(self) -> nn.Module:
+        return self.task.model  # moved to the device in place
 
     def on_sigterm(self, signum: int, frame: Any) -> None:
         self.stop_requested = True  # e.g. systemd stopping the whole cgroup: checkpoint first
 
-    def run(self) -> None:
-        s = self.s
+    def run(self, force_mirror: bool) -> None:
+        s, line, counters = self.s, self.line, self.counters
         self.device = pick_device(s.device)
         self.task = load_task_factory(s.task)(s, NodeContext(s.node_index, s.node_count, s.seed))
-        self.model = self.task.model.to(self.device)
+        self.model.to(self.device)
         self.model.train()
         self.optimizer = self.task.make_optimizer(self.model.parameters())
         layout = FlatLayout.from_model(self.model)
@@ -146,47 +194,41 @@ class _Child:
             raise ValueError(f"task {s.task!r}: the model has no floating-point weights to average")
         self.fingerprint = layout.fingerprint()
         resumed_from = self._resume()
-        mirror = self.force_mirror or self.device.type != "cpu" or not layout.all_float32
-        self.events.put(("hello", {"fingerprint": self.fingerprint, "numel": layout.numel, "mirror": mirror}))
-        weights_name, delta_name = self._wait_attach()
-        self.buffers = [SharedTensor.attach(weights_name, layout.numel)]
-        delta = None
-        if delta_name is not None:
-            self.buffers.append(SharedTensor.attach(delta_name, layout.numel))
-            delta = self.buffers[1].tensor
-        with self._locked():
-            shared = self.buffers[0].tensor
-            assert shared is not None
+        mirror = force_mirror or self.device.type != "cpu" or not layout.all_float32
+        line.send(Hello(self.fingerprint, layout.numel, mirror))
+        shared, delta = line.attach(*self._wait_attach(), layout.numel)
+        with line.locked():
             self.store = WeightStore(self.model, layout, shared, delta, mirror=mirror, device=self.device)
-        self.control[STEP], self.control[SAMPLES] = self.step, self.samples
-        self.events.put(("ready", {
-            "fingerprint": self.fingerprint, "nbytes": layout.nbytes, "numel": layout.numel,
-            "num_samples": int(self.task.num_samples), "device": str(self.device), "mode": self.store.mode,
-            "resumed_step": self.step, "resumed_samples": self.samples, "resumed_seconds": self.seconds_before,
-            "resumed_from": resumed_from,
-        }))
+        line.control[STEP], line.control[SAMPLES] = counters.step, counters.samples
+        line.send(Ready(ReadyInfo(
+            fingerprint=self.fingerprint, nbytes=layout.nbytes, numel=layout.numel,
+            num_samples=int(self.task.num_samples), device=str(self.device), mode=self.store.mode,
+            resumed_step=counters.step, resumed_samples=counters.samples,
+            resumed_seconds=counters.seconds_before, resumed_from=resumed_from,
+        )))
         self._evaluate()
         now = time.monotonic()
-        self.next_eval = now + s.eval_interval
-        self.next_checkpoint = now + s.checkpoint_interval
-        self.last_stats = (now, self.step)
-        self._publish_stats(now)
-        while not self.started:  # wait for "start": the daemon may load a peer's weights first
-            self.commands.poll(0.005)
+        self.timers = Timers(next_eval=now + s.eval_interval, next_checkpoint=now + s.checkpoint_interval,
+                             last_stats=(now, counters.step))
+        self._send_stats(now)
+        while not self.started:  # wait for Start: the daemon may load a peer's weights first
+            for command in line.commands(timeout=0.005):
+                self._obey(command)
             if self._housekeeping(time.monotonic()):
                 return
         self._train()
 
     def _train(self) -> None:
         model, optimizer, loss_fn = self.model, self.optimizer, self.task.loss_fn
+        control, counters, evaluation = self.line.control, self.counters, self.evaluation
         direct = self.store is not None and self.store.mode == "direct"
         schedule = self.task.lr_schedule
         base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
-        self.train_began = now = time.monotonic()
+        counters.began = now = time.monotonic()
         next_housekeeping = 0.0
         for x, y in self.task.train_batches:
             if schedule is not None:  # per step: a few microseconds next to a step's milliseconds
-                factor = schedule(self.step + self.schedule_offset, self._seconds_trained(now))
+                factor = schedule(counters.schedule_step, counters.seconds_trained(now))
                 for group, base in zip(optimizer.param_groups, base_lrs):
                     group["lr"] = base * factor
             x = x.to(self.device, non_blocking=True)
@@ -195,20 +237,20 @@ class _Child:
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if direct:
-                with self._locked():  # the only write to the shared weights
+                with self.line.locked():  # the only write to the shared weights
                     optimizer.step()
             else:
                 optimizer.step()
                 self._serve()
-            self.step += 1
-            self.samples += int(y.shape[0])
-            self.control[STEP], self.control[SAMPLES] = self.step, self.samples
-            self.control[PROGRESS] = self.control[PROGRESS] + 1
+            counters.step += 1
+            counters.samples += int(y.shape[0])
+            control[STEP], control[SAMPLES] = counters.step, counters.samples
+            control[PROGRESS] = control[PROGRESS] + 1
             detached = loss.detach()
-            if self.loss_ema is None:
-                self.loss_ema = detached.clone()
+            if evaluation.loss_ema is None:
+                evaluation.loss_ema = detached.clone()
             else:  # stays on the device: no sync per step
-                self.loss_ema.mul_(LOSS_EMA_DECAY).add_(detached, alpha=1 - LOSS_EMA_DECAY)
+                evaluation.loss_ema.mul_(LOSS_EMA_DECAY).add_(detached, alpha=1 - LOSS_EMA_DECAY)
             now = time.monotonic()
             if now >= next_housekeeping:
                 if self._housekeeping(now):
@@ -217,101 +259,99 @@ class _Child:
 
     def _housekeeping(self, now: float) -> bool:
         """Commands, requests, timers. True when the trainer should exit now."""
-        self._check_parent(now)
+        self.line.check_parent(now)
         self._serve()
-        try:
-            while self.commands.poll(0):
-                message = self.commands.recv()
-                command = message[0]
-                if command == "start":
-                    self.started = True
-                elif command == "clock":
-                    self._set_clock(int(message[1]), float(message[2]))
-                elif command == "checkpoint":
-                    self._checkpoint()
-                elif command == "stop":
-                    self.stop_requested = True
-        except (EOFError, OSError):
-            raise _ParentGone() from None
+        for command in self.line.commands():
+            self._obey(command)
+        timers = self.timers
         if self.stop_requested:
-            info = self._checkpoint()
-            self.events.put(("stopped", {"checkpoint": info}))
+            self.line.send(Stopped(checkpoint=self._checkpoint()))
             return True
-        if now >= self.next_eval:
+        if now >= timers.next_eval:
             self._evaluate()
-            self.next_eval = now + self.s.eval_interval
-        if now >= self.next_checkpoint:
-            if self.step != self.checkpoint_step:
+            timers.next_eval = now + self.s.eval_interval
+        if now >= timers.next_checkpoint:
+            if self.counters.step != self.counters.checkpointed_step:
                 self._checkpoint()
-            self.next_checkpoint = now + self.s.checkpoint_interval
-        if now - self.last_stats[0] >= STATS_INTERVAL_S:
-            self._publish_stats(now)
+            timers.next_checkpoint = now + self.s.checkpoint_interval
+        if now - timers.last_stats[0] >= STATS_INTERVAL_S:
+            self._send_stats(now)
         return False
 
+    def _obey(self, command: TrainerCommand) -> None:
+        match command:
+            case Start():
+                self.started = True
+            case SetClock(schedule_step, seconds_trained):
+                self._set_clock(schedule_step, seconds_trained)
+            case Stop():
+                self.stop_requested = True
+            case _:
+                log.warning("ignoring an unexpected command from the daemon: %r", command)
+
     def _serve(self) -> None:
-        if self.store is None or self.store.mode == "direct" or self.control.pending_request() is None:
+        control = self.line.control
+        if self.store is None or self.store.mode == "direct" or control.pending_request() is None:
             return
-        with self._locked():
-            pending = self.control.pending_request()
+        with self.line.locked():
+            pending = control.pending_request()
             if pending is not None:
                 seq, kind = pending
                 self.store.serve(kind)
-                self.control[DONE] = seq
+                control[DONE] = seq
 
     def _evaluate(self) -> None:
-        self.metrics = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
-        self.evaluated_at, self.evaluated_step = time.time(), self.step
+        evaluation = self.evaluation
+        evaluation.metrics = {k: float(v) for k, v in self.task.evaluate(self.model).items()}
+        evaluation.evaluated_at, evaluation.evaluated_step = time.time(), self.counters.step
 
-    def _publish_stats(self, now: float) -> None:
-        then, step_then = self.last_stats
-        self.last_stats = (now, self.step)
-        self.events.put(("stats", {
-            "step": self.step, "samples": self.samples, "metrics": dict(self.metrics),
-            "loss": float(self.loss_ema) if self.loss_ema is not None else None,
-            "steps_per_s": (self.step - step_then) / (now - then) if now > then else 0.0,
-            "evaluated_at": self.evaluated_at, "evaluated_step": self.evaluated_step,
-            "lr": float(self.optimizer.param_groups[0]["lr"]),
-            "schedule_step": self.step + self.schedule_offset, "seconds_trained": self._seconds_trained(now),
-        }))
-
-    def _seconds_trained(self, now: float) -> float:
-        """Training time so far, across restarts: a time-based lr schedule goes on where the
-        last checkpoint left it instead of warming up again after every restart."""
-        return self.seconds_before + (now - self.train_began if self.train_began is not None else 0.0)
+    def _send_stats(self, now: float) -> None:
+        counters, evaluation = self.counters, self.evaluation
+        then, step_then = self.timers.last_stats
+        self.timers.last_stats = (now, counters.step)
+        self.line.send(Stats(
+            step=counters.step, samples=counters.samples, metrics=dict(evaluation.metrics),
+            loss=float(evaluation.loss_ema) if evaluation.loss_ema is not None else None,
+            steps_per_s=(counters.step - step_then) / (now - then) if now > then else 0.0,
+            evaluated_at=evaluation.evaluated_at, evaluated_step=evaluation.evaluated_step,
+            lr=float(self.optimizer.param_groups[0]["lr"]),
+            schedule_step=counters.schedule_step, seconds_trained=counters.seconds_trained(now),
+        ))
 
     def _set_clock(self, schedule_step: int, seconds_trained: float) -> None:
         """Take over a state sync donor's lr clock: the lr goes on where the swarm's is."""
-        if self.train_began is not None:
+        if self.counters.began is not None:
             log.warning("lr clock from a donor came after training began; ignored")
             return
-        self.schedule_offset = schedule_step - self.step
-        self.seconds_before = seconds_trained
-        self._publish_stats(time.monotonic())  # the daemon sees the new clock at once
+        self.counters.schedule_offset = schedule_step - self.counters.step
+        self.counters.seconds_before = seconds_trained
+        self._send_stats(time.monotonic())  # the daemon sees the new clock at once
 
-    def _checkpoint(self, use_lock: bool = True) -> dict[str, Any] | None:
+    def _checkpoint(self, use_lock: bool = True) -> CheckpointInfo | None:
         directory = self.s.checkpoint_dir
         if directory is None:
             return None
+        counters = self.counters
         try:
             direct = use_lock and self.store is not None and self.store.mode == "direct"
-            with self._locked() if direct else contextlib.nullcontext():
+            with self.line.locked() if direct else contextlib.nullcontext():
                 model_state = {k: v.detach().to("cpu", copy=True) for k, v in self.model.state_dict().items()}
             path = save_checkpoint(
                 directory, model_state=model_state, optimizer_state=self.optimizer.state_dict(),
-                step=self.step, samples=self.samples, schedule_step=self.step + self.schedule_offset,
-                seconds_trained=self._seconds_trained(time.monotonic()),
+                step=counters.step, samples=counters.samples, schedule_step=counters.schedule_step,
+                seconds_trained=counters.seconds_trained(time.monotonic()),
                 config_digest=self.s.config_digest,
                 fingerprint=self.fingerprint, keep=self.s.checkpoint_keep,
             )
-        except _ParentGone:
+        except ParentGone:
             raise
         except Exception as exc:  # e.g. disk full: keep training, say so
             log.error("cannot write a checkpoint: %s", exc)
-            self.events.put(("error", f"cannot write a checkpoint: {exc}"))
+            self.line.send(Failed(f"cannot write a checkpoint: {exc}"))
             return None
-        self.checkpoint_step = self.step
-        info = {"path": str(path), "step": self.step, "samples": self.samples, "time": time.time()}
-        self.events.put(("checkpoint", info))
+        counters.checkpointed_step = counters.step
+        info = CheckpointInfo(path=str(path), step=counters.step, samples=counters.samples, time=time.time())
+        self.line.send(CheckpointSaved(info))
         return info
 
     def last_checkpoint(self) -> None:
@@ -334,46 +374,21 @@ class _Child:
             log.info("settings changed since %s; resuming anyway", path.name)
         self.model.load_state_dict(data["model"])
         load_optimizer_state(self.optimizer, data["optimizer"])
-        self.step, self.samples, self.seconds_before = data["step"], data["samples"], data["seconds_trained"]
-        self.schedule_offset = data["schedule_step"] - self.step
-        self.checkpoint_step = self.step
-        log.info("resumed from %s (step %d)", path, self.step)
+        counters = self.counters
+        counters.step, counters.samples, counters.seconds_before = data["step"], data["samples"], data["seconds_trained"]
+        counters.schedule_offset = data["schedule_step"] - counters.step
+        counters.checkpointed_step = counters.step
+        log.info("resumed from %s (step %d)", path, counters.step)
         return str(path)
 
     def _wait_attach(self, timeout: float = 120.0) -> tuple[str, str | None]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self._check_parent(time.monotonic())
-            try:
-                if self.commands.poll(0.05):
-                    message = self.commands.recv()
-                    if message[0] == "attach":
-                        return message[1], message[2]
-                    if message[0] == "stop":
+            self.line.check_parent(time.monotonic())
+            for command in self.line.commands(timeout=0.05):
+                match command:
+                    case Attach(weights_name, delta_name):
+                        return weights_name, delta_name
+                    case Stop():
                         raise _Stopped()
-            except (EOFError, OSError):
-                raise _ParentGone() from None
         raise TimeoutError("the daemon did not hand over the shared weights")
-
-    def _check_parent(self, now: float) -> None:
-        if now >= self.next_parent_check:
-            self.next_parent_check = now + PARENT_CHECK_INTERVAL_S
-            if os.getppid() != self.parent_pid:
-                raise _ParentGone()
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        while not self.lock.acquire(timeout=1.0):
-            self._check_parent(time.monotonic())  # the daemon may have died holding it
-        try:
-            yield
-        finally:
-            self.lock.release()
-
-
-def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
-    """Restore the optimizer's state (momentum etc.) but keep the configured hyperparameters."""
-    configured = [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
-    optimizer.load_state_dict(state)
-    for group, settings in zip(optimizer.param_groups, configured):
-        group.update(settings)

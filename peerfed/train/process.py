@@ -1,20 +1,27 @@
 """One trainer process and its two channels: start it, talk to it, end it.
 
-TrainerHandle (trainer.py) decides when to start, restart or stop a trainer and what its
-messages mean; this module only owns the OS process, the command pipe and the event queue.
+The supervisor (supervisor.py) decides when to start, restart or stop a trainer and what its
+events mean; this module only owns the OS process, the command pipe (daemon -> trainer) and
+the event queue (trainer -> daemon), both carrying messages.py's typed messages.
+
+Owner: the supervisor's thread, except `link` (for the weights port): its lock, `is_alive`
+(a WNOHANG waitpid: asked from two threads, one of them merely learns it a call later) and
+`send` (behind a lock of its own) are safe from any thread.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from multiprocessing.context import SpawnContext
 
 from peerfed.train.child import run_child
-from peerfed.train.shared import TrainerLink
+from peerfed.train.messages import TrainerCommand, TrainerEvent
 from peerfed.train.tasks import TrainSettings
+from peerfed.train.weights_port import TrainerLink
 
 log = logging.getLogger("peerfed.trainer")
 
@@ -24,18 +31,18 @@ class TrainerProcess:
 
     def __init__(
         self,
-        context: Any,  # multiprocessing spawn context
+        context: SpawnContext,
         number: int,
         settings: TrainSettings,
         force_mirror: bool,
         control_name: str,
-        is_current: Callable[[TrainerProcess], bool],
     ) -> None:
         reader, self._commands = context.Pipe(duplex=False)
+        self._sending = threading.Lock()  # the supervisor and the weights port both send
         self._events = context.Queue()
         lock = context.Lock()
-        # Not daemonic: a task may start DataLoader workers. The handle's stop (or its atexit
-        # hook) ends it, and it exits by itself when it sees that its parent is gone.
+        # Not daemonic: a task may start DataLoader workers. The supervisor's stop (or its
+        # atexit hook) ends it, and it exits by itself when it sees that its parent is gone.
         self.process = context.Process(
             target=run_child,
             name=f"peerfed-trainer-{number}",
@@ -43,7 +50,7 @@ class TrainerProcess:
         )
         self.process.start()
         reader.close()
-        self.link = TrainerLink(lock, lambda: is_current(self) and self.process.is_alive())
+        self.link = TrainerLink(lock, self.is_alive, self.send)
         self.started_at = time.monotonic()
         self.ready = False
         self.error: str | None = None  # the last error it reported
@@ -53,25 +60,26 @@ class TrainerProcess:
 
     @property
     def exitcode(self) -> int | None:
-        return self.process.exitcode  # type: ignore[no-any-return]
+        return self.process.exitcode
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, command: TrainerCommand) -> None:
         try:
-            self._commands.send(message)
-        except (OSError, ValueError) as exc:  # the child is gone; the handle's poll will notice
-            log.debug("cannot send %s to the trainer: %s", message[0], exc)
+            with self._sending:
+                self._commands.send(command)
+        except (OSError, ValueError) as exc:  # the child is gone; the supervisor's poll will notice
+            log.debug("cannot send %s to the trainer: %s", type(command).__name__, exc)
 
-    def events(self, limit: int = 1000) -> Iterator[tuple[str, Any]]:
+    def events(self, limit: int = 1000) -> Iterator[TrainerEvent]:
         """The messages it has sent so far (at most `limit`), without waiting."""
         for _ in range(limit):
             try:
-                kind, body = self._events.get_nowait()
+                event: TrainerEvent = self._events.get_nowait()
             except Exception:  # Empty, or a message cut short by a killed child
                 return
-            yield kind, body
+            yield event
 
     def wait_exit(self, timeout: float, while_waiting: Callable[[], None]) -> None:
-        """After ("stop",): wait for it to exit; terminate, then kill, if it hangs."""
+        """After Stop: wait for it to exit; terminate, then kill, if it hangs."""
         deadline = time.monotonic() + timeout
         while self.process.is_alive() and time.monotonic() < deadline:
             while_waiting()
@@ -91,7 +99,8 @@ class TrainerProcess:
         """Close both channels and reap the process if it has exited."""
         self.ready = False
         try:
-            self._commands.close()
+            with self._sending:
+                self._commands.close()
         except OSError:
             pass
         self._events.close()
