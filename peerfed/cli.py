@@ -205,7 +205,7 @@ def add_query_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from peerfed.ops.api import fetch_json
+    from peerfed.ops.api import dashboard_url, fetch_json
 
     cfg = load_config(config_path_of(args))
     status = fetch_json(cfg.api.host, cfg.api.port, "/status")
@@ -218,6 +218,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key in ("metrics", "exchanges"):
         if status.get(key):
             print(f"{key:16} " + ", ".join(f"{k}={v}" for k, v in status[key].items()))
+    print(f"{'dashboard':16} {dashboard_url(cfg.api.host, cfg.api.port)}")
     return ExitCode.OK
 
 

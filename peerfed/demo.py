@@ -156,6 +156,7 @@ def _run(settings: DemoSettings, results: Path, homes: Path, console: Console) -
                 return int(ExitCode.INTERNAL)
             up_s = time.monotonic() - started
             console.print(f"all {settings.nodes} nodes up after {up_s:.1f} s; training for {settings.duration:.0f} s")
+            console.print(f"dashboard of node 0: http://127.0.0.1:{nodes[0].api_port}/", highlight=False)
             watch(swarm, views, settings, t0, console)
             final = read_final(swarm, views, settings, t0, console)
         except BaseException:
