@@ -110,6 +110,7 @@ def test_check_task_names_what_is_wrong() -> None:
     good = digits_lr(TrainSettings(), NodeContext(0, 1, 0))
     assert check_task(good) is None
     assert "positive int" in check_task(dataclasses.replace(good, num_samples=0))
+    assert check_task(dataclasses.replace(good, num_samples=np.int64(5))) is None
     assert "not an iterator" in check_task(dataclasses.replace(good, train_batches=[(1, 2)]))
     assert "not callable" in check_task(dataclasses.replace(good, evaluate=None))
     assert "floating-point" in check_task(dataclasses.replace(good, model=torch.nn.ReLU()))

@@ -14,6 +14,7 @@ from __future__ import annotations
 import difflib
 import functools
 import importlib
+import numbers
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -227,7 +228,7 @@ def check_task(task: object) -> str | None:
             return f"Task.{name} is not callable"
     if not isinstance(task.train_batches, Iterator):
         return "Task.train_batches is not an iterator (endless_batches(...) makes one; or a generator)"
-    if isinstance(task.num_samples, bool) or not isinstance(task.num_samples, int) or task.num_samples < 1:
+    if isinstance(task.num_samples, bool) or not isinstance(task.num_samples, numbers.Integral) or task.num_samples < 1:
         return f"Task.num_samples must be a positive int (got {task.num_samples!r})"
     if task.lr_schedule is not None and not callable(task.lr_schedule):
         return "Task.lr_schedule is not callable"
