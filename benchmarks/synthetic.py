@@ -10,6 +10,9 @@ Daemons import this module when started with ``PYTHONPATH=<repo>/benchmarks``.
 - ``digits``: a built-in digits task (``options.base``, default digits-mlp) with the same
   model, hence the same fingerprint, as the built-in, plus the throttle below.
 
+Batches are CPU tensors (the trainer moves them to its device); ``evaluate`` moves its batch
+to wherever the model is, so both tasks run on a GPU too.
+
 Options for both: ``step_sleep`` (seconds slept before each batch: a light trainer that
 leaves the CPU to the daemons), ``go_file`` (the first batch waits until this file exists,
 so nodes started one after another begin training together).
@@ -98,10 +101,13 @@ def sized(settings: TrainSettings, ctx: NodeContext) -> Task:
     eval_x, eval_y = next(_random_batches(rows, EVAL_SAMPLES, 12345))
 
     def evaluate(m: nn.Module) -> dict[str, float]:
+        # The trainer moved the model (cuda, mps): the evaluation batch, indices included, follows it.
+        device = next(m.parameters()).device
+        x, y = eval_x.to(device), eval_y.to(device)
         with torch.no_grad():
-            logits = m(eval_x)
-            return {"accuracy": float((logits.argmax(1) == eval_y).float().mean()),
-                    "loss": float(loss_fn(logits, eval_y))}
+            logits = m(x)
+            return {"accuracy": float((logits.argmax(1) == y).float().mean()),
+                    "loss": float(loss_fn(logits, y))}
 
     return Task(
         model=model,

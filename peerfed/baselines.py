@@ -44,9 +44,19 @@ def options_over_steps(options: Mapping[str, Any], steps: int) -> dict[str, Any]
     return out
 
 
-def train_steps(task: Task, steps: int) -> float:
-    """The trainer's loop, minus the shared memory: `steps` steps, then the test accuracy."""
-    model, loss_fn = task.model, task.loss_fn
+def baseline_device(spec: str) -> torch.device:
+    """The nodes' train.device: "auto" is cuda, then mps, then cpu (as the trainer picks)."""
+    if spec != "auto":
+        return torch.device(spec)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
+def train_steps(task: Task, steps: int, device: str = "cpu") -> float:
+    """The trainer's loop, minus the shared memory: `steps` steps on `device`, then the test accuracy."""
+    where = baseline_device(device)
+    model, loss_fn = task.model.to(where), task.loss_fn
     model.train()
     optimizer = task.make_optimizer(model.parameters())
     base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
@@ -57,6 +67,7 @@ def train_steps(task: Task, steps: int) -> float:
             for group, base in zip(optimizer.param_groups, base_lrs):
                 group["lr"] = base * factor
         x, y = next(batches)
+        x, y = x.to(where, non_blocking=True), y.to(where, non_blocking=True)
         loss = loss_fn(model(x), y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -72,7 +83,7 @@ def train_allreduce(settings: TrainSettings, node_count: int, total_samples: int
     s = dataclasses.replace(settings, batch_size=batch, node_index=0, node_count=1, options=options)
     started = time.monotonic()
     task = load_task_factory(s.task)(s, NodeContext(0, 1, s.seed))
-    accuracy = train_steps(task, steps)
+    accuracy = train_steps(task, steps, s.device)
     return BaselineResult(accuracy, steps, batch, time.monotonic() - started)
 
 
@@ -80,18 +91,22 @@ def train_local_only(
     settings: TrainSettings, node_count: int, samples_per_node: Sequence[int], max_steps: int | None = None,
 ) -> list[BaselineResult]:
     """Node i's model alone on shard i for the samples node i processed (at most max_steps)."""
-    results = []
-    for index, samples in enumerate(samples_per_node):
-        wanted = max(1, round(samples / settings.batch_size))
-        steps = wanted if max_steps is None else min(wanted, max_steps)
-        options = options_over_steps(settings.options, steps)
-        s = dataclasses.replace(settings, node_index=index, node_count=node_count, options=options)
-        started = time.monotonic()
-        task = load_task_factory(s.task)(s, NodeContext(index, node_count, s.seed))
-        accuracy = train_steps(task, steps)
-        results.append(BaselineResult(accuracy, steps, settings.batch_size, time.monotonic() - started,
-                                      capped=steps < wanted))
-    return results
+    return [train_local_one(settings, node_count, index, samples, max_steps)
+            for index, samples in enumerate(samples_per_node)]
+
+
+def train_local_one(
+    settings: TrainSettings, node_count: int, index: int, samples: int, max_steps: int | None = None,
+) -> BaselineResult:
+    """One node of the local-only baseline (the demo runs them one by one to show progress)."""
+    wanted = max(1, round(samples / settings.batch_size))
+    steps = wanted if max_steps is None else min(wanted, max_steps)
+    options = options_over_steps(settings.options, steps)
+    s = dataclasses.replace(settings, node_index=index, node_count=node_count, options=options)
+    started = time.monotonic()
+    task = load_task_factory(s.task)(s, NodeContext(index, node_count, s.seed))
+    accuracy = train_steps(task, steps, s.device)
+    return BaselineResult(accuracy, steps, settings.batch_size, time.monotonic() - started, capped=steps < wanted)
 
 
 def set_baseline_threads(threads: int = 1) -> None:

@@ -9,9 +9,11 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from peerfed import __version__
 from peerfed.config import CONFIG_FILE_NAME, KEY_FILE_NAME, load_config
@@ -37,12 +39,15 @@ def default_home() -> Path:
 
 
 def home_of(args: argparse.Namespace) -> Path:
-    return Path(args.home).expanduser().absolute() if args.home else default_home().absolute()
+    home = getattr(args, "home", None)  # absent when a command with actions was given neither
+    return Path(home).expanduser().absolute() if home else default_home().absolute()
 
 
 def config_path_of(args: argparse.Namespace) -> Path:
     """--config FILE, else HOME/peerfed.toml."""
     if getattr(args, "config", None):
+        if getattr(args, "home", None):  # one given before the action, the other after it
+            raise UsageError("--home and --config exclude each other")
         return Path(args.config).expanduser().absolute()
     return home_of(args) / CONFIG_FILE_NAME
 
@@ -52,11 +57,20 @@ def add_home_option(parser: argparse.ArgumentParser) -> None:
                         help="node folder (default: $PEERFED_HOME, else ~/.peerfed)")
 
 
-def add_location_options(parser: argparse.ArgumentParser) -> None:
+def add_location_options(parser: argparse.ArgumentParser, *, either_side: bool = False) -> None:
+    """--home / --config. either_side: for a command with actions, which takes them before and
+    after its action (`bootstrap --home X list`, `bootstrap list --home X`); their default is
+    then left out, so that the action's parser does not overwrite a value given before it."""
+    default = argparse.SUPPRESS if either_side else None
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("--home", metavar="DIR",
+    group.add_argument("--home", metavar="DIR", default=default,
                        help="node folder holding peerfed.toml (default: $PEERFED_HOME, else ~/.peerfed)")
-    group.add_argument("--config", metavar="FILE", help="config file (default: HOME/peerfed.toml)")
+    group.add_argument("--config", metavar="FILE", default=default,
+                       help="config file (default: HOME/peerfed.toml)")
+
+
+class UsageError(PeerfedError):
+    exit_code = ExitCode.USAGE
 
 
 # ---- init ----
@@ -78,6 +92,10 @@ def cmd_init(args: argparse.Namespace) -> int:
     home = home_of(args)
     key_path, config_path = home / KEY_FILE_NAME, home / CONFIG_FILE_NAME
     existing = [str(p) for p in (key_path, config_path) if os.path.lexists(p)]
+    if existing == [str(config_path)]:
+        raise AlreadyExistsError(
+            f"{config_path} already exists; init never overwrites it. To make only a new identity key "
+            f"for this node: `peerfed identity new --home {home}`")
     if existing:
         raise AlreadyExistsError(
             f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; init never "
@@ -127,15 +145,63 @@ def cmd_id(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
+# ---- identity new ----
+
+def add_identity_arguments(parser: argparse.ArgumentParser) -> None:
+    add_location_options(parser, either_side=True)
+    actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
+    new = actions.add_parser("new", help="make a new identity key for this node (a new PeerID)")
+    add_location_options(new, either_side=True)
+    new.add_argument("--replace", action="store_true",
+                     help="replace an existing key (it is moved to a timestamped backup, never deleted)")
+
+
+def cmd_identity(args: argparse.Namespace) -> int:
+    from peerfed.identity import peer_id_of, replace_identity
+
+    key_path = load_config(config_path_of(args)).identity
+    if os.path.lexists(key_path) and not args.replace:
+        raise AlreadyExistsError(
+            f"{key_path} already exists; a new key gives this node a new PeerID, and peers that list "
+            f"the old one (bootstrap, allowlist) must be told. To do it: add --replace (the old key "
+            f"is kept as a backup next to it)")
+    made = replace_identity(key_path)
+    if made.backup is not None:
+        print(f"old peer id: {made.old_peer_id or f'unreadable ({made.old_problem})'}")
+    print(f"new peer id: {peer_id_of(made.key_pair)}")
+    print(f"identity:    {made.path} (private: back it up, never share it)")
+    if made.backup is not None:
+        print(f"backup:      {made.backup} (the old key)")
+    print("restart a running daemon to use it; update peers that list the old PeerID", file=sys.stderr)
+    return ExitCode.OK
+
+
 # ---- config check ----
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    add_location_options(parser, either_side=True)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    add_location_options(actions.add_parser("check", help="validate the config file"))
+    check = actions.add_parser("check", help="validate the config file, then build its task once (CPU)")
+    add_location_options(check, either_side=True)
+    check.add_argument("--no-task", action="store_true",
+                       help="only the file: do not import and build train.task")
 
 
 def cmd_config(args: argparse.Namespace) -> int:
+    from peerfed.taskcheck import build_task, format_cause
+
     cfg = load_config(config_path_of(args))  # only "check" exists so far
+    if cfg.train.enabled and not args.no_task:
+        try:
+            summary = build_task(cfg)
+        except ConfigError as exc:
+            cause = format_cause(exc)
+            if cause:  # the factory raised: its traceback is what the operator needs
+                print(cause, file=sys.stderr)
+            raise
+        size = f"{summary.nbytes / 2**20:.1f} MiB" if summary.nbytes >= 2**20 else f"{summary.nbytes / 2**10:.1f} KiB"
+        print(f"task: {summary.task} builds: {summary.model}, {summary.numel:,} weights ({size}), "
+              f"{summary.num_samples:,} local samples, fingerprint {summary.fingerprint[:12]}")
     print(f"ok: {cfg.path}")
     return ExitCode.OK
 
@@ -143,12 +209,13 @@ def cmd_config(args: argparse.Namespace) -> int:
 # ---- bootstrap list|add|rm ----
 
 def add_bootstrap_arguments(parser: argparse.ArgumentParser) -> None:
+    add_location_options(parser, either_side=True)
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-    add_location_options(actions.add_parser("list", help="print the bootstrap peers"))
+    add_location_options(actions.add_parser("list", help="print the bootstrap peers"), either_side=True)
     for name, verb in (("add", "add to"), ("rm", "remove from")):
         sub = actions.add_parser(name, help=f"{verb} the list (edits the file, keeps its comments)")
         sub.add_argument("addrs", nargs="+", metavar="ADDR", help="multiaddr ending /p2p/<PeerID>")
-        add_location_options(sub)
+        add_location_options(sub, either_side=True)
 
 
 def cmd_bootstrap(args: argparse.Namespace) -> int:
@@ -194,6 +261,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     multiprocessing.resource_tracker.ensure_running()
 
     cfg = load_config(config_path_of(args))
+    if cfg.train.enabled:
+        from peerfed.taskcheck import find_task_module
+
+        find_task_module(cfg)  # a module the trainer cannot import: say so now, not after start-up
     setup_logging(args.log_level or cfg.log_level)
     run_daemon(cfg, log_level_override=args.log_level)
     return ExitCode.OK
@@ -212,14 +283,33 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(status, indent=1))
         return ExitCode.OK
-    for key in ("peer_id", "network", "version", "uptime_s", "peers_connected", "step", "samples"):
-        if key in status:
-            print(f"{key:16} {status[key]}")
-    for key in ("metrics", "exchanges"):
-        if status.get(key):
-            print(f"{key:16} " + ", ".join(f"{k}={v}" for k, v in status[key].items()))
+    for line in status_lines(status):
+        print(line)
     print(f"{'dashboard':16} {dashboard_url(cfg.api.host, cfg.api.port)}")
     return ExitCode.OK
+
+
+def status_lines(status: dict[str, Any], now: float | None = None) -> list[str]:
+    """`peerfed status` as text: one labelled line per fact (the test loss of the last
+    evaluation and the training loss, a moving average over recent batches, told apart)."""
+    lines = [f"{key:16} {status[key]}" for key in
+             ("peer_id", "network", "version", "uptime_s", "peers_connected", "step", "samples") if key in status]
+    metrics = dict(status.get("metrics") or {})
+    trainer = status.get("trainer") or {}
+    if metrics:
+        parts = [f"accuracy {100 * metrics.pop('accuracy'):.1f}%" if "accuracy" in metrics else "",
+                 f"loss {metrics.pop('loss'):.4f}" if "loss" in metrics else "",
+                 *(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in metrics.items())]
+        when = ""
+        if trainer.get("evaluated_at") is not None:
+            age = (time.time() if now is None else now) - float(trainer["evaluated_at"])
+            when = f" (evaluated {max(0.0, age):.0f} s ago, at step {trainer.get('evaluated_step')})"
+        lines.append(f"{'test':16} " + ", ".join(p for p in parts if p) + when)
+    if status.get("loss") is not None:
+        lines.append(f"{'train loss':16} {status['loss']:.4f} (moving average over recent batches)")
+    if status.get("exchanges"):
+        lines.append(f"{'exchanges':16} " + ", ".join(f"{k}={v}" for k, v in status["exchanges"].items()))
+    return lines
 
 
 def cmd_peers(args: argparse.Namespace) -> int:
@@ -230,12 +320,23 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(peers, indent=1))
         return ExitCode.OK
-    for peer in peers:
-        rtt = f"{peer['rtt_ms']:.1f} ms" if peer.get("rtt_ms") is not None else "-"
-        print(f"{peer['peer_id']}  {peer['state']:9}  rtt {rtt:>9}  {' '.join(peer['addrs'][:1])}")
     if not peers:
         print("no peers known yet")
+    for line in peer_lines(peers):
+        print(line)
     return ExitCode.OK
+
+
+def peer_lines(peers: list[dict[str, Any]]) -> list[str]:
+    """`peerfed peers` as a table with a header row ([] when there are none)."""
+    if not peers:
+        return []
+    width = max(len("PEER ID"), *(len(p["peer_id"]) for p in peers))
+    lines = [f"{'PEER ID':{width}}  {'STATE':9}  {'RTT':>9}  ADDRESS"]
+    for peer in peers:
+        rtt = f"{peer['rtt_ms']:.1f} ms" if peer.get("rtt_ms") is not None else "-"
+        lines.append(f"{peer['peer_id']:{width}}  {peer['state']:9}  {rtt:>9}  {' '.join(peer['addrs'][:1])}")
+    return lines
 
 
 @dataclass(frozen=True)
@@ -250,6 +351,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "init": Command("create a node folder: identity key and commented config", add_init_arguments, cmd_init),
     "id": Command("print this node's PeerID and addresses", add_id_arguments, cmd_id),
+    "identity": Command("make a new identity key for an existing node (new)", add_identity_arguments,
+                        cmd_identity),
     "config": Command("config file tools (check)", add_config_arguments, cmd_config),
     "bootstrap": Command("list or edit the bootstrap peers", add_bootstrap_arguments, cmd_bootstrap),
     "run": Command("run the node: join the swarm, train, exchange weights", add_run_arguments, cmd_run),

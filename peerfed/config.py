@@ -2,6 +2,8 @@
 errors. Writing config files (the commented default, bootstrap edits) is in config_files.py.
 
 Every problem is reported as `FILE: key.path: what is wrong (got VALUE)`, all problems at once.
+A config file that others can write is refused before it is parsed (like ssh's StrictModes):
+it names the Python module the daemon imports (train.task) and the folders it writes.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import ipaddress
 import json
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Sequence
 from pathlib import Path
@@ -28,7 +31,10 @@ CONFIG_FILE_NAME = "peerfed.toml"
 KEY_FILE_NAME = "identity.key"  # default `identity`, next to the config
 _NETWORK_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 _DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
-_TASK_RE = re.compile(r"[a-z0-9][a-z0-9._-]*|[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+_TASK_MODULE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
+# The names of peerfed.train.tasks.BUILTIN_TASKS (this module imports no torch; a test keeps
+# the two equal).
+BUILTIN_TASK_NAMES = ("digits-lr", "digits-mlp")
 _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 _EXAMPLE_BOOTSTRAP = "/ip4/203.0.113.5/tcp/7401/p2p/12D3KooW..."
 
@@ -82,14 +88,14 @@ def _check_loopback_host_port(value: str) -> str:
     return value
 
 
-def _parse_multiaddr(value: str) -> multiaddr.Multiaddr:
+def _parse_multiaddr(value: str, example: str = "/ip4/0.0.0.0/tcp/7401") -> multiaddr.Multiaddr:
     if not value:
         raise ValueError("must not be empty")
     try:
         return multiaddr.Multiaddr(value)
     except Exception as exc:  # the package raises several types; all mean "bad address"
         reason = str(exc).split(" (string:")[0].split("': ")[-1]
-        raise ValueError(f"not a valid multiaddr: {reason} (e.g. /ip4/0.0.0.0/tcp/7401)") from exc
+        raise ValueError(f"not a valid multiaddr: {reason} (e.g. {example})") from exc
 
 
 def _check_listen_addr(value: str) -> str:
@@ -106,7 +112,7 @@ def check_peer_id(value: str) -> str:
 
 def check_bootstrap_address(value: str) -> str:
     """A dialable multiaddr ending in /p2p/<PeerID>; raises ValueError saying what is wrong."""
-    names = [p.name for p in _parse_multiaddr(value).protocols()]
+    names = [p.name for p in _parse_multiaddr(value, _EXAMPLE_BOOTSTRAP).protocols()]
     if len(names) < 2 or names[-1] != "p2p":
         raise ValueError(f"must be an address ending in /p2p/<PeerID>, e.g. {_EXAMPLE_BOOTSTRAP}")
     peer_id = value.rstrip("/").rsplit("/", 1)[-1]
@@ -121,6 +127,19 @@ def _check_pattern(regex: re.Pattern[str], allowed: str) -> Any:
             raise ValueError(f"must be {allowed}")
         return value
     return AfterValidator(check)
+
+
+def _check_task(value: str) -> str:
+    if ":" in value:
+        if not _TASK_MODULE_RE.fullmatch(value):
+            raise ValueError('must be "package.module:factory" (Python names), or a built-in task: '
+                             + ", ".join(BUILTIN_TASK_NAMES))
+        return value
+    if value not in BUILTIN_TASK_NAMES:
+        close = difflib.get_close_matches(value, BUILTIN_TASK_NAMES, n=2, cutoff=0.6)
+        hint = "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?" if close else ""
+        raise ValueError(f'not a built-in task ({", ".join(BUILTIN_TASK_NAMES)}) nor "module:factory"{hint}')
+    return value
 
 
 def _check_url(value: str) -> str:
@@ -195,7 +214,7 @@ class ExchangeConfig(_Section):
 
 class TrainConfig(_Section):
     enabled: Bool = True
-    task: Annotated[Str, _check_pattern(_TASK_RE, 'a built-in task name or "module:factory"')] = "digits-mlp"
+    task: Annotated[Str, AfterValidator(_check_task)] = "digits-mlp"
     device: Annotated[Str, _check_pattern(_DEVICE_RE, "auto, cpu, cuda, cuda:N or mps")] = "auto"
     batch_size: Int = Field(32, ge=1)
     lr: Float = Field(0.05, gt=0)
@@ -358,9 +377,44 @@ def _parse_toml(text: str, path: Path) -> dict[str, Any]:
                           f"(line {line}, column {column})") from None
 
 
+def _group_is_only_its_owner(info: os.stat_result) -> bool:
+    """The file's group is its owner's private group (Debian/Ubuntu give every user one, and
+    a umask of 002 makes files group-writable): writable by the group is then by the owner."""
+    import grp
+    import pwd
+
+    try:
+        owner = pwd.getpwuid(info.st_uid).pw_name
+        group = grp.getgrgid(info.st_gid)
+    except KeyError:  # ids without a name: assume the worst
+        return False
+    return group.gr_name == owner and set(group.gr_mem) <= {owner}
+
+
+def check_config_permissions(path: Path) -> None:
+    """Refuse a config that others can write (world, or a group shared with others): it
+    decides which Python module the daemon imports, so writing it is running code as us."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return  # reading it reports the problem
+    mode = stat.S_IMODE(info.st_mode)
+    if mode & 0o002:
+        who = "every user"
+    elif mode & 0o020 and not _group_is_only_its_owner(info):
+        who = "its group"
+    else:
+        return
+    raise ConfigError(f"{path} is writable by {who} (mode {mode:04o}); refusing it, because the config "
+                      f"names the Python module the daemon imports (train.task) and where it writes; "
+                      f"run `chmod go-w {path}`")
+
+
 def load_config(path: str | os.PathLike[str]) -> Config:
     """Read and validate a config file; raises ConfigError listing every problem found."""
     path = Path(path).expanduser().absolute()
-    cfg = parse_config(_parse_toml(_read_text(path), path), base_dir=path.parent, source=str(path))
+    text = _read_text(path)
+    check_config_permissions(path)
+    cfg = parse_config(_parse_toml(text, path), base_dir=path.parent, source=str(path))
     cfg._path = path
     return cfg

@@ -2,9 +2,12 @@
 
 N daemons, each a separate process with a fresh key, all bootstrapped to node 0, train the same
 task on Dirichlet(alpha) shards and gossip. The demo watches every node's /status, stops them
-with SIGTERM, trains the all-reduce and local-only baselines in-process, and writes
-report.json and accuracy.png. Every accuracy reported is a node's own evaluation of its own
-model on the test set, read after the end of training.
+with SIGTERM, trains the all-reduce and local-only baselines (here and in one helper process),
+and writes report.json and accuracy.png. Every accuracy reported is a node's own evaluation of
+its own model on the test set, read after the end of training. It prints a line every few
+seconds while the daemons start and while the baselines train; the clock of the curves and the
+progress lines starts when every node is up. `--device` is every node's train.device and the
+baselines' device.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -82,12 +85,15 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=positive(float), default=d.lr, help=f"learning rate (default {d.lr})")
     parser.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default=d.lr_schedule,
                         help=f"decay of the lr over the duration (default {d.lr_schedule})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device,
+                        help=f"train.device of every node, and the baselines' (default {d.device}; "
+                             f"auto: cuda, then mps, then cpu)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
     settings = DemoSettings(nodes=args.nodes, task=args.task, alpha=args.alpha, duration=args.duration,
                             seed=args.seed, exchange_interval=args.exchange_interval, lr=args.lr,
-                            lr_schedule=args.lr_schedule)
+                            lr_schedule=args.lr_schedule, device=args.device)
     return run_demo(settings, args.out)
 
 
@@ -139,22 +145,22 @@ def _run(settings: DemoSettings, results: Path, homes: Path, console: Console) -
     from peerfed.localswarm import LocalSwarm
 
     started = time.monotonic()
-    t0 = time.time()
     with LocalSwarm(homes, network=NETWORK) as swarm:
         try:
             nodes = [swarm.add_node(settings=settings.node_config(i)) for i in range(settings.nodes)]
             views = [NodeView(n.index, n.peer_id) for n in nodes]
-            console.print(f"starting {settings.nodes} daemons on 127.0.0.1 (homes in {homes}) ...")
+            console.print(f"starting {settings.nodes} daemons on 127.0.0.1 (homes in {homes}, "
+                          f"device {settings.device}) ...")
             swarm.start_all(wait=False)
             try:
-                for node in nodes:
-                    node.wait_up(180.0)
+                wait_all_up(swarm, 180.0, console)
             except (RuntimeError, TimeoutError) as exc:  # it died or hung: the message has its log
                 console.print("[red]a node did not start:[/]")
                 console.print(str(exc), markup=False, highlight=False, soft_wrap=True)
                 swarm.stop_all()
                 return int(ExitCode.INTERNAL)
             up_s = time.monotonic() - started
+            t0 = time.time()  # the curves' zero: every node is up and training
             console.print(f"all {settings.nodes} nodes up after {up_s:.1f} s; training for {settings.duration:.0f} s")
             console.print(f"dashboard of node 0: http://127.0.0.1:{nodes[0].api_port}/", highlight=False)
             watch(swarm, views, settings, t0, console)
@@ -172,9 +178,33 @@ def _run(settings: DemoSettings, results: Path, homes: Path, console: Console) -
             stopper.join()
     report = build_report(settings, views, final, baselines, up_s, time.monotonic() - started)
     (results / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    plot_accuracy(results / "accuracy.png", views, baselines, settings)
+    plot_accuracy(results / "accuracy.png", views, baselines, settings, ended_at=final["ended_at"])
     print_summary(console, report, results)
     return int(ExitCode.OK) if report["clean_exit"] else int(ExitCode.INTERNAL)
+
+
+def wait_all_up(swarm: Any, timeout: float, console: Console) -> None:
+    """Wait until every daemon answers /healthz, with a line every few seconds saying how many
+    are up; RuntimeError (with its log) if one exits, TimeoutError if one does not come up."""
+    started = time.monotonic()
+    next_line = started + PLAIN_LINE_EVERY_S
+    pending = list(swarm.nodes)
+    with ThreadPoolExecutor(len(pending)) as pool:
+        while pending:
+            for node in pending:
+                if node.process is not None and node.process.poll() is not None:
+                    raise RuntimeError(f"node {node.index} exited with {node.process.returncode}:\n{node.log_tail()}")
+            pending = [n for n, up in zip(pending, pool.map(lambda n: n.is_up(), pending), strict=True) if not up]
+            now = time.monotonic()
+            if pending and now - started > timeout:
+                slow = pending[0]
+                raise TimeoutError(f"node {slow.index} did not come up in {timeout:.0f} s:\n{slow.log_tail()}")
+            if pending and now >= next_line:
+                console.print(f"  {len(swarm.nodes) - len(pending)}/{len(swarm.nodes)} nodes up after "
+                              f"{now - started:.0f} s (loading torch and the task) ...")
+                next_line = now + PLAIN_LINE_EVERY_S
+            if pending:
+                time.sleep(0.2)
 
 
 def poll_all(swarm: Any, views: list[NodeView], t0: float, pool: ThreadPoolExecutor, console: Console) -> None:
@@ -239,26 +269,52 @@ def fresh_age(view: NodeView, ended: float) -> float | None:
 
 
 def run_baselines(settings: DemoSettings, views: list[NodeView], console: Console) -> dict[str, Any]:
-    from peerfed.baselines import (
-        init_baseline_worker,
-        train_allreduce,
-        train_local_only,
-    )
+    from peerfed.baselines import init_baseline_worker, train_allreduce, train_local_one
     from peerfed.train.tasks import TrainSettings
 
-    train = TrainSettings(task=settings.task, device="cpu", batch_size=settings.batch_size, lr=settings.lr,
-                          seed=settings.seed, options=settings.task_options())
+    train = TrainSettings(task=settings.task, device=settings.device, batch_size=settings.batch_size,
+                          lr=settings.lr, seed=settings.seed, options=settings.task_options())
     samples = [int(v.status.get("samples", 0)) for v in views]
-    console.print(f"training the baselines on {sum(samples):,} samples ...")
+    console.print(f"training the baselines on {sum(samples):,} samples: all-reduce (one model) here, "
+                  f"local-only ({len(samples)} models, one per node) in a helper process ...")
+    started = time.monotonic()
+    local_done: list[int] = []  # appended to by the pool's result thread
     # local-only in a second process, all-reduce here: one core each. Leaving the block
     # terminates the helper (also on Ctrl+C, which the helper ignores from birth).
     with ignoring_sigint():
         pool = mp.get_context("spawn").Pool(1, initializer=init_baseline_worker)
-    with pool:
-        local_later = pool.apply_async(train_local_only, (train, settings.nodes, samples, settings.local_only_max_steps))
+    with pool, ticking(lambda: f"  baselines: {time.monotonic() - started:.0f} s, local-only "
+                               f"{len(local_done)}/{len(samples)} models trained ...", console):
+        local_later = [pool.apply_async(train_local_one, (train, settings.nodes, i, n, settings.local_only_max_steps),
+                                        callback=lambda _, i=i: local_done.append(i))
+                       for i, n in enumerate(samples)]
         allreduce = train_allreduce(train, settings.nodes, sum(samples))
-        local = local_later.get()
+        console.print(f"  all-reduce: {fmt_acc(allreduce.accuracy)} after {allreduce.steps:,} steps of "
+                      f"{allreduce.batch_size} ({allreduce.seconds:.0f} s)")
+        local = [result.get() for result in local_later]
+    console.print(f"  local-only: mean {fmt_acc(sum(r.accuracy for r in local) / len(local))} "
+                  f"({time.monotonic() - started:.0f} s)")
     return {"allreduce": allreduce, "local_only": local}
+
+
+@contextlib.contextmanager
+def ticking(line: Callable[[], str], console: Console, every: float | None = None) -> Iterator[None]:
+    """Print `line()` every `every` seconds (default PLAIN_LINE_EVERY_S) from a helper thread
+    while the block runs."""
+    every = PLAIN_LINE_EVERY_S if every is None else every
+    stop = threading.Event()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            console.print(line(), markup=False, highlight=False)
+
+    thread = threading.Thread(target=tick, name="demo-ticker", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextlib.contextmanager

@@ -31,6 +31,7 @@ class DemoSettings:
     exchange_interval: float = 0.5
     eval_interval: float = 2.0
     threads: int = 1  # per trainer: N trainers share the machine's cores
+    device: str = "cpu"  # every node's train.device and the baselines' (auto | cpu | cuda | mps)
     local_only_max_steps: int = LOCAL_ONLY_MAX_STEPS
 
     def task_options(self) -> dict[str, Any]:
@@ -41,7 +42,7 @@ class DemoSettings:
 
     def node_config(self, index: int) -> dict[str, Any]:
         return {
-            "log_level": "info", "train.task": self.task, "train.device": "cpu", "train.threads": self.threads,
+            "log_level": "info", "train.task": self.task, "train.device": self.device, "train.threads": self.threads,
             "train.node_index": index, "train.node_count": self.nodes, "train.options": self.task_options(),
             "train.seed": self.seed, "train.lr": self.lr, "train.batch_size": self.batch_size,
             "train.eval_interval": self.eval_interval,
@@ -57,7 +58,7 @@ class NodeView:
     index: int
     peer_id: str
     status: dict[str, Any] = field(default_factory=dict)
-    curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since start, accuracy)
+    curve: list[tuple[float, float]] = field(default_factory=list)  # (seconds since training began, accuracy)
     died: int | None = None  # exit code, when it exited on its own
     exit_code: int | None = None
 
@@ -115,6 +116,7 @@ def build_report(settings: DemoSettings, views: list[NodeView], final: dict[str,
         "version": __version__,
         "settings": {**asdict(settings), "task_options": settings.task_options()},
         "duration": round(total_s, 1), "startup_s": round(startup_s, 1),
+        "curve_time": "seconds since every node was up (negative: a node up earlier)",
         "samples": samples, "epochs": samples / train_size if train_size else None,
         "mean_accuracy": mean, "worst_accuracy": worst,
         "baselines": {"allreduce": allreduce.accuracy, "local_only": local_mean},
@@ -134,7 +136,21 @@ def build_report(settings: DemoSettings, views: list[NodeView], final: dict[str,
     }
 
 
-def plot_accuracy(path: Path, views: list[NodeView], baselines: dict[str, Any], settings: DemoSettings) -> None:
+def plot_accuracy(path: Path, views: list[NodeView], baselines: dict[str, Any], settings: DemoSettings,
+                  ended_at: float | None = None) -> None:
+    """Write accuracy_figure(...) as a PNG."""
+    import matplotlib.pyplot as plt
+
+    fig = accuracy_figure(views, baselines, settings, ended_at)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def accuracy_figure(views: list[NodeView], baselines: dict[str, Any], settings: DemoSettings,
+                    ended_at: float | None = None) -> Any:
+    """Each node's test accuracy from the moment all nodes were up (t = 0: training began; a
+    node up earlier enters at its value then), and the baselines as what they are: one final
+    accuracy each, after the same number of samples, drawn as points at the end of training."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -144,18 +160,26 @@ def plot_accuracy(path: Path, views: list[NodeView], baselines: dict[str, Any], 
     for v in views:
         if v.curve:
             ax.plot([t for t, _ in v.curve], [a for _, a in v.curve], lw=1, alpha=0.8, label=f"node {v.index}")
-    local = baselines["local_only"]
-    ax.axhline(baselines["allreduce"].accuracy, color="black", ls="--", label="all-reduce")
+    end = ended_at if ended_at is not None else settings.duration
+    allreduce, local = baselines["allreduce"].accuracy, baselines["local_only"]
+    ax.plot([end], [allreduce], marker="*", ms=14, color="black", ls="none",
+            label=f"all-reduce, final ({100 * allreduce:.1f}%)")
+    ax.annotate("all-reduce", (end, allreduce), xytext=(-8, 8), textcoords="offset points", ha="right")
     if local:
-        ax.axhline(sum(r.accuracy for r in local) / len(local), color="gray", ls=":", label="local-only (mean)")
+        accs = [r.accuracy for r in local]
+        mean = sum(accs) / len(accs)
+        ax.plot([end] * len(accs), accs, marker=".", color="gray", ls="none", alpha=0.6)
+        ax.plot([end], [mean], marker="D", ms=8, color="gray", ls="none",
+                label=f"local-only, final (mean {100 * mean:.1f}%; dots: each node)")
+        ax.annotate("local-only", (end, mean), xytext=(-8, -14), textcoords="offset points", ha="right")
+    ax.axvline(end, color="gray", lw=0.5, ls=":")
     alpha = "iid" if settings.alpha is None else f"alpha {settings.alpha}"
-    ax.set(xlabel="seconds since start", ylabel="test accuracy", ylim=(0, 1),
-           title=f"peerfed demo: {settings.nodes} nodes, {settings.task}, {alpha}")
+    ax.set(xlabel="seconds of training (0: every node up)", ylabel="test accuracy", ylim=(0, 1),
+           xlim=(0, end * 1.06), title=f"peerfed demo: {settings.nodes} nodes, {settings.task}, {alpha}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", ncol=2, loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def print_summary(console: Console, report: dict[str, Any], results: Path) -> None:

@@ -23,6 +23,7 @@ ADDR_B = f"/ip4/192.0.2.2/tcp/7401/p2p/{PEER_B}"
 def write(tmp_path: Path, text: str, name: str = "peerfed.toml") -> Path:
     path = tmp_path / name
     path.write_text(text, encoding="utf-8")
+    os.chmod(path, 0o644)  # whatever the umask: a group-writable config is refused
     return path
 
 
@@ -191,6 +192,11 @@ def test_bootstrap_without_p2p_component(tmp_path: Path) -> None:
     assert ": p2p.bootstrap[0]: must be an address ending in /p2p/<PeerID>" in problem
 
 
+def test_bad_bootstrap_multiaddr_example_has_a_peer_id(tmp_path: Path) -> None:
+    problem = only_problem(tmp_path, '[p2p]\nbootstrap = ["/ip4/1.2.3/tcp/7401/p2p/12D3KooW"]\n')
+    assert ": p2p.bootstrap[0]: not a valid multiaddr" in problem and "/tcp/7401/p2p/12D3KooW..." in problem
+
+
 def test_bootstrap_with_non_ed25519_peer_id(tmp_path: Path) -> None:
     qm = "/ip4/192.0.2.1/tcp/7401/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
     assert "p2p.bootstrap[0]: 'QmYyQ" in only_problem(tmp_path, f'[p2p]\nbootstrap = ["{qm}"]\n')
@@ -312,3 +318,60 @@ def test_bootstrap_edit_keeps_the_file_mode(tmp_path: Path) -> None:
     os.chmod(path, 0o600)
     edit_bootstrap(path, add=[ADDR_A])
     assert os.stat(path).st_mode & 0o777 == 0o600
+
+
+# ---- train.task names and file permissions ----
+
+def test_builtin_task_names_match_the_tasks_module() -> None:
+    from peerfed.config import BUILTIN_TASK_NAMES
+    from peerfed.train.tasks import BUILTIN_TASKS
+
+    assert set(BUILTIN_TASK_NAMES) == set(BUILTIN_TASKS)
+
+
+@pytest.mark.parametrize("task, expected", [
+    ("digits_mlp", 'did you mean "digits-mlp"'),
+    ("digit-lr", 'did you mean "digits-lr"'),
+    ("resnet", 'not a built-in task (digits-lr, digits-mlp) nor "module:factory" (got'),
+    ("my-pkg:factory", '"package.module:factory"'),
+])
+def test_a_task_that_is_no_builtin_nor_module_factory_is_refused(tmp_path: Path, task: str, expected: str) -> None:
+    problem = only_problem(tmp_path, f'[train]\ntask = "{task}"\n')
+    assert ": train.task: " in problem and expected in problem
+
+
+def test_module_factory_task_passes_the_file_check(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, '[train]\ntask = "my_pkg.tasks:factory"\n')).train.task == "my_pkg.tasks:factory"
+
+
+@pytest.mark.parametrize("mode, who", [(0o666, "every user"), (0o646, "every user")])
+def test_a_world_writable_config_is_refused(tmp_path: Path, mode: int, who: str) -> None:
+    path = write(tmp_path, "")
+    os.chmod(path, mode)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert f"{path} is writable by {who} (mode {mode:04o})" in message
+    assert "train.task" in message and f"chmod go-w {path}" in message
+    os.chmod(path, 0o644)
+    assert load_config(path).network == "peerfed"
+
+
+def test_a_group_writable_config_is_refused_unless_the_group_is_only_its_owner(tmp_path: Path) -> None:
+    import grp
+    import pwd
+
+    path = write(tmp_path, "")
+    os.chmod(path, 0o664)
+    owner = pwd.getpwuid(os.getuid()).pw_name
+    own_group = grp.getgrgid(os.stat(path).st_gid)
+    if own_group.gr_name == owner and set(own_group.gr_mem) <= {owner}:
+        assert load_config(path).network == "peerfed"  # a private group: the owner alone
+    # root may give the file to any group, others to a group they belong to.
+    allowed = [g for g in grp.getgrall() if os.getuid() == 0 or g.gr_gid in os.getgroups()]
+    shared = next((g for g in allowed if g.gr_name != owner), None)
+    if shared is None:
+        pytest.skip("no other group to give the file to")
+    os.chown(path, -1, shared.gr_gid)
+    with pytest.raises(ConfigError, match="is writable by its group"):
+        load_config(path)

@@ -9,13 +9,17 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from rich.console import Console
 
+from peerfed import demo
 from peerfed.baselines import options_over_steps, train_allreduce, train_local_only
 from peerfed.core.peerid import is_valid_peer_id
 from peerfed.demo import DemoSettings, add_demo_arguments, cmd_demo
+from peerfed.demo_report import NodeView, accuracy_figure
 from peerfed.train.supervisor import TrainerStats, TrainerSupervisor
 from peerfed.train.tasks import TrainSettings, lr_factor, lr_schedule_from_options
 
@@ -34,7 +38,8 @@ def test_arguments_defaults_and_validation(capsys: pytest.CaptureFixture[str]) -
     assert (args.nodes, args.task, args.alpha, args.seed, args.out) == (8, "digits-mlp", 0.1, 0, None)
     assert parse("--alpha", "iid").alpha is None and parse("--alpha", "1.0").alpha == 1.0
     assert parse("--out", "d", "--duration", "40").out == Path("d")
-    for bad in (["--alpha", "0"], ["--alpha", "x"], ["--nodes", "0"], ["--duration", "-1"]):
+    assert args.device == "cpu" and parse("--device", "cuda").device == "cuda"
+    for bad in (["--alpha", "0"], ["--alpha", "x"], ["--nodes", "0"], ["--duration", "-1"], ["--device", "gpu"]):
         with pytest.raises(SystemExit):
             parse(*bad)
     assert "alpha" in capsys.readouterr().err
@@ -49,6 +54,8 @@ def test_node_config_puts_every_node_on_its_shard_with_the_schedule() -> None:
     assert configs[0]["train.options"] == {"alpha": "iid", "lr_schedule": "cosine",
                                            "lr_schedule_seconds": 30.0, "lr_min": 0.0}
     assert DemoSettings(lr_schedule="constant").task_options() == {"alpha": 0.1}
+    assert configs[0]["train.device"] == "cpu"
+    assert DemoSettings(device="cuda").node_config(0)["train.device"] == "cuda"
 
 
 def test_lr_schedules() -> None:
@@ -164,3 +171,57 @@ def test_demo_runs_a_real_swarm_and_meets_the_targets(tmp_path: Path) -> None:
 
     png = (out / "accuracy.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+class FakeNode:
+    """Enough of a LocalNode for wait_all_up: up after `up_after` polls, or exits."""
+
+    def __init__(self, index: int, up_after: int, exit_code: int | None = None) -> None:
+        self.index, self.up_after, self.polls = index, up_after, 0
+        self.process = SimpleNamespace(poll=lambda: exit_code, returncode=exit_code)
+
+    def is_up(self) -> bool:
+        self.polls += 1
+        return self.polls > self.up_after
+
+    def log_tail(self, lines: int = 30) -> str:
+        return f"log of node {self.index}"
+
+
+def test_start_up_prints_progress_and_names_a_node_that_died(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "PLAIN_LINE_EVERY_S", 0.3)
+    console = Console(record=True, width=200)
+    swarm = SimpleNamespace(nodes=[FakeNode(0, 0), FakeNode(1, 6)])
+    demo.wait_all_up(swarm, 30.0, console)
+    lines = console.export_text().splitlines()
+    assert lines and all("1/2 nodes up after" in line for line in lines)
+    dead = SimpleNamespace(nodes=[FakeNode(0, 0), FakeNode(1, 99, exit_code=3)])
+    with pytest.raises(RuntimeError, match="node 1 exited with 3:\nlog of node 1"):
+        demo.wait_all_up(dead, 30.0, console)
+
+
+def test_baselines_print_progress(one_thread: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(demo, "PLAIN_LINE_EVERY_S", 0.5)
+    console = Console(record=True, width=200)
+    views = [NodeView(i, f"peer{i}", status={"samples": 32 * 60}) for i in range(2)]
+    result = demo.run_baselines(DemoSettings(nodes=2), views, console)
+    text = console.export_text()
+    assert "all-reduce: " in text and "local-only: mean " in text
+    assert "baselines: " in text and "models trained" in text  # the ticker ran while they trained
+    assert len(result["local_only"]) == 2 and result["allreduce"].steps == 60
+
+
+def test_plot_starts_at_training_and_draws_baselines_as_end_points() -> None:
+    from peerfed.baselines import BaselineResult
+
+    views = [NodeView(0, "a", curve=[(-3.0, 0.1), (0.5, 0.3), (20.0, 0.9)]), NodeView(1, "b", curve=[(1.0, 0.2)])]
+    baselines = {"allreduce": BaselineResult(0.95, 100, 64, 1.0),
+                 "local_only": [BaselineResult(0.3, 50, 32, 1.0), BaselineResult(0.5, 50, 32, 1.0)]}
+    fig = accuracy_figure(views, baselines, DemoSettings(nodes=2, duration=20.0), ended_at=21.0)
+    ax = fig.axes[0]
+    assert ax.get_xlim()[0] == 0.0  # not the start-up before it
+    labels = {line.get_label(): line for line in ax.lines}
+    for name in ("all-reduce, final (95.0%)", "local-only, final (mean 40.0%; dots: each node)"):
+        xs = list(labels[name].get_xdata())
+        assert xs == [21.0], name  # one point at the end, not a line across the run
+    assert not [line for line in ax.lines if len(set(line.get_xdata())) > 1 and len(set(line.get_ydata())) == 1]

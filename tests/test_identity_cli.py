@@ -88,7 +88,7 @@ def test_load_identity_corrupt(tmp_path: Path, data: bytes, reason: str) -> None
     with pytest.raises(IdentityError) as info:
         load_identity(path)
     message = str(info.value)
-    assert reason in message and str(path) in message and "peerfed init" in message
+    assert reason in message and str(path) in message and "`peerfed identity new --replace`" in message
     assert "\n" not in message
 
 
@@ -192,9 +192,12 @@ def test_id_with_a_bad_key_is_one_line_exit_4(home: Path, damage: str) -> None:
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("peerfed: error: ") and str(key) in lines[0]
-    expected_fix = {"missing": "run `peerfed init`", "corrupt": "restore it from backup",
+    expected_fix = {"missing": "`peerfed identity new`", "corrupt": "restore it from backup",
                     "mode 0644": f"chmod 600 {key}"}[damage]
     assert expected_fix in lines[0]
+    assert "peerfed init" not in lines[0]  # init refuses on an existing node folder (exit 7)
+    if damage != "missing":
+        assert "`peerfed identity new --replace`" in lines[0]
     assert ((key.read_bytes(), mode(key)) if key.exists() else None) == before
 
 
@@ -203,12 +206,110 @@ def test_id_with_a_bad_key_is_one_line_exit_4(home: Path, damage: str) -> None:
 def test_config_check(home: Path) -> None:
     config = home / "peerfed.toml"
     ok = peerfed("config", "check", "--config", str(config))
-    assert ok.returncode == 0 and ok.stdout.strip() == f"ok: {config}"
+    assert ok.returncode == 0, ok.stderr
+    task_line, ok_line = ok.stdout.splitlines()
+    assert ok_line == f"ok: {config}"
+    assert task_line.startswith("task: digits-mlp builds: Sequential, 2,410 weights") and "fingerprint" in task_line
+    only_file = peerfed("config", "--config", str(config), "check", "--no-task")  # options before the action
+    assert only_file.returncode == 0 and only_file.stdout.splitlines() == [f"ok: {config}"]
     config.write_text(config.read_text().replace('device = "auto"', 'device = "gpu"'))
     bad = peerfed("config", "check", home=home)  # home from $PEERFED_HOME
     assert bad.returncode == 3 and bad.stdout == ""
     assert bad.stderr.startswith(f"peerfed: error: invalid config {config}")
     assert "train.device" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_config_check_imports_and_builds_the_task(home: Path, tmp_path: Path) -> None:
+    config = home / "peerfed.toml"
+    text = config.read_text()
+    mods = tmp_path / "mods"
+    mods.mkdir()
+    (mods / "raising_task.py").write_text("def factory(settings, ctx):\n    raise OSError('no data in /srv/x')\n"
+                                          "def not_a_task(settings, ctx):\n    return 42\n")
+    env_path = os.pathsep.join([str(mods), os.environ.get("PYTHONPATH", "")])
+    cases = [
+        ("nosuchpkg.tasks:factory", "no module named 'nosuchpkg.tasks'", "PYTHONPATH"),
+        ("raising_task:missing", "module 'raising_task' has no 'missing'", ""),
+        ("raising_task:factory", "the factory raised OSError: no data in /srv/x", "raising_task.py:2"),
+        ("raising_task:not_a_task", "the factory returned int, not a peerfed.train.tasks.Task", ""),
+        ("digits_mlp", 'did you mean "digits-mlp"', ""),
+    ]
+    for task, expected, also in cases:
+        config.write_text(text.replace('task = "digits-mlp"', f'task = "{task}"'))
+        result = subprocess.run([sys.executable, "-m", "peerfed", "config", "check", "--home", str(home)],
+                                capture_output=True, text=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": env_path})
+        assert result.returncode == 3, (task, result.stderr)
+        error = [line for line in result.stderr.splitlines() if line.startswith("peerfed: error:")]
+        assert len(error) == 1 and "train.task" in result.stderr and expected in result.stderr, (task, result.stderr)
+        assert also in result.stderr and result.stdout == ""
+        if task == "raising_task:factory":  # the factory's traceback, for its author
+            assert "Traceback" in result.stderr and "raise OSError" in result.stderr
+
+
+def test_identity_new_replaces_the_key_only_when_asked_and_keeps_a_backup(home: Path) -> None:
+    key = home / "identity.key"
+    old_bytes, old_id = key.read_bytes(), peer_id_of(load_identity(key))
+    refused = peerfed("identity", "new", "--home", str(home))
+    assert refused.returncode == 7 and "--replace" in refused.stderr and key.read_bytes() == old_bytes
+
+    made = peerfed("identity", "new", "--replace", "--home", str(home))
+    assert made.returncode == 0, made.stderr
+    new_id = peer_id_of(load_identity(key))
+    backups = sorted(home.glob("identity.key.*.bak"))
+    assert new_id != old_id and len(backups) == 1
+    assert backups[0].read_bytes() == old_bytes and mode(backups[0]) == 0o600 and mode(key) == 0o600
+    lines = made.stdout.splitlines()
+    assert lines[0] == f"old peer id: {old_id}" and lines[1] == f"new peer id: {new_id}"
+    assert str(backups[0]) in made.stdout and "restart" in made.stderr
+    assert json.loads(peerfed("id", "--home", str(home), "--json").stdout)["peer_id"] == new_id
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "mode 0644"])
+def test_every_key_error_is_fixed_by_what_it_advises(home: Path, damage: str) -> None:
+    key = home / "identity.key"
+    if damage == "missing":
+        key.unlink()
+    elif damage == "corrupt":
+        key.write_bytes(b"garbage")
+    else:
+        key.chmod(0o644)
+    error = peerfed("id", "--home", str(home)).stderr
+    advised = ["identity", "new", "--home", str(home)] + (["--replace"] if "--replace" in error else [])
+    fixed = peerfed(*advised)
+    assert fixed.returncode == 0, fixed.stderr
+    assert peerfed("id", "--home", str(home)).returncode == 0
+    if damage == "missing":
+        assert not list(home.glob("*.bak")) and not fixed.stdout.startswith("old peer id")
+    elif damage == "corrupt":
+        assert fixed.stdout.startswith("old peer id: unreadable (")
+        assert [b.read_bytes() for b in home.glob("identity.key.*.bak")] == [b"garbage"]
+    else:
+        assert fixed.stdout.startswith("old peer id: 12D3KooW")
+        assert [mode(b) for b in home.glob("identity.key.*.bak")] == [0o600]  # no longer readable by others
+
+
+def test_init_on_a_node_without_a_key_points_to_identity_new(home: Path) -> None:
+    (home / "identity.key").unlink()
+    result = peerfed("init", "--home", str(home))
+    assert result.returncode == 7 and f"`peerfed identity new --home {home}`" in result.stderr
+
+
+def test_replace_identity_moves_the_old_file_back_if_the_new_key_cannot_be_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import peerfed.identity as identity
+
+    path = tmp_path / "identity.key"
+    create_identity(path)
+    before = path.read_bytes()
+
+    def fail(*args: object, **kwargs: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(identity, "write_file_atomically", fail)
+    with pytest.raises(OSError):
+        identity.replace_identity(path)
+    assert path.read_bytes() == before and list(tmp_path.glob("*.bak")) == []
 
 
 def test_bootstrap_add_list_rm(home: Path) -> None:
@@ -221,6 +322,10 @@ def test_bootstrap_add_list_rm(home: Path) -> None:
     assert len(warning) == 1 and "trusted" in warning[0]
     listed = peerfed("bootstrap", "list", "--home", str(home))
     assert listed.stdout.splitlines() == [ADDR_A]
+    before_action = peerfed("bootstrap", "--home", str(home), "list")  # options on either side
+    assert before_action.returncode == 0 and before_action.stdout.splitlines() == [ADDR_A]
+    both = peerfed("bootstrap", "--home", str(home), "list", "--config", str(config))
+    assert both.returncode == 2 and "exclude each other" in both.stderr
 
     no_p2p = peerfed("bootstrap", "add", "/ip4/192.0.2.9/tcp/7401", "--home", str(home))
     assert no_p2p.returncode == 3 and "/p2p/<PeerID>" in no_p2p.stderr

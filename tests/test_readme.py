@@ -1,7 +1,11 @@
-"""The README's set-up commands stay true: CI runs the same test command."""
+"""The README's set-up commands stay true: CI runs the same test command, and each line runs
+verbatim as root without sudo (containers) and as a user with sudo."""
 
 from __future__ import annotations
 
+import re
+import shutil
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,3 +33,43 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert ".venv/bin/pip install -q -e '.[test]'" in ci
     test_command = tests.rsplit("&& ", 1)[1].strip()
     assert test_command in ci.splitlines()[-1]
+
+
+def apt_part(command: str) -> str:
+    """The line up to its package install (what needs root), without what follows it."""
+    head, sep, _ = command.partition(" && python3 -m venv")
+    assert sep, command
+    return head
+
+
+def test_setup_lines_run_as_root_without_sudo_and_as_a_user_with_sudo() -> None:
+    for command in setup_commands():
+        assert subprocess.run(["bash", "-n", "-c", command]).returncode == 0, command
+        assert not re.search(r"(^|[;&|(]\s*)sudo\s", command), f"bare sudo fails as root: {command}"
+        assert "apt-get update" in apt_part(command)  # a fresh container has no package lists
+
+
+def run_apt_part(tmp_path: Path, with_sudo: bool) -> list[str]:
+    """Run the README's apt part with fake apt-get (and sudo) on PATH; return the calls."""
+    bin_dir = tmp_path / ("with-sudo" if with_sudo else "no-sudo")
+    bin_dir.mkdir()
+    calls = tmp_path / f"calls-{with_sudo}"
+    (bin_dir / "env").symlink_to(shutil.which("env") or "/usr/bin/env")
+    fakes = {"apt-get": f'echo "apt-get $* DEBIAN_FRONTEND=${{DEBIAN_FRONTEND:-}}" >> {calls}\n'}
+    if with_sudo:
+        fakes["sudo"] = f'echo "sudo $1" >> {calls}\nexec "$@"\n'
+    for name, body in fakes.items():
+        (bin_dir / name).write_text("#!/bin/sh\n" + body)
+        (bin_dir / name).chmod(0o755)
+    bash = shutil.which("bash") or "/bin/bash"
+    command = apt_part(setup_commands()[0])
+    result = subprocess.run([bash, "-c", command], env={"PATH": str(bin_dir)}, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    return calls.read_text().splitlines()
+
+
+def test_apt_part_calls_apt_directly_without_sudo_and_through_sudo_with_it(tmp_path: Path) -> None:
+    install = "apt-get install -y gcc libgmp-dev python3-venv DEBIAN_FRONTEND=noninteractive"
+    assert run_apt_part(tmp_path, with_sudo=False) == ["apt-get update DEBIAN_FRONTEND=", install]
+    assert run_apt_part(tmp_path, with_sudo=True) == [
+        "sudo apt-get", "apt-get update DEBIAN_FRONTEND=", "sudo env", install]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -98,8 +99,9 @@ def test_status_and_peers_json_shapes(tmp_path: Path) -> None:
         assert [p["peer_id"] for p in peers] == [b.peer_id]
         row = peers[0]
         assert row["state"] == "connected" and row["addrs"] and "last_seen" in row and "rtt_ms" in row
-        text = peerfed("peers", "--home", str(a.home)).stdout
-        assert b.peer_id in text and "connected" in text
+        header, row_line = peerfed("peers", "--home", str(a.home)).stdout.splitlines()
+        assert header.split() == ["PEER", "ID", "STATE", "RTT", "ADDRESS"]
+        assert row_line.startswith(b.peer_id) and "connected" in row_line
 
 
 @pytest.mark.slow
@@ -123,4 +125,43 @@ def test_run_with_a_task_that_cannot_be_imported_is_a_config_error(home: Path) -
     set_config_values(home / "peerfed.toml", {"train.enabled": True, "train.task": "no_such_module:factory"})
     result = peerfed("run", "--home", str(home), timeout=120)
     assert result.returncode == ExitCode.CONFIG, result.stderr
-    assert "no_such_module" in one_clear_line(result.stderr)
+    line = one_clear_line(result.stderr)
+    assert "train.task" in line and "no_such_module" in line and "PYTHONPATH" in line
+    # Found before anything started: said once, no trainer, no daemon log lines.
+    assert len(result.stderr.strip().splitlines()) == 1 and "peerfed-trainer" not in result.stderr
+
+
+def test_run_with_a_raising_task_factory_exits_3_naming_train_task_and_the_exception(
+        home: Path, tmp_path: Path) -> None:
+    (tmp_path / "raising_factory.py").write_text(
+        "def factory(settings, ctx):\n    raise FileNotFoundError('/srv/data/train.csv')\n")
+    set_config_values(home / "peerfed.toml", {"train.enabled": True, "train.task": "raising_factory:factory",
+                                               "train.threads": 1})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-m", "peerfed", "run", "--home", str(home)],
+                            capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    line = one_clear_line(result.stderr)
+    assert "train.task 'raising_factory:factory'" in line
+    assert "FileNotFoundError: /srv/data/train.csv" in line and "raising_factory.py:2" in line
+
+
+def test_status_text_labels_its_two_losses_and_peers_have_a_header() -> None:
+    from peerfed.cli import peer_lines, status_lines
+
+    status = {"peer_id": "12D3KooWx", "step": 1200, "loss": 0.1850,
+              "metrics": {"accuracy": 0.931, "loss": 0.2134}, "exchanges": {"ok": 3, "refused": 0},
+              "trainer": {"evaluated_at": 1000.0, "evaluated_step": 1100}}
+    lines = status_lines(status, now=1004.0)
+    test_line = next(line for line in lines if line.startswith("test "))
+    train_line = next(line for line in lines if line.startswith("train loss "))
+    assert "accuracy 93.1%" in test_line and "loss 0.2134" in test_line
+    assert "evaluated 4 s ago, at step 1100" in test_line
+    assert "0.1850" in train_line and "0.2134" not in train_line and "moving average" in train_line
+    assert "exchanges        ok=3, refused=0" in lines
+    peers = [{"peer_id": "12D3KooWabc", "state": "connected", "rtt_ms": 1.25, "addrs": ["/ip4/1.2.3.4/tcp/1"]}]
+    header, row = peer_lines(peers)
+    assert header.split() == ["PEER", "ID", "STATE", "RTT", "ADDRESS"]
+    assert row.split() == ["12D3KooWabc", "connected", "1.2", "ms", "/ip4/1.2.3.4/tcp/1"]
+    assert header.index("STATE") == row.index("connected")
+    assert peer_lines([]) == []

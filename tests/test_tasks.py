@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import sys
 import textwrap
@@ -15,7 +16,13 @@ from peerfed.train.tasks import (
     NodeContext,
     TaskLoadError,
     TrainSettings,
+    accuracy,
+    binary_logit_loss,
+    check_task,
+    classification_evaluator,
+    digits_lr,
     digits_mlp,
+    endless_batches,
     load_digits_split,
     load_task_factory,
     split_digits,
@@ -63,11 +70,16 @@ def test_too_many_nodes_is_an_error() -> None:
 
 
 def test_builtin_and_module_factories(tmp_path, monkeypatch) -> None:
-    assert load_task_factory("digits-mlp") is digits_mlp
+    builtin = load_task_factory("digits-mlp")
+    assert builtin.__wrapped__ is digits_mlp  # wrapped: failures name train.task
     (tmp_path / "mytask_mod.py").write_text(textwrap.dedent("""
         from peerfed.train.tasks import digits_lr
         def factory(settings, ctx):
             return digits_lr(settings, ctx)
+        def raises(settings, ctx):
+            raise RuntimeError("no data at /srv/data")
+        def returns_none(settings, ctx):
+            return None
         not_callable = 3
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -75,15 +87,33 @@ def test_builtin_and_module_factories(tmp_path, monkeypatch) -> None:
     task = factory(TrainSettings(), NodeContext(0, 1, 0))
     assert task.num_samples == 1437
     for spec, words in [
-        ("no_such_module_xyz:factory", "cannot import"),
+        ("no_such_module_xyz:factory", "cannot import .*PYTHONPATH"),
         ("mytask_mod:missing", "no 'missing'"),
+        ("mytask_mod:factroy", "did you mean 'factory'"),
         ("mytask_mod:not_callable", "not callable"),
         ("nonsense", "not a built-in"),
+        ("digits_mlp", "did you mean 'digits-mlp'"),
     ]:
         with pytest.raises(TaskLoadError, match=words) as info:
             load_task_factory(spec)
-        assert spec in str(info.value)
+        assert str(info.value).startswith(f"train.task {spec!r}: ")
+    with pytest.raises(TaskLoadError, match=r"the factory raised RuntimeError: no data at /srv/data \(at .*mytask_mod.py:6 in raises"):
+        load_task_factory("mytask_mod:raises")(TrainSettings(), NodeContext(0, 1, 0))
+    with pytest.raises(TaskLoadError, match="train.task 'mytask_mod:returns_none': the factory returned NoneType"):
+        load_task_factory("mytask_mod:returns_none")(TrainSettings(), NodeContext(0, 1, 0))
+    with pytest.raises(TaskLoadError, match="train.task 'digits-lr': the factory raised ValueError: options.alpha"):
+        load_task_factory("digits-lr")(TrainSettings(options={"alpha": -1}), NodeContext(0, 1, 0))
     sys.modules.pop("mytask_mod", None)
+
+
+def test_check_task_names_what_is_wrong() -> None:
+    good = digits_lr(TrainSettings(), NodeContext(0, 1, 0))
+    assert check_task(good) is None
+    assert "positive int" in check_task(dataclasses.replace(good, num_samples=0))
+    assert check_task(dataclasses.replace(good, num_samples=np.int64(5))) is None
+    assert "not an iterator" in check_task(dataclasses.replace(good, train_batches=[(1, 2)]))
+    assert "not callable" in check_task(dataclasses.replace(good, evaluate=None))
+    assert "floating-point" in check_task(dataclasses.replace(good, model=torch.nn.ReLU()))
 
 
 def test_node_shards_match_split_and_batches_are_endless() -> None:
@@ -148,3 +178,60 @@ def test_settings_from_the_real_config(tmp_path) -> None:
     assert s.task == cfg.train.task and s.checkpoint_interval == cfg.checkpoint.interval
     assert s.checkpoint_dir is not None and s.checkpoint_dir.name == "checkpoints"
     assert s.config_digest == cfg.digest()
+
+
+def test_one_logit_binary_model_accuracy_and_loss_are_right() -> None:
+    # A fixed Linear(2, 1): logit = x0 - x1. Labels say "x0 > x1" except for 3 of 10 rows,
+    # so the true accuracy is 0.7 (argmax over one column would say 1.0 or 0.0).
+    model = torch.nn.Linear(2, 1)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, -1.0]]))
+        model.bias.zero_()
+    x = torch.tensor([[float(i), float(9 - i)] for i in range(10)])  # x0 > x1 for i >= 5
+    truth = (x[:, 0] > x[:, 1]).float()
+    y = truth.clone()
+    y[[0, 5, 9]] = 1 - y[[0, 5, 9]]  # three wrong labels
+    with torch.no_grad():
+        logits = model(x)
+    expected_loss = float(torch.nn.BCEWithLogitsLoss()(logits, y.reshape(-1, 1)))
+    for targets in (y, y.reshape(-1, 1), y.long()):  # floats [N], floats [N, 1], ints [N]
+        assert accuracy(logits, targets) == pytest.approx(0.7)
+        assert accuracy(logits.reshape(-1), targets) == pytest.approx(0.7)
+        result = classification_evaluator(x, targets, binary_logit_loss())(model)
+        assert result["accuracy"] == pytest.approx(0.7)
+        assert result["loss"] == pytest.approx(expected_loss, rel=1e-6)
+        chunked = classification_evaluator(x, targets, binary_logit_loss(), batch_size=3)(model)
+        assert chunked["accuracy"] == pytest.approx(0.7) and chunked["loss"] == pytest.approx(expected_loss, rel=1e-5)
+    assert model.training  # the evaluator restores the mode
+
+
+def test_multi_class_accuracy_with_indices_and_one_hot_targets() -> None:
+    logits = torch.tensor([[2.0, 0.0, 0.0], [0.0, 3.0, 0.0], [0.0, 0.0, 1.0], [5.0, 0.0, 0.0]])
+    y = torch.tensor([0, 1, 1, 2])
+    assert accuracy(logits, y) == pytest.approx(0.5)
+    assert accuracy(logits, torch.nn.functional.one_hot(y, 3).float()) == pytest.approx(0.5)
+    model = torch.nn.Linear(3, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.eye(3))
+    result = classification_evaluator(logits, y, torch.nn.CrossEntropyLoss())(model)
+    assert result["accuracy"] == pytest.approx(0.5)
+    assert result["loss"] == pytest.approx(float(torch.nn.CrossEntropyLoss()(logits, y)), rel=1e-6)
+
+
+def test_a_one_logit_model_trains_with_the_helpers(one_thread: None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(400, 4, generator=gen)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).float()  # targets as [N] floats; the model outputs [N, 1]
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    loss_fn = binary_logit_loss()
+    evaluate = classification_evaluator(x, y, loss_fn)
+    before = evaluate(model)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    for xb, yb in itertools.islice(endless_batches(x, y, 32, seed=1), 300):
+        loss = loss_fn(model(xb), yb)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    after = evaluate(model)
+    assert after["accuracy"] > 0.95 and after["loss"] < before["loss"]

@@ -25,7 +25,7 @@ from peerfed.core.envelope import PeerList, PeerRecord, Verifier, seal, verify_p
 from peerfed.core.errors import Rejected
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
-from peerfed.net.p2p import DialError, P2PHost
+from peerfed.net.p2p import DialError, ForeignPeer, P2PHost
 
 log = logging.getLogger("peerfed.membership")
 
@@ -37,6 +37,7 @@ RECORD_REFRESH = 600.0       # re-sign our record well before others consider it
 RECORD_MAX_AGE = 3600.0
 UNVERIFIED_GRACE = 10.0      # a connection without a verified record is closed after this
 MAX_PARALLEL_DIALS = 8
+FOREIGN_PEER_FAILURES = 5      # a peer refusing our protocol counts as this many failed dials
 
 
 class Membership:
@@ -226,6 +227,18 @@ class Membership:
     async def _exchange_with(self, peer_id: str) -> None:
         try:
             reply = await self._host.request(peer_id, self._sealed_peer_list(peer_id))
+        except ForeignPeer as exc:
+            # One line; WARNING only the first time for a peer we dial ourselves (a bootstrap
+            # entry on another network, most likely). That stays so until an operator acts:
+            # back off as after several failures (~16 s, then the 300 s cap; unpinned: evicted).
+            info = self.table.get(peer_id)
+            log.log(logging.WARNING if info is not None and info.failures == 0 else logging.INFO,
+                    "%s; closing the connection", exc)
+            for _ in range(FOREIGN_PEER_FAILURES):
+                self.table.record_failure(peer_id, self._clock())
+            self._connected_at.pop(peer_id, None)
+            self._spawn(self._host.disconnect(peer_id))
+            return
         except Exception as exc:  # noqa: BLE001 - any failure means "no verified record yet"
             log.debug("peer exchange with %s failed: %s", peer_id, exc)
             return
@@ -266,6 +279,7 @@ class Membership:
                 verified = info is not None and info.state == PeerState.CONNECTED
                 if not verified and now - since > UNVERIFIED_GRACE:
                     log.info("closing connection to %s: no valid peer record from it", peer_id)
+                    self.table.record_failure(peer_id, now)  # back off: no redial in a loop
                     self._connected_at.pop(peer_id, None)
                     self._spawn(self._host.disconnect(peer_id))
             for peer_id in self.table.evict_stale(now):

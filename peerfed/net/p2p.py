@@ -14,6 +14,9 @@ py-libp2p 0.8.1 workarounds (design.md section 5):
 - A stream whose reader pauses over 5 s is reset, so inbound requests are read at once.
 - Its negative dial cache would override our own backoff, so it is cleared before a dial,
   and its auto-connector is stopped.
+- identify announces ``peerfed/<version>`` (py-libp2p reads a module global per message), and
+  a peer that refuses our protocol (another network's node, or not peerfed at all) raises
+  ForeignPeer instead of a 7-line ERROR block from py-libp2p's logger.
 """
 
 from __future__ import annotations
@@ -32,8 +35,10 @@ from libp2p import new_host
 from libp2p.abc import INetConn, INotifee
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.host.exceptions import StreamFailure
 from libp2p.host.ping import ID as PING_PROTOCOL
 from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.identity.identify import identify as libp2p_identify
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -42,6 +47,7 @@ from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from peerfed import __version__
 from peerfed.core.framing import FrameDecoder, encode_frame
 from peerfed.errors import AddressInUseError, ConfigError
 from peerfed.net.bridge import Bridge
@@ -59,9 +65,23 @@ def adopt_libp2p_logger() -> None:
     # membership service logs each failed attempt once, with its reason.
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
     logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)  # we stop it
+    stream_log = logging.getLogger("libp2p.host.basic_host")
+    if not any(isinstance(f, _RefusedProtocolFilter) for f in stream_log.filters):
+        stream_log.addFilter(_RefusedProtocolFilter())
+
+
+class _RefusedProtocolFilter(logging.Filter):
+    """Drops py-libp2p's multi-line ERROR for a stream the peer refused: _trio_request raises
+    ForeignPeer for it and membership logs it once, in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = str(record.msg)
+        return not (text.startswith("Failed to open stream") and "not supported" in text)
 
 
 adopt_libp2p_logger()
+# Peers see this program in identify, not the library that carries it.
+libp2p_identify.AGENT_VERSION = f"peerfed/{__version__}"
 
 # Called from trio for an inbound request: (remote PeerID, request bytes) -> reply bytes.
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
@@ -72,6 +92,10 @@ MAX_REQUEST_BYTES = 1 << 20
 
 class DialError(Exception):
     """A dial failed; the message says why in one line."""
+
+
+class ForeignPeer(Exception):
+    """The peer refused our protocol: a node of another network, or another libp2p program."""
 
 
 def peers_protocol(network: str) -> str:
@@ -277,7 +301,13 @@ class P2PHost:
     async def _trio_request(self, peer_id: str, payload: bytes) -> bytes:
         self._stats["requests_out"] += 1
         with trio.fail_after(REQUEST_TIMEOUT):
-            stream = await self._host.new_stream(ID.from_base58(peer_id), [self._protocol])
+            try:
+                stream = await self._host.new_stream(ID.from_base58(peer_id), [self._protocol])
+            except StreamFailure as exc:
+                if "not supported" in str(exc.__cause__ or ""):
+                    raise ForeignPeer(f"peer {peer_id} does not speak {self._protocol}: a node of another "
+                                      f"network, or not a peerfed node") from exc
+                raise
             try:
                 await stream.write(encode_frame(payload))
                 return await _read_frame(stream, MAX_REQUEST_BYTES)

@@ -1,15 +1,21 @@
 """The Task API (what a node trains) and the built-in digits tasks.
 
 A task factory is `factory(settings: TrainSettings, ctx: NodeContext) -> Task`. It runs inside
-the trainer process; built-ins are "digits-lr" and "digits-mlp", anything else is
-"package.module:factory".
+the trainer process (and once in `peerfed config check`, on the CPU, to catch a bad task
+early); built-ins are "digits-lr" and "digits-mlp", anything else is "package.module:factory",
+imported by the daemon's Python (PYTHONPATH or a package installed in its environment).
+`load_task_factory` wraps every factory so that a failure, or a result that is not a Task,
+raises TaskLoadError naming `train.task`. Helpers for writing tasks (batches, evaluation,
+losses, lr schedules) live in task_helpers.py and are re-exported here.
 """
 
 from __future__ import annotations
 
+import difflib
 import functools
 import importlib
-import math
+import numbers
+import traceback
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,9 +25,29 @@ import numpy as np
 import torch
 from torch import nn
 
-Batch = tuple[torch.Tensor, torch.Tensor]
-# (steps taken, seconds spent training) -> factor applied to the optimizer's configured lr
-LrSchedule = Callable[[int, float], float]
+from peerfed.train.task_helpers import (
+    LR_SCHEDULES,
+    Batch,
+    LossFn,
+    LrSchedule,
+    accuracy,
+    binary_logit_loss,
+    classification_evaluator,
+    endless_batches,
+    is_one_logit,
+    lr_factor,
+    lr_schedule_from_options,
+    predicted_labels,
+    true_labels,
+)
+
+__all__ = [
+    "BUILTIN_TASKS", "LR_SCHEDULES", "Batch", "DigitsData", "LossFn", "LrSchedule", "NodeContext", "Task",
+    "TaskFactory", "TaskLoadError", "TrainSettings", "accuracy", "binary_logit_loss", "check_task",
+    "classification_evaluator", "digits_lr", "digits_mlp", "dirichlet_split", "endless_batches",
+    "is_one_logit", "load_digits_split", "load_task_factory", "lr_factor", "lr_schedule_from_options",
+    "parse_alpha", "predicted_labels", "split_digits", "true_labels",
+]
 
 # The 80/20 split and the Dirichlet split use fixed seeds so every node agrees on them,
 # whatever its training seed (override with options "split_seed").
@@ -32,7 +58,12 @@ MIN_SHARD_SIZE = 10
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """The [train] and [checkpoint] settings the trainer needs (a picklable copy)."""
+    """The node's [train] and [checkpoint] settings (a picklable copy), handed to the factory.
+
+    A factory reads what it needs: batch_size, lr and seed for its batches and optimizer, and
+    `options`, the free-form `[train.options]` table of the config (strings, numbers and
+    booleans), for anything of its own (data paths, model width, ...). `device` is where the
+    trainer will move the model (it does that itself: a factory builds on the CPU)."""
 
     task: str = "digits-mlp"
     device: str = "auto"
@@ -76,6 +107,14 @@ class TrainSettings:
 
 @dataclass(frozen=True)
 class NodeContext:
+    """Where this node stands in the swarm, from its config: `index` is `train.node_index`,
+    `count` is `train.node_count`, `seed` is `train.seed`.
+
+    With private data every node simply loads its own and may ignore index and count. When
+    every node reads the same dataset (a benchmark, a demo), they pick this node's shard, e.g.
+    `dirichlet_split(labels, ctx.count, alpha, seed)[ctx.index]`. Seed the model's init with
+    `seed` so that every node starts from the same weights."""
+
     index: int
     count: int
     seed: int
@@ -83,91 +122,117 @@ class NodeContext:
 
 @dataclass
 class Task:
+    """What a node trains. Every node of a swarm must build the same architecture (peers
+    compare a fingerprint of parameter names, shapes and dtypes).
+
+    model: the module; its floating-point parameters and buffers are averaged with peers.
+    train_batches: an endless iterator of (x, y) CPU tensors (`endless_batches` makes one);
+        the trainer moves each batch to the device and calls `loss_fn(model(x), y)`.
+    evaluate: model -> metrics, at least "accuracy" and "loss" (`classification_evaluator`);
+        called in the trainer with the model on its device, every `train.eval_interval` s.
+    loss_fn: (model output, y) -> scalar loss to minimise.
+    make_optimizer: parameters -> optimizer (called once; its state stays local).
+    num_samples: size of this node's data: its weight when two nodes average.
+    lr_schedule: (step, seconds trained) -> factor of the optimizer's lr; None keeps it
+        constant (`lr_schedule_from_options` builds one from `[train.options]`)."""
+
     model: nn.Module
-    train_batches: Iterator[Batch]  # endless, CPU tensors
-    evaluate: Callable[[nn.Module], dict[str, float]]  # at least "accuracy" and "loss"
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    train_batches: Iterator[Batch]
+    evaluate: Callable[[nn.Module], dict[str, float]]
+    loss_fn: LossFn
     make_optimizer: Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-    num_samples: int  # size of the local shard: this node's sample weight
-    lr_schedule: LrSchedule | None = None  # None: the configured lr throughout
+    num_samples: int
+    lr_schedule: LrSchedule | None = None
 
 
 TaskFactory = Callable[[TrainSettings, NodeContext], Task]
 
 
 class TaskLoadError(ValueError):
-    """The task spec names nothing usable; the message names the spec."""
+    """train.task names nothing usable, or its factory failed; the message names train.task."""
 
 
 def load_task_factory(spec: str) -> TaskFactory:
+    """The factory that `train.task` names: a built-in name or "package.module:factory".
+
+    The result is wrapped: if the factory raises, or returns something that is not a usable
+    Task, the call raises TaskLoadError naming train.task and the cause (its __cause__ keeps
+    the original exception and traceback)."""
     if spec in BUILTIN_TASKS:
-        return BUILTIN_TASKS[spec]
+        return _checked(spec, BUILTIN_TASKS[spec])
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
         known = ", ".join(sorted(BUILTIN_TASKS))
-        raise TaskLoadError(f"task {spec!r}: not a built-in task ({known}) nor 'module:factory'")
+        close = difflib.get_close_matches(spec, list(BUILTIN_TASKS), n=2, cutoff=0.6)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        raise TaskLoadError(f"train.task {spec!r}: not a built-in task ({known}) nor 'module:factory'{hint}")
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise TaskLoadError(
+            f"train.task {spec!r}: cannot import {module_name!r}: {exc}; the daemon imports it, so its "
+            f"folder must be on PYTHONPATH or its package installed in the daemon's Python") from exc
     except Exception as exc:
-        raise TaskLoadError(f"task {spec!r}: cannot import {module_name!r}: {exc}") from exc
+        raise TaskLoadError(f"train.task {spec!r}: importing {module_name!r} failed: "
+                            f"{type(exc).__name__}: {exc}{_where(exc)}") from exc
     obj: Any = module
     for part in attr.split("."):
         try:
             obj = getattr(obj, part)
         except AttributeError:
-            raise TaskLoadError(f"task {spec!r}: module {module_name!r} has no {attr!r}") from None
+            names = [n for n in dir(module) if not n.startswith("_")]
+            close = difflib.get_close_matches(attr, names, n=2, cutoff=0.6)
+            hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+            raise TaskLoadError(f"train.task {spec!r}: module {module_name!r} has no {attr!r}{hint}") from None
     if not callable(obj):
-        raise TaskLoadError(f"task {spec!r}: {attr!r} is not callable")
-    return obj
+        raise TaskLoadError(f"train.task {spec!r}: {attr!r} is not callable")
+    return _checked(spec, obj)
 
 
-# ---------------------------------------------------------------- learning-rate schedules
-
-LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-def lr_factor(kind: str, progress: float, min_factor: float = 0.0) -> float:
-    """Factor of the base lr at `progress` (0 = start, >= 1 = end, where it stays at min_factor)."""
-    p = min(max(progress, 0.0), 1.0)
-    if kind == "constant":
-        return 1.0
-    if kind == "cosine":
-        shape = 0.5 * (1.0 + math.cos(math.pi * p))
-    elif kind == "linear":
-        shape = 1.0 - p
-    else:
-        raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {kind!r}")
-    return min_factor + (1.0 - min_factor) * shape
+def _where(exc: BaseException) -> str:
+    """' (at FILE:LINE in FUNCTION)': the innermost frame of exc's traceback."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return ""
+    last = frames[-1]
+    return f" (at {last.filename}:{last.lineno} in {last.name})"
 
 
-def lr_schedule_from_options(options: Mapping[str, Any]) -> LrSchedule | None:
-    """Options lr_schedule ("constant" | "cosine" | "linear"), with exactly one of
-    lr_schedule_steps (decay over that many steps) or lr_schedule_seconds (over that much
-    training time; checkpoints keep that clock and a state sync hands a newcomer its donor's,
-    so neither a restart nor a late joiner starts it over),
-    and lr_min (fraction of the lr kept once the decay is over, default 0).
+def _checked(spec: str, factory: TaskFactory) -> TaskFactory:
+    """`factory`, raising TaskLoadError (naming train.task) when it fails or returns no Task."""
+    @functools.wraps(factory)
+    def build(settings: TrainSettings, ctx: NodeContext) -> Task:
+        try:
+            task = factory(settings, ctx)
+        except Exception as exc:
+            raise TaskLoadError(f"train.task {spec!r}: the factory raised "
+                                f"{type(exc).__name__}: {exc}{_where(exc)}") from exc
+        problem = check_task(task)
+        if problem:
+            raise TaskLoadError(f"train.task {spec!r}: {problem}")
+        return task
 
-    A decaying lr lets gossiping nodes on skewed shards settle: late local steps drift less, so
-    pairwise averaging pulls the nodes' models together."""
-    kind = str(options.get("lr_schedule", "constant"))
-    lr_factor(kind, 0.0)  # validates the name
-    if kind == "constant":
-        return None
-    steps, seconds = options.get("lr_schedule_steps"), options.get("lr_schedule_seconds")
-    if (steps is None) == (seconds is None):
-        raise ValueError(f"lr_schedule {kind!r} needs exactly one of lr_schedule_steps, lr_schedule_seconds")
-    length = float(steps if steps is not None else seconds)
-    if not length > 0:
-        raise ValueError(f"lr_schedule length must be > 0, got {length!r}")
-    min_factor = float(options.get("lr_min", 0.0))
-    if not 0.0 <= min_factor <= 1.0:
-        raise ValueError(f"lr_min must be within [0, 1], got {min_factor!r}")
-    by_steps = steps is not None
+    return build
 
-    def schedule(step: int, seconds_trained: float) -> float:
-        return lr_factor(kind, (step if by_steps else seconds_trained) / length, min_factor)
 
-    return schedule
+def check_task(task: object) -> str | None:
+    """What is wrong with a factory's result, or None if it is a usable Task."""
+    if not isinstance(task, Task):
+        return f"the factory returned {type(task).__name__}, not a peerfed.train.tasks.Task"
+    if not isinstance(task.model, nn.Module):
+        return f"Task.model is {type(task.model).__name__}, not a torch.nn.Module"
+    if not any(p.is_floating_point() for p in task.model.parameters()):
+        return "the model has no floating-point parameters to train and average"
+    for name in ("evaluate", "loss_fn", "make_optimizer"):
+        if not callable(getattr(task, name)):
+            return f"Task.{name} is not callable"
+    if not isinstance(task.train_batches, Iterator):
+        return "Task.train_batches is not an iterator (endless_batches(...) makes one; or a generator)"
+    if isinstance(task.num_samples, bool) or not isinstance(task.num_samples, numbers.Integral) or task.num_samples < 1:
+        return f"Task.num_samples must be a positive int (got {task.num_samples!r})"
+    if task.lr_schedule is not None and not callable(task.lr_schedule):
+        return "Task.lr_schedule is not callable"
+    return None
 
 
 # ---------------------------------------------------------------- digits
@@ -175,6 +240,8 @@ def lr_schedule_from_options(options: Mapping[str, Any]) -> LrSchedule | None:
 
 @dataclass(frozen=True)
 class DigitsData:
+    """scikit-learn's digits as the built-in tasks use them (read-only arrays)."""
+
     x_train: np.ndarray  # float32 [1437, 64] in [0, 1]
     y_train: np.ndarray  # int64 [1437]
     x_test: np.ndarray  # float32 [360, 64]
@@ -216,7 +283,7 @@ def dirichlet_split(
         for label in np.unique(labels):
             idx = rng.permutation(np.flatnonzero(labels == label))
             cuts = (np.cumsum(rng.dirichlet(np.full(count, alpha)))[:-1] * len(idx)).astype(int)
-            for shard, part in zip(shards, np.split(idx, cuts)):
+            for shard, part in zip(shards, np.split(idx, cuts), strict=True):
                 shard.extend(part.tolist())
     # Top up tiny shards from the largest one so that every node has something to train on.
     floor = min(min_size, n // count)
@@ -233,6 +300,8 @@ def split_digits(count: int, alpha: float | None, seed: int = DIGITS_SPLIT_SEED)
 
 
 def parse_alpha(options: Mapping[str, Any]) -> float | None:
+    """`[train.options]` alpha of the built-in tasks: None for "iid" (the default), else the
+    Dirichlet concentration (> 0; smaller means more skewed label shards)."""
     value = options.get("alpha", "iid")
     if value is None or value == "iid":
         return None
@@ -240,38 +309,6 @@ def parse_alpha(options: Mapping[str, Any]) -> float | None:
     if not alpha > 0:
         raise ValueError(f"options.alpha must be > 0 or 'iid', got {value!r}")
     return alpha
-
-
-def endless_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int) -> Iterator[Batch]:
-    """Shuffled mini-batches forever; a shard smaller than a batch is one batch."""
-    gen = torch.Generator().manual_seed(seed)
-    n = len(x)
-    size = max(1, min(batch_size, n))
-    while True:
-        order = torch.randperm(n, generator=gen)
-        for start in range(0, n - size + 1, size):
-            idx = order[start : start + size]
-            yield x[idx], y[idx]
-
-
-def classification_evaluator(
-    x: torch.Tensor, y: torch.Tensor, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-) -> Callable[[nn.Module], dict[str, float]]:
-    def evaluate(model: nn.Module) -> dict[str, float]:
-        device = next(model.parameters()).device
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                logits = model(x.to(device))
-                target = y.to(device)
-                loss = float(loss_fn(logits, target))
-                accuracy = float((logits.argmax(dim=1) == target).float().mean())
-        finally:
-            model.train(was_training)
-        return {"accuracy": accuracy, "loss": loss}
-
-    return evaluate
 
 
 def _digits_task(settings: TrainSettings, ctx: NodeContext, model: nn.Module) -> Task:
@@ -303,6 +340,7 @@ def _digits_task(settings: TrainSettings, ctx: NodeContext, model: nn.Module) ->
 
 
 def _check_ctx(ctx: NodeContext) -> None:
+    """A node index within the count (config validation ensures it; direct callers may not)."""
     if not 0 <= ctx.index < ctx.count:
         raise ValueError(f"node_index {ctx.index} outside 0..{ctx.count - 1}")
 
