@@ -161,7 +161,8 @@ def measure_size(size_mib: float, args: argparse.Namespace) -> dict[str, Any]:
     nbytes = flat_bytes(size_mib)
     options = {"mib": size_mib, "step_sleep": args.train_sleep}
     settings = settings_for({}, **{"train.task": "synthetic:sized", "train.options": options,
-                                   "train.node_count": 2, "exchange.transfer_timeout": 600.0})
+                                   "train.node_count": 2, "exchange.transfer_timeout": 600.0,
+                                   "train.device": args.device})
     raw = RawTCP(nbytes)
     result: dict[str, Any] = {"mib": size_mib, "nbytes": nbytes}
     with local_swarm(f"bench-exchange-{size_mib:g}-") as swarm:
@@ -436,6 +437,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="exchanges (and raw TCP runs) per size")
     parser.add_argument("--train-sleep", type=float, default=0.05, help="seconds each trainer sleeps per step")
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between two timed transfers")
+    parser.add_argument("--device", default="cpu", help="the trainers' train.device (cuda: mirror mode on a GPU)")
     parser.add_argument("--timeline", type=float, default=0.0, metavar="MIB",
                         help="only print the step-by-step timeline of an exchange of this size (profiling aid)")
     args = parser.parse_args()
@@ -446,7 +448,8 @@ def main() -> None:
     sizes = [float(s) for s in args.sizes.split(",") if s.strip()]
     print_header(
         "bench_exchange: push-pull exchange between two daemons vs raw TCP both ways",
-        f"task synthetic:sized, trainers sleep {args.train_sleep} s per step; {args.reps} exchanges per size; "
+        f"task synthetic:sized on {args.device}, trainers sleep {args.train_sleep} s per step; "
+        f"{args.reps} exchanges per size; "
         f"settings {QUIET_TRAINING}",
     )
     results = []
