@@ -1,0 +1,365 @@
+"""Wire encodings of a flat float32 weight buffer: float32, float16, bfloat16 and int8.
+
+Torch only, no I/O (the same layer as averaging.py). The exchange sends a model as one flat
+float32 buffer (averaging.FlatLayout); an encoding turns it into fewer bytes on the wire and
+back. Everything works slice by slice, so neither side needs a model-sized extra copy:
+
+- the sender cuts the buffer into `spans` and calls `encode_into(encoding, flat[start:stop],
+  out)` for each, `out` being any writable buffer of exactly `stop_byte - start_byte` bytes (a
+  small rotating send buffer, or the matching slice of a preallocated wire buffer); it hashes
+  those bytes as they are, so the digest covers exactly the bytes on the wire;
+- the receiver feeds whatever bytes have landed, in pieces of any size, to a `WireDecoder`,
+  which writes float32 values into the destination tensor once a unit is complete (an
+  element; for int8 a whole block, scale and values), at the latest every STAGE_BYTES (1 MiB)
+  of wire, and says how many elements are final, so `averaging.ValueCheck.advance` can check
+  them as they come.
+
+Wire layout, little-endian like the rest of the exchange:
+
+- float32, float16, bfloat16: the values in order, 4/2/2 bytes each.
+- int8: one record per block of INT8_BLOCK elements (the last block may be shorter): the
+  block's scale as a float32, then one signed byte per element; value = byte * scale.
+  The encoder picks scale = max|x| / 127 over the block (symmetric, rounded to nearest), so the
+  error per element is at most about max|x| / 254 of its block.
+  Scales sit at the head of their block, not all at the front: the sender can encode and send
+  block by block as it snapshots, and the receiver can decode each block as it lands.
+
+Why INT8_BLOCK = 2048: a scale costs 4 bytes, 0.2% of a 2048-element block (int8 wire =
+0.2505x float32), while blocks stay small enough that one large weight does not crush the
+resolution of many small ones: the flat buffer mixes tensors, and a block that straddles a
+bias and a weight matrix shares one scale. 2048 is also the block size of block-wise 8-bit
+optimizer states (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"),
+measured there to keep the quantisation error low. The records (2052 bytes) keep every scale
+4-byte aligned in the wire.
+
+Encoding refuses what it cannot represent (NotEncodable, a ValueError): non-finite values, and
+for float16/bfloat16 values beyond the format's largest finite number (they would arrive as
+infinities). Decoding never refuses values: a peer's inf/nan (or a nan from a zero times an
+infinite scale) lands in the destination, where ValueCheck rejects it.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from collections.abc import Collection, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+
+import torch
+
+ENCODINGS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")
+AUTO = "auto"
+# What "auto" means: the smallest encoding first. float16 before bfloat16: same size, three more
+# mantissa bits, and weights beyond +-65504 are refused (NotEncodable) rather than mangled.
+AUTO_ORDER: tuple[str, ...] = ("int8", "float16", "bfloat16", "float32")
+INT8_BLOCK = 2048
+SCALE_BYTES = 4
+INT8_RECORD = SCALE_BYTES + INT8_BLOCK
+_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# Work in slices of this many elements (512 KiB of float32, a multiple of INT8_BLOCK): the
+# temporaries stay in cache and small.
+SLICE_ELEMENTS = 64 * INT8_BLOCK
+_TINY = torch.finfo(torch.float32).tiny
+# A WireDecoder decodes at least every this many wire bytes.
+STAGE_BYTES = 1 << 20
+
+
+class NotEncodable(ValueError):
+    """The values cannot be sent in this encoding (non-finite, or out of its range)."""
+
+
+class WireLengthError(ValueError):
+    """More wire bytes than the encoding of the destination takes, or fewer at the end."""
+
+
+def check_encoding(name: str) -> str:
+    """`name` if it is an encoding (not "auto"), else ValueError listing the allowed ones."""
+    if name not in ENCODINGS:
+        raise ValueError(f"unknown encoding {name!r}; allowed: {', '.join(ENCODINGS)}")
+    return name
+
+
+def wire_length(encoding: str, numel: int) -> int:
+    """Bytes on the wire for `numel` float32 values (the payload, no trailer)."""
+    if numel < 0:
+        raise ValueError("numel must be >= 0")
+    if check_encoding(encoding) != "int8":
+        return numel * _ITEMSIZE[encoding]
+    full, rest = divmod(numel, INT8_BLOCK)
+    return full * INT8_RECORD + (SCALE_BYTES + rest if rest else 0)
+
+
+def block_count(encoding: str, numel: int) -> int:
+    """Scales on the wire (int8: one per block, the last one possibly short); 0 otherwise."""
+    return -(-numel // INT8_BLOCK) if check_encoding(encoding) == "int8" else 0
+
+
+def wire_offset(encoding: str, element: int, numel: int) -> int:
+    """Byte offset in the wire where element `element` starts (`numel`: the end).
+
+    int8 starts blocks, not elements: `element` must be a multiple of INT8_BLOCK or numel.
+    """
+    if not 0 <= element <= numel:
+        raise ValueError(f"element {element} outside [0, {numel}]")
+    if element == numel:
+        return wire_length(encoding, numel)
+    if check_encoding(encoding) != "int8":
+        return element * _ITEMSIZE[encoding]
+    if element % INT8_BLOCK:
+        raise ValueError(f"int8 spans start at a block boundary (multiple of {INT8_BLOCK}), not {element}")
+    return element // INT8_BLOCK * INT8_RECORD
+
+
+def decodable(encoding: str, nbytes: int, numel: int) -> int:
+    """How many leading elements are complete once the first `nbytes` wire bytes have landed."""
+    nbytes = max(0, min(nbytes, wire_length(encoding, numel)))
+    if encoding != "int8":
+        return nbytes // _ITEMSIZE[encoding]
+    if nbytes == wire_length(encoding, numel):
+        return numel
+    return min(numel, nbytes // INT8_RECORD * INT8_BLOCK)
+
+
+@dataclass(frozen=True)
+class Span:
+    """Elements [start, stop) of the flat buffer travel as wire bytes [wire_start, wire_stop)."""
+
+    start: int
+    stop: int
+    wire_start: int
+    wire_stop: int
+
+
+def spans(encoding: str, numel: int, max_elements: int) -> list[Span]:
+    """The buffer cut into spans of at most `max_elements` (int8: whole blocks), in order."""
+    step = max_elements
+    if check_encoding(encoding) == "int8":
+        step = max(INT8_BLOCK, max_elements // INT8_BLOCK * INT8_BLOCK)
+    if step < 1:
+        raise ValueError("max_elements must be >= 1")
+    edges = [*range(0, numel, step), numel]
+    return [Span(a, b, wire_offset(encoding, a, numel), wire_offset(encoding, b, numel))
+            for a, b in pairwise(edges)]
+
+
+def _byte_tensor(buf: object) -> torch.Tensor:
+    """A uint8 tensor over `buf` (bytes-like or a tensor) without copying it."""
+    if isinstance(buf, torch.Tensor):
+        if buf.dim() != 1 or not buf.is_contiguous():
+            raise ValueError("byte buffers must be contiguous 1-D tensors")
+        return buf.view(torch.uint8)
+    view = memoryview(buf).cast("B")  # type: ignore[arg-type]
+    if view.nbytes == 0:
+        return torch.empty(0, dtype=torch.uint8)
+    with warnings.catch_warnings():  # read-only input (bytes): we only read it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(view, dtype=torch.uint8)
+
+
+def _check_values(values: torch.Tensor) -> None:
+    if values.dtype != torch.float32 or values.dim() != 1 or not values.is_contiguous():
+        raise ValueError(f"values must be a contiguous 1-D float32 tensor, got {values.dtype} {tuple(values.shape)}")
+    if sys.byteorder != "little":
+        raise NotImplementedError("the wire is little-endian; big-endian hosts are not supported")
+
+
+def _refuse(encoding: str, part: torch.Tensor, bad: torch.Tensor, first: int) -> NotEncodable:
+    """The error for the first element of `part` flagged in `bad`."""
+    index = int(torch.nonzero(bad)[0, 0])
+    value = float(part[index])
+    if math.isfinite(value):
+        limit = torch.finfo(_DTYPE[encoding]).max
+        why = f"is outside {encoding}'s range (+-{limit:.6g}); use bfloat16 or float32"
+    else:
+        why = "is not finite"
+    return NotEncodable(f"cannot encode as {encoding}: value {value} at index {first + index} {why}")
+
+
+def encode_into(encoding: str, values: torch.Tensor, out: object, *, first_index: int = 0) -> None:
+    """Encode float32 `values` into `out` (exactly wire_length(encoding, len(values)) bytes).
+
+    For int8, values[0] must sit at a block boundary of the flat buffer (take slices from
+    `spans`); only the last slice may end in a short block. `first_index` (where `values`
+    starts in the flat buffer) only shows in error messages. Raises NotEncodable.
+    """
+    _check_values(values)
+    wire = _byte_tensor(out)
+    n = values.numel()
+    if wire.numel() != wire_length(encoding, n):
+        raise WireLengthError(f"{encoding} of {n} values takes {wire_length(encoding, n)} bytes, got {wire.numel()}")
+    if encoding == "int8":
+        _encode_int8(values, wire, first_index)
+        return
+    target = wire.view(_DTYPE[encoding])
+    with torch.no_grad():
+        for start in range(0, n, SLICE_ELEMENTS):
+            part = values[start:start + SLICE_ELEMENTS]
+            encoded = target[start:start + part.numel()]
+            encoded.copy_(part)  # beyond the format's range rounds to inf
+            # inf/nan in, or created: the float32 sum is not finite. (A float32 sum of float16
+            # cannot overflow; of bfloat16/float32 it can, so look closer before refusing.)
+            if not math.isfinite(float(encoded.sum(dtype=torch.float32))):
+                bad = ~torch.isfinite(encoded)
+                if bool(bad.any()):
+                    raise _refuse(encoding, part, bad, first_index + start)
+
+
+def _encode_int8(values: torch.Tensor, wire: torch.Tensor, first_index: int) -> None:
+    n = values.numel()
+    scratch = torch.empty(min(n, SLICE_ELEMENTS), dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, n, SLICE_ELEMENTS):
+            stop = min(n, start + SLICE_ELEMENTS)
+            full = (stop - start) // INT8_BLOCK * INT8_BLOCK
+            w0 = start // INT8_BLOCK * INT8_RECORD
+            if full:
+                blocks = values[start:start + full].view(-1, INT8_BLOCK)
+                records = wire[w0:w0 + full // INT8_BLOCK * INT8_RECORD].view(-1, INT8_RECORD)
+                _encode_blocks(blocks, records, scratch[:full].view(-1, INT8_BLOCK), first_index + start)
+            if stop - start > full:  # the short last block
+                tail = values[start + full:stop].view(1, -1)
+                w1 = w0 + full // INT8_BLOCK * INT8_RECORD
+                records = wire[w1:].view(1, -1)
+                _encode_blocks(tail, records, scratch[:tail.numel()].view(1, -1), first_index + start + full)
+
+
+def _encode_blocks(blocks: torch.Tensor, records: torch.Tensor, scratch: torch.Tensor, first: int) -> None:
+    """One row per block: records[:, :4] = scale, records[:, 4:] = round(x / scale)."""
+    high = torch.amax(blocks, dim=1)  # amax + amin: 4x faster than aminmax(dim=1) here
+    low = torch.amin(blocks, dim=1)
+    absmax = torch.maximum(high, -low)  # nan propagates
+    if not bool(torch.isfinite(absmax).all()):
+        raise _refuse("int8", blocks.reshape(-1), ~torch.isfinite(blocks.reshape(-1)), first)
+    scale = absmax / 127.0
+    # All-zero (or underflowing) blocks: scale 0 on the wire, x / inf = 0 in the bytes.
+    divisor = torch.where(scale > 0, scale, torch.full_like(scale, math.inf))
+    torch.div(blocks, divisor.unsqueeze(1), out=scratch)
+    scratch.round_()
+    if bool((scale < _TINY).any()):  # subnormal scales are coarse: x / scale may pass 127
+        scratch.clamp_(-127.0, 127.0)
+    records[:, SCALE_BYTES:].view(torch.int8).copy_(scratch)
+    records[:, :SCALE_BYTES].copy_(scale.view(torch.uint8).view(-1, SCALE_BYTES))
+
+
+def decode_into(encoding: str, wire: object, out: torch.Tensor) -> None:
+    """Decode wire bytes of whole units (int8: starting at a block boundary) into float32 `out`."""
+    _check_values(out)
+    data = _byte_tensor(wire)
+    n = out.numel()
+    if data.numel() != wire_length(encoding, n):
+        raise WireLengthError(f"{n} values in {encoding} take {wire_length(encoding, n)} bytes, got {data.numel()}")
+    with torch.no_grad():
+        if encoding == "int8":
+            _decode_int8(data, out)
+            return
+        itemsize = _ITEMSIZE[encoding]
+        dtype = _DTYPE[encoding]
+        for start in range(0, n, SLICE_ELEMENTS):
+            stop = min(n, start + SLICE_ELEMENTS)
+            raw = data[start * itemsize:stop * itemsize]
+            if raw.data_ptr() % itemsize:  # a misaligned piece of a network chunk: align it
+                raw = raw.clone()
+            out[start:stop].copy_(raw.view(dtype))
+
+
+def _decode_int8(data: torch.Tensor, out: torch.Tensor) -> None:
+    n = out.numel()
+    for start in range(0, n, SLICE_ELEMENTS):
+        stop = min(n, start + SLICE_ELEMENTS)
+        full = (stop - start) // INT8_BLOCK * INT8_BLOCK
+        w0 = start // INT8_BLOCK * INT8_RECORD
+        pieces = []
+        if full:
+            pieces.append((out[start:start + full].view(-1, INT8_BLOCK),
+                           data[w0:w0 + full // INT8_BLOCK * INT8_RECORD].view(-1, INT8_RECORD)))
+        if stop - start > full:
+            pieces.append((out[start + full:stop].view(1, -1),
+                           data[w0 + full // INT8_BLOCK * INT8_RECORD:].view(1, -1)))
+        for target, records in pieces:
+            scale = torch.empty((records.shape[0], SCALE_BYTES), dtype=torch.uint8)  # aligned
+            scale = scale.copy_(records[:, :SCALE_BYTES]).view(torch.float32)  # (blocks, 1)
+            target.copy_(records[:, SCALE_BYTES:].view(torch.int8))
+            target.mul_(scale)
+
+
+class WireDecoder:
+    """Decodes an encoded buffer into `dest` (float32) from wire bytes fed in pieces of any size.
+
+    Pieces are copied into a staging buffer of STAGE_BYTES (network chunks are small, and a
+    decode call per chunk would cost more than the decoding); once it is full, or the last
+    byte has come, every complete unit in it (an element; for int8 a whole block record) is
+    decoded into its place in `dest`, and what is left of an incomplete unit moves to the
+    front. `feed` returns how many leading elements of `dest` now hold their final values.
+    Memory: the stage, nothing model-sized.
+    """
+
+    def __init__(self, encoding: str, dest: torch.Tensor, *, stage_bytes: int = STAGE_BYTES) -> None:
+        _check_values(dest)
+        self.encoding = check_encoding(encoding)
+        self._dest = dest
+        self._numel = dest.numel()
+        self.length = wire_length(encoding, self._numel)
+        self.received = 0  # wire bytes fed so far
+        self.decoded = 0  # elements [0, decoded) of dest are final
+        # At least one whole unit fits, or a full stage could never be flushed.
+        unit = INT8_RECORD if encoding == "int8" else _ITEMSIZE[encoding]
+        self._stage = bytearray(min(max(stage_bytes, unit), self.length))
+        self._staged = 0  # bytes in the stage, from wire_offset(decoded) on
+
+    @property
+    def complete(self) -> bool:
+        return self.decoded == self._numel and self.received == self.length
+
+    def feed(self, data: object) -> int:
+        piece = memoryview(data).cast("B")  # type: ignore[arg-type]
+        if self.received + piece.nbytes > self.length:
+            raise WireLengthError(f"more than the {self.length} bytes of {self._numel} values in {self.encoding}")
+        self.received += piece.nbytes
+        stage = memoryview(self._stage)
+        while piece.nbytes:
+            take = min(piece.nbytes, len(stage) - self._staged)
+            stage[self._staged:self._staged + take] = piece[:take]
+            self._staged += take
+            piece = piece[take:]
+            if self._staged == len(stage):
+                self._flush(stage)
+        if self.received == self.length and self._staged:
+            self._flush(stage)
+        return self.decoded
+
+    def finish(self) -> None:
+        """Raise WireLengthError unless every byte has landed."""
+        if not self.complete:
+            raise WireLengthError(f"got {self.received} of {self.length} bytes ({self.encoding})")
+
+    def _flush(self, stage: memoryview) -> None:
+        start = wire_offset(self.encoding, self.decoded, self._numel)
+        upto = decodable(self.encoding, start + self._staged, self._numel)
+        whole = wire_offset(self.encoding, upto, self._numel) - start
+        if whole:
+            decode_into(self.encoding, stage[:whole], self._dest[self.decoded:upto])
+            self.decoded = upto
+            rest = self._staged - whole  # less than one unit
+            stage[:rest] = bytes(stage[whole:self._staged])
+            self._staged = rest
+
+
+def expand_preferences(ours: Sequence[str]) -> list[str]:
+    """Our preference list with "auto" replaced by AUTO_ORDER, duplicates dropped, names checked."""
+    result: list[str] = []
+    for name in ours:
+        for item in AUTO_ORDER if name == AUTO else (check_encoding(name),):
+            if item not in result:
+                result.append(item)
+    return result
+
+
+def choose_encoding(ours: Sequence[str], theirs: Collection[str]) -> str | None:
+    """The first of our preferences ("auto" = smallest first) that the peer accepts, else None.
+
+    Names in `theirs` we do not know are ignored (a newer peer may accept more).
+    """
+    return next((name for name in expand_preferences(ours) if name in theirs), None)
