@@ -8,7 +8,13 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from peerfed.averaging import OUTER_LR, OUTER_MOMENTUM, merge_, outer_step_, start_outer_
+from peerfed.averaging import (
+    OUTER_LR,
+    OUTER_MOMENTUM,
+    merge_,
+    outer_step_,
+    start_outer_,
+)
 
 
 def vectors(count: int, n: int = 5003, seed: int = 0) -> list[torch.Tensor]:
@@ -52,7 +58,7 @@ def test_without_nesterov_it_is_nolocos_step() -> None:
     side sends both phi and x - phi. Sending x alone gives the same."""
     lr, beta = 0.7, 0.5
     x_a, x_b, phi_a, phi_b = vectors(4, seed=2)
-    m_a, m_b = torch.randn_like(x_a) * 0.01, torch.randn_like(x_b) * 0.01
+    m_a = torch.randn_like(x_a) * 0.01
     mean_delta = 0.5 * ((x_a - phi_a) + (x_b - phi_b))
     mean_phi = 0.5 * (phi_a + phi_b)
     expected_m = beta * m_a + lr * (mean_delta + mean_phi - phi_a)
