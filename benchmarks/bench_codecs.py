@@ -18,6 +18,8 @@ relative to |x| (floats, over values in the format's normal range) or to the blo
 from __future__ import annotations
 
 import argparse
+import os
+import platform
 import time
 from collections.abc import Callable
 
@@ -60,6 +62,17 @@ def worst_relative(encoding: str, src: torch.Tensor, err: torch.Tensor) -> float
     return float((err[:full].view(-1, codecs.INT8_BLOCK) / block_max).max())
 
 
+def print_header(title: str, note: str) -> None:
+    try:  # benchutil needs the daemon's dependencies; this benchmark needs torch alone
+        from benchutil import print_header as header
+    except ImportError:
+        one, five, _ = os.getloadavg()
+        print(f"# {title}\n# machine: {os.cpu_count()} cores ({platform.processor()}), Python "
+              f"{platform.python_version()}; load {one:.1f}/{five:.1f} at start\n# {note}")
+        return
+    header(title, note)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=100)
@@ -67,8 +80,6 @@ def main() -> None:
     parser.add_argument("--piece-kib", type=int, default=256, help="size of the pieces fed to the decoder")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    from benchutil import print_header
-
     numel = args.mib * 2**20 // 4
     print_header("bench_codecs: wire encodings, encode (spans) + decode (WireDecoder), one core",
                  f"{args.mib} MiB float32 ({numel} values, normal std 0.05), best of {args.reps}, "

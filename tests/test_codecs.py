@@ -258,3 +258,16 @@ def test_choose_encoding_takes_our_first_preference_they_accept() -> None:
     assert choose_encoding(["float32", "auto"], everything) == "float32"
     with pytest.raises(ValueError, match="allowed: float32, float16, bfloat16, int8"):
         choose_encoding(["fp8"], everything)
+
+
+@pytest.mark.parametrize("encoding", ENCODINGS)
+def test_encode_rounded_leaves_what_the_peer_decodes(encoding: str) -> None:
+    x = torch.randn(5000)
+    wire = bytearray(wire_length(encoding, 5000))
+    rounded = x.clone()
+    codecs.encode_rounded_(encoding, rounded, wire)
+    assert wire == encode(encoding, x)  # the same bytes as encode_into
+    assert torch.equal(rounded, decode(encoding, wire, 5000))
+    again = bytearray(len(wire))
+    codecs.encode_rounded_(encoding, rounded.clone(), again)
+    assert again == wire  # rounding is idempotent: a pair that agrees sends the same bytes
