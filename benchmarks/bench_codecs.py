@@ -8,6 +8,8 @@ float32 each) into one preallocated wire buffer, then decode with a WireDecoder 
 of --piece-kib KiB (as network chunks land) into a preallocated float32 destination. GB/s is
 model bytes (the float32 size) / (encode + decode seconds), best of --reps; the ratio is
 against a plain float32 copy_ of the same bytes measured in the same run (best of --reps).
+The measurements take turns (copy, each encoding's encode and decode, then again) so that a
+load that comes and goes on a shared machine falls on all of them alike.
 torch.set_num_threads(1): one core. Targets (issue 10): float16/bfloat16 >= 2 GB/s, int8 >=
 1 GB/s; int8 wire <= 0.3x float32 for the digits-mlp size (2410 values) and for --mib.
 Errors: max |decoded - x|, relative L2 error ||decoded - x|| / ||x||, and the worst error
@@ -31,7 +33,7 @@ DIGITS_MLP_NUMEL = 64 * 32 + 32 + 32 * 10 + 10  # 2410
 SPAN_ELEMENTS = 1 << 20  # 4 MiB of float32 per span
 
 
-def best_of(reps: int, fn: Callable[[], None]) -> float:
+def best_of(reps: int, fn: Callable[[], object]) -> float:
     best = float("inf")
     for _ in range(reps):
         started = time.perf_counter()
@@ -87,15 +89,25 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     src = torch.randn(numel, generator=gen) * 0.05
     dest = torch.empty_like(src)
-    copy_s = best_of(args.reps, lambda: dest.copy_(src))
+    wires = {e: torch.zeros(codecs.wire_length(e, numel), dtype=torch.uint8) for e in codecs.ENCODINGS}
+    piece = args.piece_kib * 1024
+    # Round-robin (copy, then each encoding's encode and decode) so that all see the same load.
+    jobs: dict[str, Callable[[], object]] = {"copy": lambda: dest.copy_(src)}
+    for e, w in wires.items():
+        jobs[f"{e} enc"] = lambda e=e, w=w: encode_all(e, src, w)
+        jobs[f"{e} dec"] = lambda e=e, w=w: decode_all(e, w, dest, piece)
+    best = dict.fromkeys(jobs, float("inf"))
+    for _ in range(args.reps):
+        for name, job in jobs.items():
+            best[name] = min(best[name], best_of(1, job))
+    copy_s = best["copy"]
     model_gb = numel * 4 / 1e9
     print(f"\nplain float32 copy_ of the same bytes: {copy_s * 1e3:.1f} ms = {model_gb / copy_s:.2f} GB/s\n")
     print(f"{'encoding':<9} | {'wire/f32':>8} {'digits':>7} | {'enc ms':>7} {'dec ms':>7} {'GB/s':>6} "
           f"{'target':>6} {'vs copy':>7} | {'max abs err':>11} {'rel L2':>9} {'worst rel':>9}")
-    for encoding in codecs.ENCODINGS:
-        wire = torch.empty(codecs.wire_length(encoding, numel), dtype=torch.uint8)
-        enc_s = best_of(args.reps, lambda e=encoding, w=wire: encode_all(e, src, w))
-        dec_s = best_of(args.reps, lambda e=encoding, w=wire: decode_all(e, w, dest, args.piece_kib * 1024))
+    for encoding, wire in wires.items():
+        enc_s, dec_s = best[f"{encoding} enc"], best[f"{encoding} dec"]
+        decode_all(encoding, wire, dest, piece)
         rate = model_gb / (enc_s + dec_s)
         target = {"float16": 2.0, "bfloat16": 2.0, "int8": 1.0}.get(encoding)
         verdict = "-" if target is None else ("MET" if rate >= target else "MISSED")

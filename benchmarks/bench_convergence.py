@@ -2,7 +2,8 @@
 
 Run: python benchmarks/bench_convergence.py [--nodes 16] [--epochs 60] [--seeds 0,1,2]
          [--models digits-lr,digits-mlp] [--splits iid,1.0,0.1] [--interval 1] [--lr 0.05]
-         [--lr-decay none|cosine]
+         [--lr-decay none|cosine] [--encoding float32,int8] [--merge-base wire|exact]
+         [--outer none,nesterov,noloco] [--outer-lr 0.7] [--outer-momentum 0.9]
      python benchmarks/bench_convergence.py --lr 0.4 --lr-decay cosine   # meets the targets
      python benchmarks/bench_convergence.py --real        # + one configuration with real daemons
 
@@ -23,7 +24,7 @@ the same lr, batch and total samples: all-reduce (one model; every tick each nod
 its own shard, gradients averaged: synchronous data-parallel SGD), central (one model on the
 union, batch 32, as many sequential steps as it takes to see the same samples) and local-only
 (no exchange). Printed per model and split: mean and worst node test accuracy (360 held-out
-digits) over the seeds, and the payload bytes each node sent (model bytes per exchange; HTTP
+digits) over the seeds, and the payload bytes each node sent (wire bytes per exchange; HTTP
 headers and the signed manifest, under 1 KiB per exchange, are not counted).
 Targets: gossip mean within 0.5 points of all-reduce for iid and alpha 1.0, 1.0 for alpha 0.1.
 

@@ -29,8 +29,8 @@ Why INT8_BLOCK = 2048: a scale costs 4 bytes, 0.2% of a 2048-element block (int8
 0.2505x float32), while blocks stay small enough that one large weight does not crush the
 resolution of many small ones: the flat buffer mixes tensors, and a block that straddles a
 bias and a weight matrix shares one scale. 2048 is also the block size of block-wise 8-bit
-optimizer states (Dettmers et al. 2022, "8-bit Optimizers via Block-wise Quantization"),
-measured there to keep the quantisation error low. The records (2052 bytes) keep every scale
+optimizer states (Dettmers et al., arXiv 2110.02861, "8-bit Optimizers via Block-wise
+Quantization"), chosen there for the same trade. The records (2052 bytes) keep every scale
 4-byte aligned in the wire.
 
 Encoding refuses what it cannot represent (NotEncodable, a ValueError): non-finite values, and
@@ -52,8 +52,10 @@ import torch
 
 ENCODINGS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")
 AUTO = "auto"
-# What "auto" means: the smallest encoding first. float16 before bfloat16: same size, three more
-# mantissa bits, and weights beyond +-65504 are refused (NotEncodable) rather than mangled.
+# What "auto" means: the smallest encoding first (int8 kept float32's accuracy in
+# bench_convergence when the sender merges against encode_rounded_'s values). float16 before
+# bfloat16: same size, three more mantissa bits; weights beyond +-65504 raise NotEncodable,
+# and the sender goes on to the next encoding both accept.
 AUTO_ORDER: tuple[str, ...] = ("int8", "float16", "bfloat16", "float32")
 INT8_BLOCK = 2048
 SCALE_BYTES = 4
@@ -64,8 +66,10 @@ _DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # temporaries stay in cache and small.
 SLICE_ELEMENTS = 64 * INT8_BLOCK
 _TINY = torch.finfo(torch.float32).tiny
-# A WireDecoder decodes at least every this many wire bytes.
+# A WireDecoder decodes pieces of at least DIRECT_BYTES where they lie and collects smaller
+# ones in a stage of STAGE_BYTES.
 STAGE_BYTES = 1 << 20
+DIRECT_BYTES = 64 * 1024
 
 
 class NotEncodable(ValueError):
@@ -195,14 +199,16 @@ def encode_into(encoding: str, values: torch.Tensor, out: object, *, first_index
         _encode_int8(values, wire, first_index)
         return
     target = wire.view(_DTYPE[encoding])
+    # |x| <= sqrt(sum of squares): a sum of squares within limit^2 clears a slice at the cost of
+    # one fused pass (it overflows for anything non-finite). Else look at the encoded values.
+    limit_sq = min(torch.finfo(_DTYPE[encoding]).max ** 2, torch.finfo(torch.float32).max)
     with torch.no_grad():
         for start in range(0, n, SLICE_ELEMENTS):
             part = values[start:start + SLICE_ELEMENTS]
+            squares = float(torch.dot(part, part))
             encoded = target[start:start + part.numel()]
             encoded.copy_(part)  # beyond the format's range rounds to inf
-            # inf/nan in, or created: the float32 sum is not finite. (A float32 sum of float16
-            # cannot overflow; of bfloat16/float32 it can, so look closer before refusing.)
-            if not math.isfinite(float(encoded.sum(dtype=torch.float32))):
+            if not squares <= limit_sq:
                 bad = ~torch.isfinite(encoded)
                 if bool(bad.any()):
                     raise _refuse(encoding, part, bad, first_index + start)
@@ -303,15 +309,16 @@ def _decode_int8(data: torch.Tensor, out: torch.Tensor) -> None:
 class WireDecoder:
     """Decodes an encoded buffer into `dest` (float32) from wire bytes fed in pieces of any size.
 
-    Pieces are copied into a staging buffer of STAGE_BYTES (network chunks are small, and a
-    decode call per chunk would cost more than the decoding); once it is full, or the last
-    byte has come, every complete unit in it (an element; for int8 a whole block record) is
-    decoded into its place in `dest`, and what is left of an incomplete unit moves to the
-    front. `feed` returns how many leading elements of `dest` now hold their final values.
-    Memory: the stage, nothing model-sized.
+    A piece of at least `direct_bytes` is decoded where it lies, unit by whole unit (an element;
+    for int8 a whole block record). Smaller pieces, and the incomplete unit at the end of a
+    piece, are copied into a staging buffer of `stage_bytes`, decoded once it is full, once a
+    large piece completes its last unit, or once the last byte has come: a decode call per
+    small network chunk would cost more than the decoding. `feed` returns how many leading
+    elements of `dest` hold their final values. Memory: the stage, nothing model-sized.
     """
 
-    def __init__(self, encoding: str, dest: torch.Tensor, *, stage_bytes: int = STAGE_BYTES) -> None:
+    def __init__(self, encoding: str, dest: torch.Tensor, *, stage_bytes: int = STAGE_BYTES,
+                 direct_bytes: int = DIRECT_BYTES) -> None:
         _check_values(dest)
         self.encoding = check_encoding(encoding)
         self._dest = dest
@@ -323,6 +330,7 @@ class WireDecoder:
         unit = INT8_RECORD if encoding == "int8" else _ITEMSIZE[encoding]
         self._stage = bytearray(min(max(stage_bytes, unit), self.length))
         self._staged = 0  # bytes in the stage, from wire_offset(decoded) on
+        self._direct_bytes = max(1, direct_bytes)
 
     @property
     def complete(self) -> bool:
@@ -335,10 +343,12 @@ class WireDecoder:
         self.received += piece.nbytes
         stage = memoryview(self._stage)
         while piece.nbytes:
-            take = min(piece.nbytes, len(stage) - self._staged)
-            stage[self._staged:self._staged + take] = piece[:take]
-            self._staged += take
-            piece = piece[take:]
+            if piece.nbytes >= self._direct_bytes:
+                if self._staged:  # complete the stage's last unit, decode the stage
+                    piece = self._stage_from(piece, self._to_unit_end())
+                    self._flush(stage)
+                piece = self._decode_from(piece)
+            piece = self._stage_from(piece, len(stage) - self._staged)
             if self._staged == len(stage):
                 self._flush(stage)
         if self.received == self.length and self._staged:
@@ -350,15 +360,37 @@ class WireDecoder:
         if not self.complete:
             raise WireLengthError(f"got {self.received} of {self.length} bytes ({self.encoding})")
 
-    def _flush(self, stage: memoryview) -> None:
+    def _to_unit_end(self) -> int:
+        """Bytes the stage lacks to end on a unit boundary."""
+        end = wire_offset(self.encoding, self.decoded, self._numel) + self._staged
+        done = decodable(self.encoding, end, self._numel)
+        boundary = wire_offset(self.encoding, done, self._numel)
+        if boundary == end:
+            return 0
+        unit = INT8_RECORD - INT8_BLOCK + min(INT8_BLOCK, self._numel - done) if self.encoding == "int8" \
+            else _ITEMSIZE[self.encoding]
+        return boundary + unit - end
+
+    def _stage_from(self, piece: memoryview, most: int) -> memoryview:
+        take = min(piece.nbytes, most)
+        self._stage[self._staged:self._staged + take] = piece[:take]
+        self._staged += take
+        return piece[take:]
+
+    def _decode_from(self, wire: memoryview) -> memoryview:
+        """Decode the whole units at the front of `wire` (the stage empty); return the rest."""
         start = wire_offset(self.encoding, self.decoded, self._numel)
-        upto = decodable(self.encoding, start + self._staged, self._numel)
+        upto = decodable(self.encoding, start + wire.nbytes, self._numel)
         whole = wire_offset(self.encoding, upto, self._numel) - start
         if whole:
-            decode_into(self.encoding, stage[:whole], self._dest[self.decoded:upto])
+            decode_into(self.encoding, wire[:whole], self._dest[self.decoded:upto])
             self.decoded = upto
-            rest = self._staged - whole  # less than one unit
-            stage[:rest] = bytes(stage[whole:self._staged])
+        return wire[whole:]
+
+    def _flush(self, stage: memoryview) -> None:
+        rest = self._decode_from(stage[:self._staged]).nbytes  # less than one unit
+        if rest != self._staged:
+            stage[:rest] = bytes(stage[self._staged - rest:self._staged])
             self._staged = rest
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import random
 import warnings
@@ -108,11 +109,13 @@ def test_decoding_in_random_pieces_equals_decoding_whole(encoding: str, x: torch
     x = x.clamp(-F16_MAX, F16_MAX)
     wire = bytes(encode(encoding, x))
     whole = decode(encoding, wire, x.numel())
-    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=12)))
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(wire)), max_size=20)))
     # Stages that end mid-unit (3, 5, 4096, 2 * 2052 + 1), below one unit (1), and the default.
     stage = data.draw(st.sampled_from([1, 3, 5, 4096, 2 * INT8_RECORD + 1, codecs.STAGE_BYTES]))
+    # Pieces at least this long are decoded where they lie (1: all of them; the default: none here).
+    direct = data.draw(st.sampled_from([1, 7, 3000, codecs.DIRECT_BYTES]))
     dest = torch.full((x.numel(),), math.nan)
-    decoder = WireDecoder(encoding, dest, stage_bytes=stage)
+    decoder = WireDecoder(encoding, dest, stage_bytes=stage, direct_bytes=direct)
     for a, b in pairwise([0, *cuts, len(wire)]):
         done = decoder.feed(wire[a:b])
         assert done <= decodable(encoding, b, x.numel())  # never ahead of the bytes
@@ -123,13 +126,18 @@ def test_decoding_in_random_pieces_equals_decoding_whole(encoding: str, x: torch
 
 
 @pytest.mark.parametrize(("encoding", "stage"), [("int8", 4096), ("float16", 5), ("bfloat16", 3)])
-def test_stages_that_end_mid_unit_carry_the_rest_over(encoding: str, stage: int) -> None:
-    x = torch.randn(3 * INT8_BLOCK + 5)
+@pytest.mark.parametrize("pieces", [[999], [70_000, 1, 65_536, 3], [100_003]])
+def test_stages_that_end_mid_unit_carry_the_rest_over(encoding: str, stage: int, pieces: list[int]) -> None:
+    """Small pieces go through the stage, pieces of 64 KiB and more are decoded where they lie."""
+    x = torch.randn(40 * INT8_BLOCK + 5)
     wire = bytes(encode(encoding, x))
     dest = torch.empty(x.numel())
     decoder = WireDecoder(encoding, dest, stage_bytes=stage)
-    for start in range(0, len(wire), 999):
-        decoder.feed(wire[start:start + 999])
+    start, sizes = 0, itertools.cycle(pieces)
+    while start < len(wire):
+        size = next(sizes)
+        decoder.feed(wire[start:start + size])
+        start += size
     decoder.finish()
     assert torch.equal(dest, decode(encoding, wire, x.numel()))
 
