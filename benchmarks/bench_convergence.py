@@ -2,7 +2,8 @@
 
 Run: python benchmarks/bench_convergence.py [--nodes 16] [--epochs 60] [--seeds 0,1,2]
          [--models digits-lr,digits-mlp] [--splits iid,1.0,0.1] [--interval 1] [--lr 0.05]
-         [--lr-decay none|cosine]
+         [--lr-decay none|cosine] [--encoding float32,int8] [--merge-base wire|exact]
+         [--outer none,nesterov,noloco] [--outer-lr 0.7] [--outer-momentum 0.9]
      python benchmarks/bench_convergence.py --lr 0.4 --lr-decay cosine   # meets the targets
      python benchmarks/bench_convergence.py --real        # + one configuration with real daemons
 
@@ -23,9 +24,21 @@ the same lr, batch and total samples: all-reduce (one model; every tick each nod
 its own shard, gradients averaged: synchronous data-parallel SGD), central (one model on the
 union, batch 32, as many sequential steps as it takes to see the same samples) and local-only
 (no exchange). Printed per model and split: mean and worst node test accuracy (360 held-out
-digits) over the seeds, and the payload bytes each node sent (model bytes per exchange; HTTP
+digits) over the seeds, and the payload bytes each node sent (wire bytes per exchange; HTTP
 headers and the signed manifest, under 1 KiB per exchange, are not counted).
 Targets: gossip mean within 0.5 points of all-reduce for iid and alpha 1.0, 1.0 for alpha 0.1.
+
+--encoding float32,float16,bfloat16,int8 (comma list: rows per encoding): each snapshot a node
+receives has gone through peerfed.codecs encode + decode (what a peer would merge), and the
+bytes counted are the encoding's wire bytes. --merge-base says what a node subtracts in
+x <- x + a (received - base): "wire" (default), the decoded bytes it sent itself
+(codecs.encode_rounded_), so that a pair that agrees stays put and the pair's sum is kept;
+"exact", its float32 snapshot. Target: within 0.3 points of float32 at equal exchange counts
+(printed as "d f32").
+--outer none,nesterov,noloco (comma list): the merge is peerfed.averaging.outer_step_ with
+--outer-lr and --outer-momentum (nesterov: DiLoCo's Nesterov SGD on the pseudo-gradient;
+noloco: its heavy-ball form, NoLoCo's step); every node keeps outer weights and a momentum
+buffer from the start. "d none" = gossip mean minus that of the same row without outer step.
 
 --real runs one configuration (default 8 nodes, alpha 0.1, digits-mlp) with real daemons
 (LocalSwarm), whose trainers are throttled by --real-step-sleep so that exchange.interval
@@ -46,12 +59,15 @@ from typing import Any
 
 import torch
 
+from peerfed import codecs
 from peerfed.averaging import (
     MAX_WEIGHT_RATIO,
     FlatLayout,
     bind_to_flat,
     bounded_mixing_weight,
     merge_,
+    outer_step_,
+    start_outer_,
     unflatten_from,
 )
 from peerfed.core.schedule import ExchangeScheduler
@@ -76,6 +92,11 @@ class SimConfig:
     momentum: float = 0.0
     weight_decay: float = 0.0
     lr_decay: str = "none"  # "cosine": a what-if; the product's tasks have a constant lr
+    encoding: str = "float32"  # what the snapshots go through on the wire (peerfed.codecs)
+    outer: str = "none"  # "nesterov" | "noloco": averaging.outer_step_ at each exchange
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    merge_base: str = "wire"  # "exact": merge against the float32 snapshot, not what was sent
 
     def lr_at(self, done: float) -> float:
         """The learning rate once a fraction ``done`` of the samples has been processed."""
@@ -104,6 +125,8 @@ class SimNode:
     bytes_sent: int = 0
     exchanges: int = 0
     busy_until: float = -1.0
+    outer: torch.Tensor | None = None  # outer weights and momentum (--outer)
+    momentum: torch.Tensor | None = None
 
     def step(self) -> int:
         x, y = next(self.task.train_batches)
@@ -140,7 +163,11 @@ def make_node(cfg: SimConfig, index: int) -> SimNode:
     flat = layout.new_buffer()
     bind_to_flat(task.model, flat)  # as the trainer does: the optimizer writes into flat
     scheduler = ExchangeScheduler(interval=cfg.interval, rng=random.Random(cfg.seed * 7919 + index), now=0.0)
-    return SimNode(index, task, flat, task.make_optimizer(task.model.parameters()), scheduler)
+    node = SimNode(index, task, flat, task.make_optimizer(task.model.parameters()), scheduler)
+    if cfg.outer != "none":
+        node.outer, node.momentum = torch.empty_like(flat), torch.empty_like(flat)
+        start_outer_(node.outer, node.momentum, flat)
+    return node
 
 
 def run_gossip(cfg: SimConfig, exchange: bool = True) -> RunResult:
@@ -162,11 +189,11 @@ def run_gossip(cfg: SimConfig, exchange: bool = True) -> RunResult:
             now = tick + sub / cfg.subticks
             for flight in [f for f in flights if f.lands_at <= now]:
                 flights.remove(flight)
-                _land(flight)
+                _land(flight, cfg)
             for node in rng.sample(nodes, len(nodes)):
                 _gossip_round(node, nodes, flights, now, cfg)
     for flight in flights:  # let the last ones land: their bytes were counted
-        _land(flight)
+        _land(flight, cfg)
     return RunResult(
         accuracies=[n.task.evaluate(n.task.model)["accuracy"] for n in nodes],
         bytes_sent=[n.bytes_sent for n in nodes], exchanges=[n.exchanges for n in nodes],
@@ -196,7 +223,7 @@ def _gossip_round(node: SimNode, nodes: list[SimNode], flights: list[Flight], no
         flight = Flight(node, peer, node.flat.clone(), peer.flat.clone(), now + cfg.exchange_steps)
         node.busy_until = peer.busy_until = flight.lands_at
         if cfg.exchange_steps == 0:
-            _land(flight)
+            _land(flight, cfg)
         else:
             flights.append(flight)
         node.scheduler.on_result(choice, "ok", now)
@@ -212,14 +239,42 @@ def alpha_rule() -> str:
     return f"peerfed.averaging.bounded_mixing_weight (peer's claim clamped to {MAX_WEIGHT_RATIO}x ours)"
 
 
-def _land(f: Flight) -> None:
+def _send(f: Flight, cfg: SimConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both sides' snapshots as the peers decode them; with merge_base "wire" each side's own
+    snapshot is replaced by that too (codecs.encode_rounded_, as a sender would do it)."""
+    if cfg.encoding == "float32":
+        return f.sent_a, f.sent_b
+    wires = []
+    for sent in (f.sent_a, f.sent_b):
+        wire = bytearray(codecs.wire_length(cfg.encoding, sent.numel()))
+        if cfg.merge_base == "wire":
+            codecs.encode_rounded_(cfg.encoding, sent, wire)
+        else:
+            codecs.encode_into(cfg.encoding, sent, wire)
+        wires.append(wire)
+    received = [torch.empty_like(f.sent_a), torch.empty_like(f.sent_b)]
+    for wire, out in zip(wires, received, strict=True):
+        codecs.WireDecoder(cfg.encoding, out).feed(wire)
+    return received[0], received[1]
+
+
+def _merge(node: SimNode, sent: torch.Tensor, received: torch.Tensor, weight: float, cfg: SimConfig) -> None:
+    if node.outer is None or node.momentum is None:
+        merge_(node.flat, sent, received, weight)
+    else:
+        outer_step_(node.flat, sent, received, weight, node.outer, node.momentum, lr=cfg.outer_lr,
+                    beta=cfg.outer_momentum, nesterov=cfg.outer == "nesterov")
+
+
+def _land(f: Flight, cfg: SimConfig) -> None:
     a_weight = alpha_of(f.a.task.num_samples, f.b.task.num_samples)
     b_weight = alpha_of(f.b.task.num_samples, f.a.task.num_samples)
     with torch.no_grad():
-        merge_(f.a.flat, f.sent_a, f.sent_b, a_weight)
-        merge_(f.b.flat, f.sent_b, f.sent_a, b_weight)
+        from_a, from_b = _send(f, cfg)  # what b receives from a, what a receives from b
+        _merge(f.a, f.sent_a, from_b, a_weight, cfg)
+        _merge(f.b, f.sent_b, from_a, b_weight, cfg)
     for node in (f.a, f.b):
-        node.bytes_sent += node.flat.numel() * 4
+        node.bytes_sent += codecs.wire_length(cfg.encoding, node.flat.numel())
         node.exchanges += 1
 
 
@@ -268,23 +323,31 @@ def pct(values: list[float]) -> str:
 
 def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
+    baselines: dict[tuple[Any, ...], tuple[float, float, float, float]] = {}
     for model in args.models.split(","):
         for split in args.splits.split(","):
             for interval in [float(v) for v in args.interval.split(",")]:
                 for lr in [float(v) for v in args.lr.split(",")]:
-                    rows.append(run_row(model, split, interval, lr, args))
+                    for outer in args.outer.split(","):
+                        for encoding in args.encoding.split(","):
+                            rows.append(run_row(model, split, interval, lr, encoding, outer, args, baselines))
     return rows
 
 
-def run_row(model: str, split: str, interval: float, lr: float, args: argparse.Namespace) -> dict[str, Any]:
+def run_row(model: str, split: str, interval: float, lr: float, encoding: str, outer: str,
+            args: argparse.Namespace, baselines: dict[tuple[Any, ...], tuple[float, float, float, float]]
+            ) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {"model": model, "split": split, "interval": interval, "lr": lr,
+                           "encoding": encoding, "outer": outer,
                            "gossip": [], "gossip_worst": [], "local": [], "local_worst": [], "allreduce": [],
                            "central": [], "bytes": [], "exchanges": [], "epochs": []}
     for seed in [int(s) for s in args.seeds.split(",")]:
         cfg = SimConfig(model=model, split=split, seed=seed, nodes=args.nodes, epochs=args.epochs,
                         interval=interval, exchange_steps=args.exchange_steps, lr=lr, batch=args.batch,
-                        momentum=args.momentum, lr_decay=args.lr_decay, subticks=args.subticks)
+                        momentum=args.momentum, lr_decay=args.lr_decay, subticks=args.subticks,
+                        encoding=encoding, outer=outer, outer_lr=args.outer_lr,
+                        outer_momentum=args.outer_momentum, merge_base=args.merge_base)
         g = run_gossip(cfg)
         out["gossip"].append(statistics.mean(g.accuracies))
         out["gossip_worst"].append(min(g.accuracies))
@@ -292,22 +355,33 @@ def run_row(model: str, split: str, interval: float, lr: float, args: argparse.N
         out["exchanges"].append(statistics.mean(g.exchanges))
         out["epochs"].append(g.epochs)
         if not args.no_baselines:
-            local = run_gossip(cfg, exchange=False)
-            out["local"].append(statistics.mean(local.accuracies))
-            out["local_worst"].append(min(local.accuracies))
-            out["allreduce"].append(run_allreduce(cfg).accuracies[0])
-            out["central"].append(run_central(cfg).accuracies[0])
+            key = (model, split, interval, lr, seed)  # the baselines neither encode nor step outside
+            if key not in baselines:
+                local = run_gossip(cfg, exchange=False)
+                baselines[key] = (statistics.mean(local.accuracies), min(local.accuracies),
+                                  run_allreduce(cfg).accuracies[0], run_central(cfg).accuracies[0])
+            for name, value in zip(("local", "local_worst", "allreduce", "central"), baselines[key], strict=True):
+                out[name].append(value)
     out["seconds"] = time.perf_counter() - started
     return out
 
 
+def _delta(rows: list[dict[str, Any]], r: dict[str, Any], **like: str) -> str:
+    """Gossip mean of ``r`` minus that of the row that differs only in ``like``, in points."""
+    same = ("model", "split", "interval", "lr", "encoding", "outer")
+    match = [o for o in rows if all(o[k] == like.get(k, r[k]) for k in same)]
+    if not match or match[0] is r:
+        return "-"
+    return f"{100 * (statistics.mean(r['gossip']) - statistics.mean(match[0]['gossip'])):+.2f}"
+
+
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\n{'model':<11} {'split':>5} {'intv':>4} {'lr':>5} | {'all-red':>7} {'central':>7} | "
+    print(f"\n{'model':<11} {'split':>5} {'intv':>4} {'lr':>5} {'enc':>8} {'outer':>8} | {'all-red':>7} {'central':>7} | "
           f"{'gossip mean':>11} {'worst':>5} | {'local mean':>10} {'worst':>5} | {'gap AR':>6} {'target':>6} "
-          f"{'gap C':>5} | {'bytes/node':>10} {'exch/node':>9} {'epochs':>6}")
+          f"{'gap C':>5} | {'d f32':>6} {'d none':>6} | {'bytes/node':>10} {'exch/node':>9} {'epochs':>6}")
     for r in rows:
         gossip = 100 * statistics.mean(r["gossip"])
-        line = f"{r['model']:<11} {r['split']:>5} {r['interval']:>4g} {r['lr']:>5g} | "
+        line = f"{r['model']:<11} {r['split']:>5} {r['interval']:>4g} {r['lr']:>5g} {r['encoding']:>8} {r['outer']:>8} | "
         if r["allreduce"]:
             allreduce = 100 * statistics.mean(r["allreduce"])
             central = 100 * statistics.mean(r["central"])
@@ -319,12 +393,14 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         else:
             line += (f"{'-':>7} {'-':>7} | {gossip:11.1f} {100 * min(r['gossip_worst']):5.1f} | {'-':>10} {'-':>5} | "
                      f"{'-':>6} {'-':>6} {'-':>5} | ")
+        line += f"{_delta(rows, r, encoding='float32'):>6} {_delta(rows, r, outer='none'):>6} | "
         line += (f"{_bytes(statistics.mean(r['bytes'])):>10} {statistics.mean(r['exchanges']):9.0f} "
                  f"{statistics.mean(r['epochs']):6.1f}")
         print(line)
     print("(accuracies in %, mean over seeds; 'worst' = worst node over all seeds; gap AR = all-reduce minus gossip "
           "mean, gap C = central minus gossip mean, in points; target: gap AR <= 0.5 for iid and alpha 1.0, "
-          "<= 1.0 for alpha 0.1; exch/node counts both roles)")
+          "<= 1.0 for alpha 0.1; d f32 / d none: gossip mean minus that of the same row in float32 / without outer "
+          "step (encodings: target within 0.3); bytes/node: wire bytes sent; exch/node counts both roles)")
 
 
 def _bytes(n: float) -> str:
@@ -440,6 +516,13 @@ def main() -> None:
     parser.add_argument("--momentum", type=float, default=0.0, help="SGD momentum (task option)")
     parser.add_argument("--lr-decay", choices=("none", "cosine"), default="none",
                         help="cosine: lr decays to 0 over the run (a what-if: the product has no lr schedule)")
+    parser.add_argument("--encoding", default="float32",
+                        help="wire encoding(s) of the exchanged snapshots, comma list of " + ",".join(codecs.ENCODINGS))
+    parser.add_argument("--merge-base", choices=("wire", "exact"), default="wire",
+                        help="what a node subtracts when it merges: the decoded bytes it sent, or its float32 snapshot")
+    parser.add_argument("--outer", default="none", help="outer step(s), comma list of none,nesterov,noloco")
+    parser.add_argument("--outer-lr", type=float, default=0.7, help="outer learning rate (--outer)")
+    parser.add_argument("--outer-momentum", type=float, default=0.9, help="outer momentum (--outer)")
     parser.add_argument("--no-baselines", action="store_true", help="gossip only (sweeps)")
     parser.add_argument("--real", action="store_true", help="also run one configuration with real daemons")
     parser.add_argument("--real-nodes", type=int, default=8)
@@ -447,6 +530,12 @@ def main() -> None:
     parser.add_argument("--real-model", default="digits-mlp")
     parser.add_argument("--real-step-sleep", type=float, default=0.2, help="seconds each real trainer sleeps per step")
     args = parser.parse_args()
+    for name in args.encoding.split(","):
+        if name not in codecs.ENCODINGS:
+            parser.error(f"--encoding {name!r}: allowed {', '.join(codecs.ENCODINGS)}")
+    for name in args.outer.split(","):
+        if name not in ("none", "nesterov", "noloco"):
+            parser.error(f"--outer {name!r}: allowed none, nesterov, noloco")
     torch.set_num_threads(1)
     from benchutil import print_header
 
@@ -456,7 +545,9 @@ def main() -> None:
         f"schedule resolved to 1/{args.subticks} tick), "
         f"exchange.interval = {args.interval} local steps, {args.exchange_steps} steps in flight per exchange, "
         f"batch {args.batch}, lr {args.lr}, lr decay {args.lr_decay}, {args.epochs:g} epochs, "
-        f"seeds {args.seeds} (split seed = seed)\nmixing weight: {alpha_rule()}",
+        f"seeds {args.seeds} (split seed = seed)\nmixing weight: {alpha_rule()}\n"
+        f"wire encoding(s): {args.encoding}, merged against the {args.merge_base} snapshot; "
+        f"outer step(s): {args.outer} (lr {args.outer_lr}, momentum {args.outer_momentum})",
     )
     rows = run_grid(args)
     report(rows, args)

@@ -285,3 +285,84 @@ class ValueCheck:
 def check_values(buf: torch.Tensor, *, max_norm_per_sqrt_n: float = MAX_NORM_PER_SQRT_N) -> str | None:
     """A reason the buffer must not be merged (non-finite values, absurd norm), else None."""
     return ValueCheck(buf, max_norm_per_sqrt_n=max_norm_per_sqrt_n).problem()
+
+
+# ------------------------------------------------------------------ the outer step (exchange.outer)
+
+# DiLoCo's outer optimizer: SGD with Nesterov momentum, lr 0.7, momentum 0.9 (Douillard et al.,
+# arXiv 2311.08105; the same in OpenDiLoCo's training script). NoLoCo's code used lr 0.7 with
+# momentum 0.5 for pairs (jkolehm/noloco, configs/no_reduce_exp/*/…_mean_…).
+OUTER_LR = 0.7
+OUTER_MOMENTUM = 0.9
+
+
+def start_outer_(outer: torch.Tensor, momentum: torch.Tensor, weights: torch.Tensor) -> None:
+    """Begin (or restart, after a state sync) the outer loop at `weights`, with no momentum."""
+    n = weights.numel()
+    check_flat(outer, n)
+    check_flat(momentum, n)
+    with torch.no_grad():
+        outer.copy_(weights)
+        momentum.zero_()
+
+
+def outer_step_(
+    local: torch.Tensor,
+    sent: torch.Tensor,
+    received: torch.Tensor,
+    alpha: float,
+    outer: torch.Tensor,
+    momentum: torch.Tensor,
+    *,
+    lr: float = OUTER_LR,
+    beta: float = OUTER_MOMENTUM,
+    nesterov: bool = True,
+    chunk: int = CHUNK_ELEMENTS,
+    hold: Callable[[], AbstractContextManager[object]] = nullcontext,
+) -> torch.Tensor:
+    """An exchange's merge with an outer momentum step, in place, slice by slice.
+
+    The node keeps outer weights phi and a momentum buffer m besides its weights x. At an
+    exchange both sides send their weights (`sent` is ours, `received` the peer's), and:
+
+        avg = sent + alpha * (received - sent)      the pair's average, as merge_ takes it
+        g   = phi - avg                             the pseudo-gradient
+        m   = beta * m + g
+        phi = phi - lr * (g + beta * m)             Nesterov (nesterov=False: phi - lr * m)
+        x   = x + (phi - sent)                      go on from phi, keeping the local steps
+                                                    taken while the bytes were in flight
+
+    DiLoCo (Douillard et al. 2023, arXiv 2311.08105) averages the workers' pseudo-gradients
+    phi - x_i with an all-reduce every H inner steps and applies Nesterov SGD to phi (lr 0.7,
+    momentum 0.9). NoLoCo (Kolehmainen et al. 2025, arXiv 2506.10911) drops the all-reduce:
+    each replica averages with one random peer, and its modified Nesterov step also pulls phi
+    towards the pair's mean phi. In the authors' code (jkolehm/noloco, sparse_optimizer_c.py)
+    that step is m = beta m + lr (mean_pair(x - phi) + mean_pair(phi) - phi); phi += m. Since
+    mean_pair(x - phi) + mean_pair(phi) - phi = mean_pair(x) - phi = -g, sending the weights x
+    alone (one buffer each way, as today) gives exactly that update: nesterov=False here is
+    NoLoCo's step (with its two lrs equal, as in its code), nesterov=True DiLoCo's optimizer
+    on the pairwise average. With lr = 1, beta = 0 it is merge_ (phi becomes avg).
+
+    Temporaries: one slice. `hold()` is entered around each slice's update of `local`, as in
+    merge_. phi and m are the caller's (start them with start_outer_).
+    """
+    n = local.numel()
+    for buf in (local, sent, received, outer, momentum):
+        check_flat(buf, n)
+    scratch = torch.empty(min(chunk, n), dtype=local.dtype, device=local.device)
+    with torch.no_grad():
+        for start in range(0, n, chunk):
+            stop = min(start + chunk, n)
+            part, phi, m = scratch[: stop - start], outer[start:stop], momentum[start:stop]
+            torch.sub(received[start:stop], sent[start:stop], out=part)
+            part.mul_(alpha).add_(sent[start:stop])  # avg
+            torch.sub(phi, part, out=part)  # g
+            m.mul_(beta).add_(part)
+            if nesterov:
+                phi.sub_(part, alpha=lr).sub_(m, alpha=lr * beta)
+            else:
+                phi.sub_(m, alpha=lr)
+            torch.sub(phi, sent[start:stop], out=part)
+            with hold():
+                local[start:stop].add_(part)
+    return local

@@ -1,0 +1,147 @@
+"""Transfer rates: the config's rate strings, pacing a transfer, stretching the exchange interval.
+
+Decisions only: no I/O, no clock (`now`, in seconds on any monotonic clock, is passed in).
+
+- `parse_rate("20Mbit")` -> bytes per second (decimal units: k = 1000). "kbit", "Mbit",
+  "Gbit" are bits per second, "kB", "MB", "GB" bytes per second; "" means unlimited (None).
+- `TokenBucket(rate, burst)`: the sender asks `delay_for(nbytes, now)` before each chunk and
+  sleeps that long before writing it. The bucket holds at most `burst` bytes of credit and
+  refills at `rate`, so the bytes released in any window of T seconds are at most
+  burst + rate * T (chunks no larger than burst): a 10 s window stays within 5% of the rate
+  when burst <= 0.5 s of it (`default_burst` gives 0.1 s).
+- `stretched_interval`: the time between this node's exchanges, made long enough that its
+  average upload stays below max_upload_share x max_upload_rate.
+- `RateMeter`: bytes per second over the last few seconds and since the start (for /status).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import deque
+
+RATE_UNITS: dict[str, float] = {  # bytes per second per unit
+    "kbit": 1e3 / 8, "Mbit": 1e6 / 8, "Gbit": 1e9 / 8,
+    "kB": 1e3, "MB": 1e6, "GB": 1e9,
+}
+RATE_FORMS = ('"" (unlimited), or a positive number and a unit: kbit, Mbit, Gbit (bits per second) '
+              'or kB, MB, GB (bytes per second), e.g. "500kbit", "20Mbit", "1Gbit", "2.5MB"')
+_RATE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*(" + "|".join(RATE_UNITS) + r")\s*")
+BURST_SECONDS = 0.1
+MIN_BURST = 16 * 1024
+
+
+def parse_rate(text: str) -> float | None:
+    """Bytes per second for a rate string; None for "" (unlimited). ValueError otherwise."""
+    if not isinstance(text, str):
+        raise ValueError(f"a rate must be a string, not {text!r}; allowed: {RATE_FORMS}")
+    if not text.strip():
+        return None
+    match = _RATE.fullmatch(text)
+    if match is None:
+        raise ValueError(f"rate {text!r} not understood; allowed: {RATE_FORMS}")
+    rate = float(match.group(1)) * RATE_UNITS[match.group(2)]
+    if not rate > 0:
+        raise ValueError(f"rate {text!r} must be above zero (\"\" means unlimited); allowed: {RATE_FORMS}")
+    return rate
+
+
+def check_share(share: float) -> float:
+    """`share` if 0 < share <= 1, else ValueError (exchange.max_upload_share)."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ValueError(f"a share must be a number with 0 < x <= 1, not {share!r}")
+    return float(share)
+
+
+def default_burst(rate: float) -> float:
+    """Credit a bucket may hold: 0.1 s of the rate, at least 16 KiB (so chunks fit)."""
+    return max(rate * BURST_SECONDS, MIN_BURST)
+
+
+class TokenBucket:
+    """Paces a sender to `rate` bytes per second with up to `burst` bytes sent at once.
+
+    Kept as the time at which the bucket is full again (generic cell rate algorithm): one
+    float of state, exact at any rate, no ticking.
+    """
+
+    def __init__(self, rate: float, burst: float, *, now: float = 0.0) -> None:
+        if not (math.isfinite(rate) and rate > 0 and math.isfinite(burst) and burst > 0):
+            raise ValueError("rate and burst must be positive and finite")
+        self.rate = rate
+        self.burst = burst
+        self._full_at = now  # starts full
+
+    def delay_for(self, nbytes: int, now: float) -> float:
+        """Reserve `nbytes`; return the seconds to wait before sending them (0 = now).
+
+        A chunk larger than the burst waits for a full bucket and then overdraws it, so the
+        following chunks wait longer: the average rate holds either way.
+        """
+        if nbytes < 0:
+            raise ValueError("nbytes must be >= 0")
+        need = min(nbytes, self.burst)
+        send_at = max(now, self._full_at - (self.burst - need) / self.rate)
+        self._full_at = max(self._full_at, send_at) + nbytes / self.rate
+        return send_at - now
+
+    def available(self, now: float) -> float:
+        """Bytes that could go out at `now` without waiting."""
+        return max(0.0, self.burst - max(0.0, self._full_at - now) * self.rate)
+
+
+def stretched_interval(base_interval: float, bytes_per_exchange: float,
+                       max_upload_rate: float | None, max_upload_share: float) -> float:
+    """Seconds between this node's exchanges: `base_interval`, or longer, so that uploading
+    `bytes_per_exchange` per interval averages at most max_upload_share x max_upload_rate.
+
+    `bytes_per_exchange` is everything this node uploads per interval: its push, plus the
+    replies it sends to others' pushes (in a swarm of alike nodes, about one per own push:
+    twice the wire length of a model).
+    """
+    share = check_share(max_upload_share)
+    if max_upload_rate is None:
+        return base_interval
+    if not max_upload_rate > 0:
+        raise ValueError("max_upload_rate must be > 0 (None: unlimited)")
+    return max(base_interval, bytes_per_exchange / (share * max_upload_rate))
+
+
+class RateMeter:
+    """Bytes per second over the last `window` seconds (`current`) and since `start`
+    (`average`), kept in `resolution`-second buckets: memory bounded by window/resolution."""
+
+    def __init__(self, *, window: float = 10.0, resolution: float = 1.0, now: float = 0.0) -> None:
+        if not 0 < resolution <= window:
+            raise ValueError("need 0 < resolution <= window")
+        self.window = window
+        self.resolution = resolution
+        self.start = now
+        self.total = 0
+        self._buckets: deque[tuple[int, int]] = deque()  # (bucket index, bytes), oldest first
+
+    def add(self, nbytes: int, now: float) -> None:
+        self.total += nbytes
+        index = math.floor(now / self.resolution)
+        if self._buckets and self._buckets[-1][0] == index:
+            self._buckets[-1] = (index, self._buckets[-1][1] + nbytes)
+        else:
+            self._buckets.append((index, nbytes))
+        self._drop_old(now)
+
+    def current(self, now: float) -> float:
+        """Bytes per second over the buckets that overlap the last `window` seconds."""
+        oldest = self._drop_old(now)
+        span = now - max(self.start, oldest * self.resolution)
+        return sum(nbytes for _, nbytes in self._buckets) / span if span > 0 else 0.0
+
+    def average(self, now: float) -> float:
+        elapsed = now - self.start
+        return self.total / elapsed if elapsed > 0 else 0.0
+
+    def _drop_old(self, now: float) -> int:
+        """Drop buckets that end before the window; return the oldest index kept."""
+        oldest = math.floor((now - self.window) / self.resolution)
+        while self._buckets and self._buckets[0][0] < oldest:
+            self._buckets.popleft()
+        return oldest
