@@ -7,6 +7,9 @@ Any one contact is enough to learn the swarm, and a record can only be made by i
 so a relaying node cannot forge one. A peer counts as connected once we hold a live libp2p
 connection to it *and* a verified record of it; anyone else is disconnected after a grace
 period, which keeps other networks and strangers out of the peer table.
+
+Owner: the daemon's main loop; Membership and its peer table are touched only from it (the
+libp2p host's callbacks reach it through the bridge, on that loop).
 """
 
 from __future__ import annotations
@@ -17,15 +20,22 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peerfed.core.envelope import PeerList, PeerRecord, Verifier, seal, verify_peer_record
+from peerfed.core.envelope import (
+    PeerList,
+    PeerRecord,
+    Verifier,
+    seal,
+    verify_peer_record,
+)
 from peerfed.core.errors import Rejected
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
-from peerfed.net.p2p import DialError, P2PHost
+from peerfed.net.p2p import DialError, HostStats, P2PHost
 
 log = logging.getLogger("peerfed.membership")
 
@@ -37,6 +47,19 @@ RECORD_REFRESH = 600.0       # re-sign our record well before others consider it
 RECORD_MAX_AGE = 3600.0
 UNVERIFIED_GRACE = 10.0      # a connection without a verified record is closed after this
 MAX_PARALLEL_DIALS = 8
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipStats:
+    """Counts by name; each mapping is a copy made for this snapshot (dataclasses.asdict
+    gives the JSON the local API serves)."""
+
+    peers_connected: int
+    known: int
+    rejected: Mapping[str, int]   # by reason: peer lists and records we refused
+    verifier: Mapping[str, int]   # the envelope verifier's decisions
+    table: Mapping[str, int]      # peers by state, and the table's own counters
+    host: HostStats
 
 
 class Membership:
@@ -154,10 +177,10 @@ class Membership:
     def peers_snapshot(self) -> list[dict[str, Any]]:
         return self.table.snapshot()
 
-    def statistics(self) -> dict[str, Any]:
-        return {"peers_connected": len(self.connected_peers()), "known": len(self.table),
-                "rejected": dict(self._rejected), "verifier": self._verifier.statistics(),
-                "table": self.table.statistics(), "host": self._host.statistics()}
+    def statistics(self) -> MembershipStats:
+        return MembershipStats(peers_connected=len(self.connected_peers()), known=len(self.table),
+                               rejected=dict(self._rejected), verifier=self._verifier.statistics(),
+                               table=self.table.statistics(), host=self._host.statistics())
 
     def save(self) -> None:
         """Write the peer table atomically so a restarted node rejoins without bootstrap."""
