@@ -898,3 +898,38 @@ def test_the_data_plane_owns_its_exchange_and_publishes_frozen_stats() -> None:
     asyncio.run(main())
     wait_until(lambda: not {t for t in threading.enumerate() if t.name.startswith(("peerfed-send", "peerfed-recv"))
                             } - workers_before, 10, "the closed Exchanges' transfer workers to end")
+
+
+def test_the_gossip_loop_tries_another_peer_when_one_is_busy_and_reports_frozen_stats() -> None:
+    import asyncio
+    import dataclasses
+    import random
+
+    from peerfed.core.exchange_rules import Outcome
+    from peerfed.core.schedule import ExchangeScheduler
+    from peerfed.net.gossip import GossipLoop
+
+    asked: list[str] = []
+
+    async def run_exchange(peer_id: str, url: str) -> Outcome:
+        asked.append(peer_id)
+        return Outcome.BUSY if len(asked) == 1 else Outcome.OK
+
+    async def main() -> GossipLoop:
+        gossip = GossipLoop(scheduler=ExchangeScheduler(interval=1.0, rng=random.Random(1), now=0.0),
+                            candidates=lambda: {"p1": "http://p1", "p2": "http://p2"},
+                            run_exchange=run_exchange, clock=lambda: 5.0)  # one round due, then none
+        task = asyncio.create_task(gossip.run())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return gossip
+
+    gossip = asyncio.run(main())
+    assert sorted(asked) == ["p1", "p2"]  # the busy one, then the other one in the same round
+    stats = gossip.statistics()
+    assert (stats.rounds, stats.busy, stats.ok, stats.failed, stats.in_flight, stats.interval) == (1, 1, 1, 0, 0, 1.0)
+    gossip.set_interval(2.0)
+    assert stats.interval == 1.0 and gossip.statistics().interval == 2.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.ok = 0  # type: ignore[misc]
