@@ -61,6 +61,7 @@ from peerfed.net.transfer import (
 from peerfed.serving import serve
 
 log = logging.getLogger("peerfed.exchange")
+ADMITTED_PUSH = web.RequestKey("peerfed.push", Envelope)  # its manifest, verified in the 100-continue step
 
 
 class Exchange:
@@ -147,13 +148,13 @@ class Exchange:
         admitted = self._admit_push(request)
         if isinstance(admitted, Refusal):
             return refusal_response(admitted)
-        request["peerfed.push"] = admitted
+        request[ADMITTED_PUSH] = admitted
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0
         return None
 
     async def _serve_exchange(self, request: web.Request) -> web.StreamResponse:
-        env: Envelope | Refusal | None = request.get("peerfed.push")
+        env: Envelope | Refusal | None = request.get(ADMITTED_PUSH)
         if env is None:  # the client did not send Expect: 100-continue
             env = self._admit_push(request)
         if isinstance(env, Refusal):
