@@ -302,7 +302,7 @@ def _timeline_node(role: str, numel: int, ports: Any, go: Any, out: Any, exchang
         verifier = Verifier(network="bench", own_peer_id=signer.peer_id, clock=time.time, max_size=4096)
         exchange = Exchange(signer=signer, network="bench", weights=_MemoryWeights(numel, log), verifier=verifier,
                             max_incoming=1, connect_timeout=5.0, transfer_timeout=600.0)
-        exchange.weights_ready = True  # no state sync here
+        exchange.set_weights_ready(True)  # no state sync here
         ports.put((role, signer.peer_id, await exchange.start_server("127.0.0.1", 0)))
         if role == "A":
             peer_id, url = go.get()
@@ -319,8 +319,9 @@ def _timeline_node(role: str, numel: int, ports: Any, go: Any, out: Any, exchang
             seen = 0
             while True:
                 await asyncio.sleep(0.05)
-                if exchange.counts["ok"] + exchange.counts["failed"] > seen:
-                    seen = exchange.counts["ok"] + exchange.counts["failed"]
+                stats = exchange.statistics()
+                if stats.ok + stats.failed > seen:
+                    seen = stats.ok + stats.failed
                     await asyncio.sleep(0.3)
                     out.put(("B", seen - 1, list(log)))
                     log.clear()

@@ -55,7 +55,6 @@ class Daemon:
         self.membership: Membership | None = None
         self.api: LocalAPI | None = None
         self.trainer: Any = None      # TrainerSupervisor when training is enabled
-        self.exchange: Any = None     # Exchange when training is enabled (lives on data_plane)
         self.data_plane: Any = None   # DataPlane: the thread and loop the exchange runs on
         self.gossip: Any = None       # GossipLoop when training is enabled
         self.exchange_url = ""
@@ -122,19 +121,19 @@ class Daemon:
                  info.device, info.numel, info.nbytes / 2**20, info.fingerprint[:12], info.resumed_step)
         # The exchange runs on the data-plane thread (its own loop, lower CPU priority); its
         # callbacks only touch thread-safe prometheus metrics.
-        self.exchange = Exchange(
+        exchange = Exchange(
             signer=self.signer, network=cfg.network, weights=self.trainer.weights, verifier=self._new_verifier(),
             max_incoming=cfg.exchange.max_incoming, connect_timeout=cfg.exchange.connect_timeout,
             transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=self.metrics.rejected,
             on_finished=lambda role, outcome, duration, sent, got: self.metrics.exchange_finished(
                 outcome, duration, sent, got),
         )
-        self.data_plane = DataPlane(self.exchange)
+        self.data_plane = DataPlane(exchange)
         port = await self.data_plane.start_server(cfg.exchange.listen_host, cfg.exchange.listen_port)
         self.exchange_url = cfg.exchange.advertise_url or f"http://{self._advertised_host()}:{port}"
         self.gossip = GossipLoop(
             scheduler=ExchangeScheduler(interval=cfg.exchange.interval, rng=random.Random(), now=time.monotonic()),
-            candidates=lambda: {} if self.exchange.busy else self._exchange_candidates(),
+            candidates=lambda: {} if self.data_plane.statistics().busy_now else self._exchange_candidates(),
             run_exchange=self.data_plane.exchange_with,
         )
 
@@ -146,14 +145,14 @@ class Daemon:
         if init == "peer" or (init == "auto" and not resumed and peers_known):
             # A fresh random init is not ours to share until the sync replaces it (Exchange
             # starts with weights_ready False); resumed, trained weights are.
-            self.exchange.weights_ready = resumed
+            self.data_plane.set_weights_ready(resumed)
             self.state_sync = "waiting for a peer's model"
             self.state_sync = await self._state_sync(wait=None if init == "peer" else SYNC_WAIT_AUTO)
         elif resumed:
             self.state_sync = "skipped (resumed from checkpoint)"
         else:
             self.state_sync = "skipped (train.init = local)" if init == "local" else "skipped (no peers known)"
-        self.exchange.weights_ready = True
+        self.data_plane.set_weights_ready(True)
         await asyncio.to_thread(self.trainer.begin_training)
         self._tasks.append(asyncio.create_task(self.gossip.run(), name="gossip"))
 
@@ -207,8 +206,8 @@ class Daemon:
         log.info("stopping")
         self.notifier.stopping()
         self._stop_requested.set()
-        if self.exchange is not None:
-            self.exchange.accepting = False   # refuse new exchanges at once
+        if self.data_plane is not None:
+            self.data_plane.stop_accepting()  # refuse new exchanges at once
         for task in self._tasks:
             task.cancel()                     # aborts an outgoing exchange in flight
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -271,9 +270,9 @@ class Daemon:
         self.config = new
         if self.membership is not None:
             self.membership.reload(bootstrap=new.p2p.bootstrap, allowlist=self._allowlist())
-        if self.exchange is not None and self.gossip is not None:
-            self.exchange.set_allowlist(self._allowlist())
-            self.gossip.scheduler.set_interval(new.exchange.interval)
+        if self.data_plane is not None and self.gossip is not None:
+            self.data_plane.set_allowlist(self._allowlist())
+            self.gossip.set_interval(new.exchange.interval)
         if self.log_level_override is None:
             set_level(new.log_level)
         log.info("SIGHUP: reloaded bootstrap list, allowlist, exchange interval and log level from %s", new.path)
@@ -306,9 +305,9 @@ class Daemon:
             parts.append(f"step {stats.step}")
             if stats.metrics.get("accuracy") is not None:
                 parts.append(f"accuracy {stats.metrics['accuracy']:.3f}")
-        last = self.exchange.last_exchange if self.exchange is not None else None
+        last = self.data_plane.statistics().last if self.data_plane is not None else None
         if last:
-            parts.append(f"last exchange {last['outcome']} {time.time() - last['at']:.0f} s ago")
+            parts.append(f"last exchange {last.outcome} {time.time() - last.at:.0f} s ago")
         return ", ".join(parts)
 
     # -- callbacks from the drivers --------------------------------------------------------
@@ -324,7 +323,7 @@ class Daemon:
 
     async def exchange_now(self, peer_id: str | None) -> dict[str, Any]:
         """Local API: one exchange now, with ``peer_id`` or a random candidate (tests, benchmarks)."""
-        if self.exchange is None:
+        if self.data_plane is None:
             return {"outcome": "disabled"}
         candidates = self._exchange_candidates()
         if peer_id is None and candidates:
@@ -391,13 +390,13 @@ class Daemon:
             stats = self.trainer.statistics()
             status.update(step=stats.step, samples=stats.samples, metrics=dict(stats.metrics),
                           loss=stats.loss, trainer=dataclasses.asdict(stats), state_sync=self.state_sync)
-        if self.exchange is not None:
-            ex = self.exchange.statistics()
-            status["exchanges"] = {k: ex[k] for k in ("ok", "refused", "failed", "busy")}
-            status["bytes_sent"], status["bytes_received"] = ex["bytes_sent"], ex["bytes_received"]
-            status["last_exchange"] = ex["last"]
-            status["exchange_rejected"] = ex["rejected"]
-        status["membership"] = self.membership.statistics() if self.membership else {}
+        if self.data_plane is not None:
+            ex = self.data_plane.statistics()
+            status["exchanges"] = {k: getattr(ex, k) for k in ("ok", "refused", "failed", "busy")}
+            status["bytes_sent"], status["bytes_received"] = ex.bytes_sent, ex.bytes_received
+            status["last_exchange"] = dataclasses.asdict(ex.last) if ex.last is not None else None
+            status["exchange_rejected"] = dict(ex.rejected)
+        status["membership"] = dataclasses.asdict(self.membership.statistics()) if self.membership else {}
         return status
 
     def peers(self) -> list[dict[str, Any]]:

@@ -807,3 +807,129 @@ def test_killing_the_responder_mid_transfer_merges_nothing_on_the_initiator(tmp_
         assert np.isfinite(after_w).all()
         assert np.abs(after_w - before_w).max() < 1e-5, "the initiator's weights moved: something was merged"
         assert initiator.process is not None and initiator.process.poll() is None
+
+
+# -- the data plane in this process: two Exchanges, each on its own DataPlane -----------------
+
+class _FlatWeights:
+    """In-memory weights with the Weights protocol of net/transfer.py (no trainer)."""
+
+    fingerprint = "f" * 64
+    num_samples = 100
+
+    def __init__(self, values: torch.Tensor) -> None:
+        self.w, self.nbytes = values.clone(), values.numel() * 4
+
+    def lr_clock(self) -> tuple[int, float]:
+        return 3, 1.5
+
+    def begin_snapshot(self) -> None:
+        pass
+
+    def snapshot_range(self, dst: torch.Tensor, start: int, stop: int) -> None:
+        dst[start:stop].copy_(self.w[start:stop])
+
+    def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> None:
+        self.w.add_(alpha * (received - sent))
+
+
+def test_the_data_plane_owns_its_exchange_and_publishes_frozen_stats() -> None:
+    """Work reaches each Exchange through its DataPlane only; statistics() are immutable
+    snapshots; state changes are applied on the plane in call order; each Exchange's
+    transfer workers end with it."""
+    import asyncio
+    import dataclasses
+
+    from peerfed.net.dataplane import DataPlane
+    from peerfed.net.exchange import Exchange
+
+    numel = 300_000  # 1.2 MB: a few 4 MiB-step batches would be too slow for no gain
+    a_values, b_values = torch.randn(numel), torch.randn(numel) + 1.0
+    weights = {"A": _FlatWeights(a_values), "B": _FlatWeights(b_values)}
+    signers = {name: Signer.generate() for name in weights}
+
+    def plane(name: str) -> DataPlane:
+        verifier = Verifier(network=NETWORK, own_peer_id=signers[name].peer_id, clock=time.time, max_size=4096)
+        return DataPlane(Exchange(signer=signers[name], network=NETWORK, weights=weights[name], verifier=verifier,
+                                  max_incoming=1, connect_timeout=5.0, transfer_timeout=30.0))
+
+    async def main() -> None:
+        a, b = plane("A"), plane("B")
+        try:
+            url_b = f"http://127.0.0.1:{await b.start_server('127.0.0.1', 0)}"
+            await a.start_server("127.0.0.1", 0)
+            a.set_weights_ready(True)
+            before = b.statistics()
+            # B waits for its first weights: a push and a model request get 429, not counted.
+            assert await a.exchange_with(signers["B"].peer_id, url_b) == "busy"
+            assert await a.fetch_model(signers["B"].peer_id, url_b, torch.empty(numel)) is None
+            b.set_weights_ready(True)  # queued on B's loop before the next request reaches it
+            assert await a.exchange_with(signers["B"].peer_id, url_b) == "ok"
+            wait_until(lambda: b.statistics().ok == 1, 10, "B to finish its side")
+            # Both merged each other's snapshot with alpha 0.5: both now hold the average.
+            average = (a_values + b_values) / 2
+            for side in weights.values():
+                assert torch.allclose(side.w, average, atol=1e-6)
+            dst = torch.empty(numel)
+            manifest = await a.fetch_model(signers["B"].peer_id, url_b, dst)
+            assert manifest is not None and (manifest.schedule_step, manifest.seconds_trained) == (3, 1.5)
+            assert torch.equal(dst, weights["B"].w)
+
+            sa, sb = a.statistics(), b.statistics()
+            assert (sa.ok, sa.busy, sa.refused, sa.failed) == (1, 1, 0, 0)
+            assert (sb.ok, sb.busy, sb.refused, sb.failed, dict(sb.rejected)) == (1, 0, 0, 0, {})
+            assert (sa.bytes_sent, sa.bytes_received) == (1_200_000, 2 * 1_200_000)  # its push; the reply, the model
+            assert sb.bytes_sent == 2 * 1_200_000  # its reply and the model it served
+            assert sa.last is not None and (sa.last.role, sa.last.outcome, sa.last.peer_id) == (
+                "initiator", "ok", signers["B"].peer_id)
+            assert sb.last is not None and sb.last.role == "responder"
+            assert not sa.busy_now and (sa.incoming_now, sa.outgoing_now) == (0, 0)
+            assert before.ok == 0 and before.last is None  # a snapshot never changes
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                sa.ok = 5  # type: ignore[misc]
+            a.stop_accepting()  # then our own pushes are busy at once, asking no one, counting nothing
+            assert await a.exchange_with(signers["B"].peer_id, url_b) == "busy"
+            assert a.statistics() is sa and b.statistics() is sb
+        finally:
+            await a.close()
+            await b.close()
+
+    workers_before = {t for t in threading.enumerate() if t.name.startswith(("peerfed-send", "peerfed-recv"))}
+    asyncio.run(main())
+    wait_until(lambda: not {t for t in threading.enumerate() if t.name.startswith(("peerfed-send", "peerfed-recv"))
+                            } - workers_before, 10, "the closed Exchanges' transfer workers to end")
+
+
+def test_the_gossip_loop_tries_another_peer_when_one_is_busy_and_reports_frozen_stats() -> None:
+    import asyncio
+    import dataclasses
+    import random
+
+    from peerfed.core.exchange_rules import Outcome
+    from peerfed.core.schedule import ExchangeScheduler
+    from peerfed.net.gossip import GossipLoop
+
+    asked: list[str] = []
+
+    async def run_exchange(peer_id: str, url: str) -> Outcome:
+        asked.append(peer_id)
+        return Outcome.BUSY if len(asked) == 1 else Outcome.OK
+
+    async def main() -> GossipLoop:
+        gossip = GossipLoop(scheduler=ExchangeScheduler(interval=1.0, rng=random.Random(1), now=0.0),
+                            candidates=lambda: {"p1": "http://p1", "p2": "http://p2"},
+                            run_exchange=run_exchange, clock=lambda: 5.0)  # one round due, then none
+        task = asyncio.create_task(gossip.run())
+        await asyncio.sleep(0.2)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return gossip
+
+    gossip = asyncio.run(main())
+    assert sorted(asked) == ["p1", "p2"]  # the busy one, then the other one in the same round
+    stats = gossip.statistics()
+    assert (stats.rounds, stats.busy, stats.ok, stats.failed, stats.in_flight, stats.interval) == (1, 1, 1, 0, 0, 1.0)
+    gossip.set_interval(2.0)
+    assert stats.interval == 1.0 and gossip.statistics().interval == 2.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.ok = 0  # type: ignore[misc]

@@ -14,9 +14,8 @@ import math
 import random
 from collections.abc import Sequence
 
+from peerfed.core.exchange_rules import Outcome
 from peerfed.core.peers import jittered_backoff
-
-OUTCOMES = ("ok", "busy", "refused", "failed", "cancelled")
 
 
 class ExchangeScheduler:
@@ -60,7 +59,7 @@ class ExchangeScheduler:
         self._failures: dict[str, int] = {}
         self._backoff_until: dict[str, float] = {}
         self._busy_until: dict[str, float] = {}
-        self._stats = {"rounds": 0, "skipped_no_peer": 0} | {o: 0 for o in OUTCOMES}
+        self._stats = {"rounds": 0, "skipped_no_peer": 0} | {o.value: 0 for o in Outcome}
 
     @property
     def interval(self) -> float:
@@ -108,10 +107,10 @@ class ExchangeScheduler:
         self._tried.add(peer_id)
         self._attempts += 1
 
-    def on_result(self, peer_id: str, outcome: str, now: float) -> None:
-        """outcome: "ok" | "busy" | "refused" | "failed" | "cancelled" (aborted, e.g. at
-        shutdown: no penalty, round over)."""
-        if outcome not in OUTCOMES:
+    def on_result(self, peer_id: str, outcome: Outcome | str, now: float) -> None:
+        """outcome: an Outcome (or its value); CANCELLED (aborted, e.g. at shutdown): no
+        penalty, round over."""
+        if outcome not in tuple(Outcome):
             raise ValueError(f"unknown outcome {outcome!r}")
         if peer_id != self._in_flight:
             raise ValueError(f"no exchange with {peer_id} in flight")

@@ -9,6 +9,9 @@ The trio loop lives in a dedicated thread. Calls cross in both directions:
   ``fn`` on the asyncio loop and wakes the trio task when it finishes.
 
 Cancelling the waiting side cancels the work on the other side.
+
+Owner: the Bridge belongs to the daemon's asyncio loop (start, stop and run_trio are called
+from it); everything started in its nursery (the libp2p host) belongs to the trio thread.
 """
 
 from __future__ import annotations
@@ -37,7 +40,6 @@ class Bridge:
         self._thread: threading.Thread | None = None
         self._started = threading.Event()
         self._error: BaseException | None = None
-        self._calls = 0
 
     # -- lifecycle (called from the asyncio thread) ---------------------------------------
 
@@ -72,9 +74,6 @@ class Bridge:
     def running(self) -> bool:
         return self._token is not None and self._thread is not None and self._thread.is_alive()
 
-    def statistics(self) -> dict[str, Any]:
-        return {"running": self.running, "calls": self._calls}
-
     def _thread_main(self) -> None:
         try:
             trio.run(self._trio_main)
@@ -100,7 +99,6 @@ class Bridge:
         token, loop = self._token, self._loop
         if token is None or loop is None or self._nursery is None:
             raise BridgeClosed("trio thread is not running")
-        self._calls += 1
         future: asyncio.Future[T] = loop.create_future()
         scope_box: list[trio.CancelScope] = []
 
@@ -142,14 +140,6 @@ class Bridge:
                 except trio.RunFinishedError:
                     pass
             raise
-
-    def call_trio_soon(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> None:
-        """Fire and forget: start ``fn(*args)`` in trio; errors are the callee's business."""
-        token = self._token
-        if token is None or self._nursery is None:
-            raise BridgeClosed("trio thread is not running")
-        nursery = self._nursery
-        token.run_sync_soon(lambda: nursery.start_soon(fn, *args))
 
     # -- trio -> asyncio ------------------------------------------------------------------
 

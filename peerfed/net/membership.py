@@ -7,6 +7,9 @@ Any one contact is enough to learn the swarm, and a record can only be made by i
 so a relaying node cannot forge one. A peer counts as connected once we hold a live libp2p
 connection to it *and* a verified record of it; anyone else is disconnected after a grace
 period, which keeps other networks and strangers out of the peer table.
+
+Owner: the daemon's main loop; Membership and its peer table are touched only from it (the
+libp2p host's callbacks reach it through the bridge, on that loop).
 """
 
 from __future__ import annotations
@@ -17,15 +20,22 @@ import logging
 import os
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peerfed.core.envelope import PeerList, PeerRecord, Verifier, seal, verify_peer_record
+from peerfed.core.envelope import (
+    PeerList,
+    PeerRecord,
+    Verifier,
+    seal,
+    verify_peer_record,
+)
 from peerfed.core.errors import Rejected
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
-from peerfed.net.p2p import DialError, ForeignPeer, P2PHost
+from peerfed.net.p2p import DialError, ForeignPeer, HostStats, P2PHost
 
 log = logging.getLogger("peerfed.membership")
 
@@ -38,6 +48,56 @@ RECORD_MAX_AGE = 3600.0
 UNVERIFIED_GRACE = 10.0      # a connection without a verified record is closed after this
 MAX_PARALLEL_DIALS = 8
 FOREIGN_PEER_FAILURES = 5      # a peer refusing our protocol counts as this many failed dials
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipStats:
+    """Counts by name; each mapping is a copy made for this snapshot (dataclasses.asdict
+    gives the JSON the local API serves)."""
+
+    peers_connected: int
+    known: int
+    rejected: Mapping[str, int]   # by reason: peer lists and records we refused
+    verifier: Mapping[str, int]   # the envelope verifier's decisions
+    table: Mapping[str, int]      # peers by state, and the table's own counters
+    host: HostStats
+
+
+@dataclass
+class _Us:
+    """Who we are, and our own signed record (signed again when stale or changed)."""
+
+    signer: Signer
+    network: str
+    fields: dict[str, Any] = field(default_factory=lambda: {"exchange_url": "", "fingerprint": ""})
+    record: bytes = b""   # b"": sign again before sending it
+    record_time: float = 0.0
+
+    def seal(self, body: PeerRecord | PeerList, now: float, recipient: str = "") -> bytes:
+        return seal(self.signer, network=self.network, recipient=recipient, body=body, now=now)
+
+
+@dataclass
+class _Links:
+    """Our libp2p connections as membership sees them."""
+
+    live: set[str] = field(default_factory=set)  # PeerIDs with an open libp2p connection
+    # live connections whose peer has not shown a verified record yet: since when
+    unverified_since: dict[str, float] = field(default_factory=dict)
+    dialing: set[str] = field(default_factory=set)
+
+
+class _Rejections:
+    """Peer lists and records we refused, by reason (also told to the metrics)."""
+
+    def __init__(self, on_rejected: Callable[[str], None] | None) -> None:
+        self.by_reason: dict[str, int] = {}
+        self._on_rejected = on_rejected
+
+    def count(self, reason: str) -> None:
+        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
+        if self._on_rejected is not None:
+            self._on_rejected(reason)
 
 
 class Membership:
@@ -56,70 +116,57 @@ class Membership:
         on_rejected: Callable[[str], None] | None = None,
     ) -> None:
         self._host = host
-        self._signer = signer
-        self._network = network
+        self._us = _Us(signer, network)
         self.table = table
         self._bootstrap = list(bootstrap)
-        self._allowlist = allowlist
         self._state_file = state_file
+        self._dirty = False  # the table changed since it was saved
         self._clock = clock
         self._rng = rng or random.Random()
-        self._on_rejected = on_rejected
-        self._verifier = self._new_verifier()
-        self._own_fields: dict[str, Any] = {"exchange_url": "", "fingerprint": ""}
-        self._own_record: bytes = b""
-        self._own_record_time = 0.0
-        self._live: set[str] = set()          # PeerIDs with an open libp2p connection
-        self._connected_at: dict[str, float] = {}
-        self._dialing: set[str] = set()
-        self._tasks: list[asyncio.Task[None]] = []
-        self._side_tasks: set[asyncio.Task[Any]] = set()
-        self._dirty = False
-        self._rejected: dict[str, int] = {}
-
-    def _new_verifier(self) -> Verifier:
-        return Verifier(network=self._network, own_peer_id=self._signer.peer_id, clock=self._clock,
-                        allowlist=self._allowlist)
+        # The allowlist lives here (verify_peer_record asks it too; reload changes it).
+        self._verifier = Verifier(network=network, own_peer_id=signer.peer_id, clock=clock, allowlist=allowlist)
+        self._rejections = _Rejections(on_rejected)
+        self._links = _Links()
+        self._tasks: set[asyncio.Task[Any]] = set()  # our loops and short side tasks; stop() ends them
 
     # -- lifecycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
         for addr in self._bootstrap:
             self._add_bootstrap(addr)
-        loops = (self._dial_loop, self._gossip_loop, self._ping_loop, self._save_loop)
-        self._tasks = [asyncio.create_task(loop(), name=loop.__name__) for loop in loops]
+        for loop in (self._dial_loop, self._gossip_loop, self._ping_loop, self._save_loop):
+            self._spawn(loop(), name=loop.__name__)
 
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._side_tasks]
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self.save()
 
-    def _spawn(self, coro: Any) -> None:
-        """A short side task (dial, exchange, disconnect) that stop() cancels."""
-        task = asyncio.create_task(coro)
-        self._side_tasks.add(task)
-        task.add_done_callback(self._side_tasks.discard)
+    def _spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> None:
+        """A task of ours (a loop, or a short dial, exchange or disconnect) that stop() cancels."""
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     def reload(self, *, bootstrap: Sequence[str], allowlist: frozenset[str] | None) -> None:
         """Apply a new bootstrap list and allowlist without a restart (SIGHUP)."""
         self._bootstrap = list(bootstrap)
-        self._allowlist = allowlist
         self._verifier.set_allowlist(allowlist)
         for addr in self._bootstrap:
             self._add_bootstrap(addr)
         if allowlist:
-            for peer_id in list(self._live):
+            for peer_id in list(self._links.live):
                 if peer_id not in allowlist:
                     self._spawn(self._host.disconnect(peer_id))
 
     def set_own_fields(self, **fields: Any) -> None:
         """Change what our record says (exchange URL, fingerprint): re-sign it and tell our
         peers now rather than at the next gossip round."""
-        self._own_fields.update(fields)
-        self._own_record = b""
-        for peer_id in self._live:
+        self._us.fields.update(fields)
+        self._us.record = b""
+        for peer_id in self._links.live:
             self._spawn(self._exchange_with(peer_id))
 
     # -- what others ask for --------------------------------------------------------------
@@ -129,7 +176,7 @@ class Membership:
         env = self._verify(data)
         if env is None or env.sender != remote:
             if env is not None:
-                self._count_rejected("sender_mismatch")
+                self._rejections.count("sender_mismatch")
             raise PermissionError("peer list rejected")
         self._absorb(env.body.records, direct_from=remote)
         return self._sealed_peer_list(remote)
@@ -137,12 +184,12 @@ class Membership:
     def on_connection_change(self, peer_id: str, up: bool) -> None:
         now = self._clock()
         if up:
-            self._live.add(peer_id)
-            self._connected_at[peer_id] = now
+            self._links.live.add(peer_id)
+            self._links.unverified_since[peer_id] = now
             self._spawn(self._exchange_with(peer_id))
         else:
-            self._live.discard(peer_id)
-            self._connected_at.pop(peer_id, None)
+            self._links.live.discard(peer_id)
+            self._links.unverified_since.pop(peer_id, None)
             if self.table.get(peer_id) is not None:
                 self.table.mark_disconnected(peer_id, now)
                 self._dirty = True
@@ -150,78 +197,65 @@ class Membership:
     # -- views ----------------------------------------------------------------------------
 
     def connected_peers(self) -> list[str]:
-        return [p for p in self.table.connected() if p in self._live]
+        return [p for p in self.table.connected() if p in self._links.live]
 
     def peers_snapshot(self) -> list[dict[str, Any]]:
         return self.table.snapshot()
 
-    def statistics(self) -> dict[str, Any]:
-        return {"peers_connected": len(self.connected_peers()), "known": len(self.table),
-                "rejected": dict(self._rejected), "verifier": self._verifier.statistics(),
-                "table": self.table.statistics(), "host": self._host.statistics()}
+    def statistics(self) -> MembershipStats:
+        return MembershipStats(peers_connected=len(self.connected_peers()), known=len(self.table),
+                               rejected=dict(self._rejections.by_reason), verifier=self._verifier.statistics(),
+                               table=self.table.statistics(), host=self._host.statistics())
 
     def save(self) -> None:
         """Write the peer table atomically so a restarted node rejoins without bootstrap."""
-        self._state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self._state_file.with_name(self._state_file.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(self.table.to_dict(), f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._state_file)
+        _write_atomically(self._state_file, json.dumps(self.table.to_dict()))
         self._dirty = False
 
     # -- internals ------------------------------------------------------------------------
 
     def _add_bootstrap(self, addr: str) -> None:
         peer_id = addr.rsplit("/p2p/", 1)[-1]
-        if peer_id != self._signer.peer_id:
+        if peer_id != self._us.signer.peer_id:
             self.table.add_address(peer_id, (addr,), self._clock(), pinned=True)
 
     def _own_peer_record(self) -> bytes:
-        now = self._clock()
-        if not self._own_record or now - self._own_record_time > RECORD_REFRESH:
-            body = PeerRecord(addrs=tuple(self._host.addrs()), version=_version(), **self._own_fields)
-            self._own_record = seal(self._signer, network=self._network, body=body, now=now)
-            self._own_record_time = now
-        return self._own_record
+        now, us = self._clock(), self._us
+        if not us.record or now - us.record_time > RECORD_REFRESH:
+            us.record = us.seal(PeerRecord(addrs=tuple(self._host.addrs()), version=_version(), **us.fields), now)
+            us.record_time = now
+        return us.record
 
     def _sealed_peer_list(self, recipient: str) -> bytes:
         records = [self._own_peer_record(), *self.table.records_for_exchange()]
-        return seal(self._signer, network=self._network, recipient=recipient,
-                    body=PeerList(records=tuple(records)), now=self._clock())
+        return self._us.seal(PeerList(records=tuple(records)), self._clock(), recipient)
 
     def _verify(self, data: bytes) -> Any:
         try:
             return self._verifier.verify(data, expected_kind=PeerList)
         except Rejected as exc:
-            self._count_rejected(exc.reason)
+            self._rejections.count(exc.reason)
             log.info("rejected peer list: %s (%s)", exc.reason, exc)
             return None
-
-    def _count_rejected(self, reason: str) -> None:
-        self._rejected[reason] = self._rejected.get(reason, 0) + 1
-        if self._on_rejected is not None:
-            self._on_rejected(reason)
 
     def _absorb(self, records: Sequence[bytes], *, direct_from: str) -> None:
         now = self._clock()
         for raw in records:
             try:
-                env = verify_peer_record(raw, network=self._network, now=now, max_age=RECORD_MAX_AGE,
-                                         allowlist=self._allowlist)
+                env = verify_peer_record(raw, network=self._us.network, now=now, max_age=RECORD_MAX_AGE,
+                                         allowlist=self._verifier.allowlist)
             except Rejected as exc:
-                self._count_rejected("record_" + exc.reason)
+                self._rejections.count("record_" + exc.reason)
                 log.debug("dropped a peer record: %s (%s)", exc.reason, exc)
                 continue
-            if env.sender == self._signer.peer_id:
+            if env.sender == self._us.signer.peer_id:
                 continue
             rec: PeerRecord = env.body
             if self.table.add_record(env.sender, addrs=rec.addrs, exchange_url=rec.exchange_url,
                                      fingerprint=rec.fingerprint, record=raw, record_time=env.timestamp,
                                      now=now):
                 self._dirty = True
-            if env.sender == direct_from and direct_from in self._live:
+            if env.sender == direct_from and direct_from in self._links.live:
                 self.table.mark_connected(direct_from, now)
 
     async def _exchange_with(self, peer_id: str) -> None:
@@ -236,7 +270,7 @@ class Membership:
                     "%s; closing the connection", exc)
             for _ in range(FOREIGN_PEER_FAILURES):
                 self.table.record_failure(peer_id, self._clock())
-            self._connected_at.pop(peer_id, None)
+            self._links.unverified_since.pop(peer_id, None)
             self._spawn(self._host.disconnect(peer_id))
             return
         except Exception as exc:  # noqa: BLE001 - any failure means "no verified record yet"
@@ -251,7 +285,7 @@ class Membership:
         info = self.table.get(peer_id)
         if info is None:
             return
-        self._dialing.add(peer_id)
+        self._links.dialing.add(peer_id)
         try:
             for addr in info.addrs:
                 try:
@@ -265,22 +299,23 @@ class Membership:
                 return
             self.table.record_failure(peer_id, self._clock())
         finally:
-            self._dialing.discard(peer_id)
+            self._links.dialing.discard(peer_id)
 
     async def _dial_loop(self) -> None:
         while True:
             now = self._clock()
-            due = [p for p in self.table.due_for_dial(now) if p not in self._live and p not in self._dialing]
-            room = MAX_PARALLEL_DIALS - len(self._dialing)
+            links = self._links
+            due = [p for p in self.table.due_for_dial(now) if p not in links.live and p not in links.dialing]
+            room = MAX_PARALLEL_DIALS - len(links.dialing)
             for peer_id in due[:max(0, room)]:
                 self._spawn(self._dial(peer_id))
-            for peer_id, since in list(self._connected_at.items()):
+            for peer_id, since in list(links.unverified_since.items()):
                 info = self.table.get(peer_id)
                 verified = info is not None and info.state == PeerState.CONNECTED
                 if not verified and now - since > UNVERIFIED_GRACE:
                     log.info("closing connection to %s: no valid peer record from it", peer_id)
                     self.table.record_failure(peer_id, now)  # back off: no redial in a loop
-                    self._connected_at.pop(peer_id, None)
+                    links.unverified_since.pop(peer_id, None)
                     self._spawn(self._host.disconnect(peer_id))
             for peer_id in self.table.evict_stale(now):
                 log.info("forgot peer %s (unreachable for long)", peer_id)
@@ -311,8 +346,10 @@ class Membership:
     async def _save_loop(self) -> None:
         while True:
             await asyncio.sleep(SAVE_INTERVAL)
-            if self._dirty:
-                await asyncio.to_thread(self.save)
+            if self._dirty:  # the table is this loop's: serialize it here, write it in a thread
+                data = json.dumps(self.table.to_dict())
+                self._dirty = False  # a change made while the file is written marks it again
+                await asyncio.to_thread(_write_atomically, self._state_file, data)
 
 
 def load_peer_table(path: Path, own_peer_id: str, **kwargs: Any) -> PeerTable:
@@ -325,6 +362,16 @@ def load_peer_table(path: Path, own_peer_id: str, **kwargs: Any) -> PeerTable:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("ignoring unreadable peer table %s: %s", path, exc)
         return PeerTable(own_peer_id, **kwargs)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _version() -> str:

@@ -1,9 +1,10 @@
 """The libp2p host: identity, secure connections, and our small request/response streams.
 
-Runs on trio in the bridge's thread. Public methods are asyncio coroutines that cross the
-bridge; the ``_trio_*`` methods run in trio. Decisions (whom to dial, what to answer) are
-not made here: inbound requests are handed to an asyncio callback, outbound ones are asked
-for by the membership service.
+Owner: the trio thread (net/bridge.py) owns the libp2p host and the counters. Public methods
+are asyncio coroutines that cross the bridge; the ``_trio_*`` methods run in trio, which
+publishes a new frozen ``HostStats`` after each change for ``statistics()`` to return.
+Decisions (whom to dial, what to answer) are not made here: inbound requests are handed to
+an asyncio callback, outbound ones are asked for by the membership service.
 
 py-libp2p 0.8.1 workarounds (design.md section 5):
 - Noise is the only security transport and yamux the only muxer: a default host would also
@@ -27,6 +28,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 import multiaddr
@@ -182,6 +184,17 @@ class _Notifee(INotifee):
         pass
 
 
+@dataclass(frozen=True, slots=True)
+class HostStats:
+    dials_ok: int = 0
+    dials_failed: int = 0
+    requests_in: int = 0
+    requests_out: int = 0
+    inbound_refused_full: int = 0
+    inbound_errors: int = 0
+    libp2p_connected: int = 0  # open libp2p connections, ours or not yet verified
+
+
 class P2PHost:
     def __init__(
         self,
@@ -206,8 +219,7 @@ class P2PHost:
         self._max_connected = max_connected
         self._host: Any = None
         self._stop: trio.Event | None = None
-        self._stats = {"dials_ok": 0, "dials_failed": 0, "requests_in": 0, "requests_out": 0,
-                       "inbound_refused_full": 0, "inbound_errors": 0}
+        self._stats = HostStats()  # published by the trio side: replaced, never changed
 
     # -- asyncio side ---------------------------------------------------------------------
 
@@ -239,9 +251,15 @@ class P2PHost:
         """Our dialable addresses (announce ones if configured), each ending in /p2p/<PeerID>."""
         return expand_unspecified([str(a) for a in self._host.get_addrs()]) if self._host is not None else []
 
-    def statistics(self) -> dict[str, Any]:
+    def statistics(self) -> HostStats:
+        return self._stats
+
+    def _count(self, counter: str) -> None:  # in trio
+        self._stats = replace(self._stats, **{counter: getattr(self._stats, counter) + 1})
+
+    def _count_connections(self) -> None:  # in trio
         connected = len(self._host.get_connected_peers()) if self._host is not None else 0
-        return {**self._stats, "libp2p_connected": connected}
+        self._stats = replace(self._stats, libp2p_connected=connected)
 
     # -- trio side ------------------------------------------------------------------------
 
@@ -291,15 +309,15 @@ class P2PHost:
             with trio.fail_after(REQUEST_TIMEOUT):
                 await self._host.connect(info)
         except Exception as exc:  # noqa: BLE001 - libp2p raises many types; all mean "failed"
-            self._stats["dials_failed"] += 1
+            self._count("dials_failed")
             # A Noise handshake that fails on a reachable port usually means another PeerID
             # answered there than the one the address names: Noise refuses it.
             raise DialError(f"could not connect to {addr}: {_reason(exc)}") from exc
-        self._stats["dials_ok"] += 1
+        self._count("dials_ok")
         return info.peer_id.to_base58()
 
     async def _trio_request(self, peer_id: str, payload: bytes) -> bytes:
-        self._stats["requests_out"] += 1
+        self._count("requests_out")
         with trio.fail_after(REQUEST_TIMEOUT):
             try:
                 stream = await self._host.new_stream(ID.from_base58(peer_id), [self._protocol])
@@ -317,14 +335,14 @@ class P2PHost:
 
     async def _trio_handle_stream(self, stream: Any) -> None:
         remote = stream.muxed_conn.peer_id.to_base58()
-        self._stats["requests_in"] += 1
+        self._count("requests_in")
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 request = await _read_frame(stream, MAX_REQUEST_BYTES)
                 reply = await self._bridge.run_asyncio(self._on_request, remote, request)
                 await stream.write(encode_frame(reply))
         except Exception as exc:  # noqa: BLE001 - a bad peer must not take the host down
-            self._stats["inbound_errors"] += 1
+            self._count("inbound_errors")
             log.info("request from %s failed: %s", remote, exc or type(exc).__name__)
             with trio.move_on_after(1):
                 await stream.reset()
@@ -349,9 +367,10 @@ class P2PHost:
 
     async def _on_connected(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id
+        self._count_connections()
         if len(self._host.get_connected_peers()) > self._max_connected + 8:
             # Slack above max_peers lets newcomers introduce themselves before pruning.
-            self._stats["inbound_refused_full"] += 1
+            self._count("inbound_refused_full")
             log.info("too many connections (%d); closing the one from %s",
                      len(self._host.get_connected_peers()), peer_id)
             with trio.move_on_after(2):
@@ -361,6 +380,7 @@ class P2PHost:
 
     def _on_disconnected(self, conn: INetConn) -> None:
         peer_id = conn.muxed_conn.peer_id
+        self._count_connections()
         if self._host is not None and peer_id in self._host.get_connected_peers():
             return  # another connection to the same peer is still open
         self._bridge.call_asyncio_soon(self._on_connection_change, peer_id.to_base58(), False)

@@ -11,8 +11,9 @@
   straight into a preallocated buffer; a worker thread hashes each 4 MiB batch (BLAKE3 drops
   the GIL) and checks its values while it is still in cache, so the event loop never stalls
   on a 100 MiB hash.
-- Both workers are started by the data-plane thread and share its lower CPU priority
-  (net/dataplane.py).
+- The two workers (``TransferWorkers``, one thread per direction) belong to the Exchange
+  that creates them and shuts them down in its close(); their threads start on the first
+  job, from the data-plane thread, and so share its lower CPU priority (net/dataplane.py).
 """
 
 from __future__ import annotations
@@ -21,20 +22,21 @@ import asyncio
 import base64
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
-from aiohttp import StreamReader
+from aiohttp import StreamReader, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.payload import Payload
 
 from peerfed.averaging import ValueCheck
-from peerfed.core.envelope import Envelope, Verifier, seal
+from peerfed.core.envelope import Envelope, Verifier, decode, seal
 from peerfed.core.errors import DigestMismatch, LengthMismatch
+from peerfed.core.exchange_rules import Refusal
 from peerfed.core.manifest import (
     TRAILER_SIZE,
     PayloadDigest,
@@ -50,12 +52,6 @@ REQUEST_HEADER = "X-Peerfed-Request"
 # first write small, so it does not copy a whole chunk.
 FIRST_PIECE = 64 * 1024
 CHUNK = 4 << 20  # send and hash in 4 MiB steps: few thread hops, little lag behind the socket
-
-
-# A node runs one exchange at a time; one worker thread per direction keeps each digest's
-# updates in order and off the loop, and lets sending and receiving hash at once.
-_send_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-send")
-_recv_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-recv")
 
 T = TypeVar("T")
 Fill = Callable[[int, int], None]  # copy the weights' bytes [start, stop) into the send buffer
@@ -92,6 +88,31 @@ class Slot:
         return self.send, self.recv
 
 
+class TransferWorkers:
+    """The send and receive worker threads of one Exchange (which creates and closes them).
+
+    A node runs one exchange at a time; one worker thread per direction keeps each digest's
+    updates in order and off the loop, and lets sending and receiving hash at once.
+    """
+
+    def __init__(self) -> None:
+        self.send: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-send")
+        self.receive: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-recv")
+
+    def shutdown(self) -> None:
+        """No new jobs; the running ones finish with their buffers (nothing waits for them)."""
+        self.send.shutdown(wait=False)
+        self.receive.shutdown(wait=False)
+
+
+def run_in(pool: Executor, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """``fn(*args)`` in ``pool``; a pool already shut down means the exchange is closing."""
+    try:
+        return asyncio.get_running_loop().run_in_executor(pool, fn, *args)
+    except RuntimeError as exc:  # "cannot schedule new futures after shutdown"
+        raise ConnectionAbortedError("the exchange is closing") from exc
+
+
 def byte_view(tensor: torch.Tensor) -> memoryview:
     """A writable byte memoryview over a contiguous CPU tensor (no copy)."""
     array: np.ndarray[Any, Any] = tensor.detach().numpy()
@@ -109,6 +130,20 @@ def decode_header(value: str | None, max_size: int = 4096) -> bytes | None:
         return base64.b64decode(value, validate=True)
     except (ValueError, TypeError):
         return None
+
+
+def nonce_of(sealed: bytes) -> bytes:
+    """The nonce of an envelope we sealed (a reply or trailer names it)."""
+    return decode(sealed, max_size=len(sealed)).nonce
+
+
+def refusal_response(refusal: Refusal) -> web.Response:
+    """The HTTP answer to a refused request: its status, and its detail as the error."""
+    response = web.json_response({"error": refusal.detail}, status=refusal.status)
+    # The client may still owe us the body it announced (we refused it before
+    # 100-continue): close the connection so those bytes never pose as a next request.
+    response.force_close()
+    return response
 
 
 class StreamPayload(Payload):
@@ -149,25 +184,19 @@ def digest_opener(verifier: Verifier, manifest: Envelope) -> OpenDigest:
     return open_digest
 
 
-def wire_length(payload_length: int) -> int:
-    """Bytes on the wire for a payload: the payload and its trailer."""
-    return payload_length + TRAILER_SIZE
-
-
 def _bounds(size: int) -> list[tuple[int, int]]:
     edges = [0, *range(min(FIRST_PIECE, size), size, CHUNK), size]
     return [(a, b) for a, b in pairwise(edges) if b > a]
 
 
-async def send_weights(writer: Any, view: memoryview, fill: Fill, seal_digest: SealDigest,
+async def send_weights(writer: Any, view: memoryview, fill: Fill, seal_digest: SealDigest, pool: Executor,
                        before_last_byte: Awaitable[Any] | None = None) -> None:
     """Fill, hash and write ``view`` chunk by chunk, then the signed trailer.
 
-    ``writer`` is an aiohttp writer or StreamResponse. Chunk i+1 is filled and hashed in a
-    worker thread while chunk i is written. ``before_last_byte``, if given, is awaited
+    ``writer`` is an aiohttp writer or StreamResponse. Chunk i+1 is filled and hashed in
+    ``pool`` (the send worker) while chunk i is written. ``before_last_byte``, if given, is awaited
     before the trailer's last byte goes out (see the responder in exchange.py).
     """
-    loop = asyncio.get_running_loop()
     digest = StreamDigest()
 
     def prepare(start: int, stop: int) -> None:
@@ -175,12 +204,12 @@ async def send_weights(writer: Any, view: memoryview, fill: Fill, seal_digest: S
         digest.update(view[start:stop])
 
     bounds = _bounds(view.nbytes)
-    ready = loop.run_in_executor(_send_pool, prepare, *bounds[0]) if bounds else None
+    ready = run_in(pool, prepare, *bounds[0]) if bounds else None
     try:
         for i, (start, stop) in enumerate(bounds):
             assert ready is not None
             await ready
-            ready = loop.run_in_executor(_send_pool, prepare, *bounds[i + 1]) if i + 1 < len(bounds) else None
+            ready = run_in(pool, prepare, *bounds[i + 1]) if i + 1 < len(bounds) else None
             await writer.write(view[start:stop])
     finally:
         if ready is not None:  # cancelled mid-stream: let the thread finish with the buffer
@@ -192,17 +221,16 @@ async def send_weights(writer: Any, view: memoryview, fill: Fill, seal_digest: S
     await writer.write(trailer[-1:])
 
 
-async def receive_into(content: StreamReader, view: memoryview, open_digest: OpenDigest,
+async def receive_into(content: StreamReader, view: memoryview, open_digest: OpenDigest, pool: Executor,
                        landed: Callable[[int], None] | None = None) -> int:
     """Read a payload of ``view.nbytes`` bytes into ``view`` and its trailer; check both.
 
-    Chunks are copied into ``view`` as they come; the receive worker hashes each 4 MiB batch
+    Chunks are copied into ``view`` as they come; ``pool`` (the receive worker) hashes each 4 MiB batch
     while it is still in cache, then calls ``landed(bytes so far)`` (e.g. to check values).
     ``open_digest`` verifies the sealed trailer (signature, sender, manifest nonce). Raises a
     core Rejected (LengthMismatch, DigestMismatch, ...) or a connection error. On any error
     the caller must treat the whole buffer as garbage.
     """
-    loop = asyncio.get_running_loop()
     length = view.nbytes
     digest = StreamDigest(expected_length=length)
 
@@ -225,7 +253,7 @@ async def receive_into(content: StreamReader, view: memoryview, open_digest: Ope
                 view[received:received + take] = chunk[:take]
                 received += take
                 if received - hashed >= CHUNK or received == length:
-                    pending.append(loop.run_in_executor(_recv_pool, land, hashed, received))
+                    pending.append(run_in(pool, land, hashed, received))
                     hashed = received
             trailer += chunk[take:]
             if len(trailer) > TRAILER_SIZE:
@@ -240,24 +268,25 @@ async def receive_into(content: StreamReader, view: memoryview, open_digest: Ope
 
 
 async def send_snapshot(writer: Any, weights: Weights, send: torch.Tensor, seal_digest: SealDigest,
-                        before_last_byte: Awaitable[Any] | None = None) -> None:
+                        workers: TransferWorkers, before_last_byte: Awaitable[Any] | None = None) -> None:
     """send_weights of a snapshot of ``weights``, taken into ``send`` chunk by chunk as it goes out."""
     def fill(start: int, stop: int) -> None:  # byte offsets, multiples of 4
         weights.snapshot_range(send, start // 4, stop // 4)
 
     await asyncio.to_thread(weights.begin_snapshot)
-    await send_weights(writer, byte_view(send), fill, seal_digest, before_last_byte)
+    await send_weights(writer, byte_view(send), fill, seal_digest, workers.send, before_last_byte)
 
 
-def receive_checked(content: StreamReader, buf: torch.Tensor,
-                    open_digest: OpenDigest) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
+def receive_checked(content: StreamReader, buf: torch.Tensor, open_digest: OpenDigest,
+                    workers: TransferWorkers) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
     """receive_into ``buf`` (a coroutine to await), and the check of its values, fed batch by
     batch in the receive worker as the bytes land (ask ``problem()`` once it is all here)."""
     values = ValueCheck(buf)
-    receive = receive_into(content, byte_view(buf), open_digest, landed=lambda nbytes: values.advance(nbytes // 4))
+    receive = receive_into(content, byte_view(buf), open_digest, workers.receive,
+                           landed=lambda nbytes: values.advance(nbytes // 4))
     return values, receive
 
 
-async def in_receive_worker(fn: Callable[..., T], *args: Any) -> T:
+async def in_receive_worker(workers: TransferWorkers, fn: Callable[..., T], *args: Any) -> T:
     """Run bulk work on received data (value checks, merging) in the receive worker."""
-    return await asyncio.get_running_loop().run_in_executor(_recv_pool, fn, *args)
+    return await run_in(workers.receive, fn, *args)

@@ -24,12 +24,11 @@ from prometheus_client import (
 )
 
 from peerfed import __version__
+from peerfed.core.exchange_rules import EXCHANGE_OUTCOMES, Outcome
 
 __all__ = ["CONTENT_TYPE", "EXCHANGE_OUTCOMES", "EXCHANGE_DURATION_BUCKETS", "Metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-EXCHANGE_OUTCOMES = ("ok", "busy", "refused", "failed")
 
 # From a refused request on loopback (~10 ms) to a 1 GB transfer on a slow home uplink.
 EXCHANGE_DURATION_BUCKETS = (
@@ -123,7 +122,7 @@ class Metrics:
     def set_peers_connected(self, count: int) -> None:
         self.peers_connected.set(count)
 
-    def exchange_finished(self, outcome: str, duration_s: float, sent: int, received: int) -> None:
+    def exchange_finished(self, outcome: Outcome, duration_s: float, sent: int, received: int) -> None:
         if outcome not in EXCHANGE_OUTCOMES:
             raise ValueError(f"unknown exchange outcome {outcome!r}")
         self.exchanges.labels(outcome).inc()
