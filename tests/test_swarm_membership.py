@@ -87,6 +87,11 @@ def _exchange_peer_list(addr: str, network: str, payload_for: callable) -> bytes
 
     async def main() -> None:
         _, host = make_test_peer()
+
+        async def speaks_our_protocol(stream) -> None:  # type: ignore[no-untyped-def]
+            await stream.close()  # a peer that refused it would be dropped as a foreign peer
+
+        host.set_stream_handler(peers_protocol(network), speaks_our_protocol)
         async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
             info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
             await host.connect(info)
