@@ -15,6 +15,7 @@ import logging
 import random
 import socket
 import time
+
 import torch
 
 from peerfed.config import Config
