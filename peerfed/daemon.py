@@ -95,7 +95,8 @@ class Daemon:
     async def start(self) -> None:
         cfg = self.config
         cfg.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        self.training.bind()          # the exchange port, before anything slow
+        # Every port first (the exchange's was taken when Training was built), so that a taken
+        # one is reported within a second, not after the trainer's slow start.
         await self.api.start()        # /healthz says "starting" until we are up
         await self.bridge.start()
         addrs = await self.host.start()

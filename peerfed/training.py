@@ -13,8 +13,8 @@ import asyncio
 import dataclasses
 import logging
 import random
-import socket
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +27,7 @@ from peerfed.errors import ConfigError
 from peerfed.net.addresses import advertised_host
 from peerfed.net.dataplane import DataPlane
 from peerfed.net.exchange import Exchange
+from peerfed.net.exchange_state import ExchangeStats
 from peerfed.net.gossip import GossipLoop
 from peerfed.net.membership import Membership
 from peerfed.ops.metrics import Metrics
@@ -43,37 +44,30 @@ MANIFEST_MAX_BYTES = 4096
 TRAINER_START_TIMEOUT = 300.0
 
 
+@dataclass(frozen=True)
+class Exchanging:
+    """The exchange's parts, built once the model (and so the size of its buffers) is known."""
+
+    data_plane: DataPlane
+    gossip: GossipLoop
+
+
 class Training(TrainingSide):
     def __init__(self, config: Config, *, signer: Signer, peer_id: str, membership: Membership,
                  metrics: Metrics) -> None:
         torch.set_num_threads(1)  # the daemon only copies and merges; the cores are the trainer's
         self._config = config
+        self._signer, self._peer_id = signer, peer_id
         self._membership = membership
         self._metrics = metrics
         self._trainer = TrainerSupervisor(TrainSettings.from_config(config))
-        self._exchange = Exchange(
-            signer=signer, network=config.network, weights=self._trainer.weights,
-            verifier=Verifier(network=config.network, own_peer_id=peer_id, clock=time.time,
-                              allowlist=_allowlist(config), max_size=MANIFEST_MAX_BYTES),
-            max_incoming=config.exchange.max_incoming, connect_timeout=config.exchange.connect_timeout,
-            transfer_timeout=config.exchange.transfer_timeout, on_rejected=metrics.rejected,
-            on_finished=lambda role, outcome, duration, sent, got: metrics.exchange_finished(
-                outcome, duration, sent, got),
-        )
-        self._data_plane = DataPlane(self._exchange)
-        self._gossip = GossipLoop(
-            scheduler=ExchangeScheduler(interval=config.exchange.interval, rng=random.Random(), now=time.monotonic()),
-            candidates=lambda: {} if self._data_plane.statistics().busy_now else self.candidates(),
-            run_exchange=self._data_plane.exchange_with,
-        )
-        self._listener: socket.socket | None = None  # the exchange port, taken early by bind()
+        # The exchange port is taken now, before anything slow: a taken port is reported at once.
+        self._listener = bind_listener(config.exchange.listen_host, config.exchange.listen_port,
+                                       setting="exchange.listen")
+        self._plane: Exchanging | None = None  # once start() knows the model
         self.exchange_url = ""
         self.fingerprint = ""
         self.state_sync = "none"
-
-    def bind(self) -> None:
-        cfg = self._config.exchange
-        self._listener = bind_listener(cfg.listen_host, cfg.listen_port, setting="exchange.listen")
 
     async def start(self) -> None:
         """Spawn the trainer, wait until its model is built, serve the exchange."""
@@ -85,14 +79,36 @@ class Training(TrainingSide):
         log.info("model ready on %s: %d parameters (%.1f MiB), fingerprint %s…, resumed from step %d",
                  info.device, info.numel, info.nbytes / 2**20, info.fingerprint[:12], info.resumed_step)
         self.fingerprint = info.fingerprint
-        assert self._listener is not None, "bind() comes first"
-        port = await self._data_plane.start_server(self._listener)
+        self._plane = plane = self._open_exchange()
         cfg = self._config
+        port = await plane.data_plane.start_server(cfg.exchange.listen_host, cfg.exchange.listen_port,
+                                                   self._listener)
         self.exchange_url = cfg.exchange.advertise_url or \
             f"http://{advertised_host(cfg.exchange.listen_host, (*cfg.p2p.announce, *cfg.p2p.listen))}:{port}"
 
+    def _open_exchange(self) -> Exchanging:
+        cfg, metrics = self._config, self._metrics
+        exchange = Exchange(
+            signer=self._signer, network=cfg.network, weights=self._trainer.weights,
+            verifier=Verifier(network=cfg.network, own_peer_id=self._peer_id, clock=time.time,
+                              allowlist=_allowlist(cfg), max_size=MANIFEST_MAX_BYTES),
+            max_incoming=cfg.exchange.max_incoming, connect_timeout=cfg.exchange.connect_timeout,
+            transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=metrics.rejected,
+            on_finished=lambda role, outcome, duration, sent, got: metrics.exchange_finished(
+                outcome, duration, sent, got),
+        )
+        data_plane = DataPlane(exchange)
+        gossip = GossipLoop(
+            scheduler=ExchangeScheduler(interval=cfg.exchange.interval, rng=random.Random(), now=time.monotonic()),
+            candidates=lambda: {} if data_plane.statistics().busy_now else self.candidates(),
+            run_exchange=data_plane.exchange_with,
+        )
+        return Exchanging(data_plane, gossip)
+
     async def run(self) -> None:
         """State sync (a newcomer starts from a peer's model), then training, gossip and polls."""
+        assert self._plane is not None, "start() comes first"
+        plane = self._plane
         poll = asyncio.create_task(self._poll_trainer(), name="poll_trainer")
         try:
             cfg = self._config
@@ -103,12 +119,12 @@ class Training(TrainingSide):
             if plan.sync:
                 # A fresh random init is not ours to share until the sync replaces it;
                 # resumed, trained weights are (the exchange starts with weights not ready).
-                self._data_plane.set_weights_ready(resumed)
-                self.state_sync = await run_state_sync(self._trainer.weights, self._data_plane.fetch_model,
+                plane.data_plane.set_weights_ready(resumed)
+                self.state_sync = await run_state_sync(self._trainer.weights, plane.data_plane.fetch_model,
                                                        self.candidates, plan.wait)
-            self._data_plane.set_weights_ready(True)
+            plane.data_plane.set_weights_ready(True)
             await asyncio.to_thread(self._trainer.begin_training)
-            await self._gossip.run()
+            await plane.gossip.run()
         finally:
             poll.cancel()
             await asyncio.gather(poll, return_exceptions=True)
@@ -116,15 +132,18 @@ class Training(TrainingSide):
     async def stop(self) -> None:
         """Refuse new exchanges, cut one in flight (nothing of it is merged), and stop the
         trainer, which writes its final checkpoint."""
-        self._data_plane.stop_accepting()
-        await asyncio.gather(self._data_plane.close(), asyncio.to_thread(self._trainer.stop, 8.0))
-        if self._listener is not None:
-            self._listener.close()
+        closing = [asyncio.to_thread(self._trainer.stop, 8.0)]
+        if self._plane is not None:
+            self._plane.data_plane.stop_accepting()
+            closing.append(self._plane.data_plane.close())
+        await asyncio.gather(*closing)
+        self._listener.close()
 
     def reload(self, config: Config) -> None:
         self._config = config
-        self._data_plane.set_allowlist(_allowlist(config))
-        self._gossip.set_interval(config.exchange.interval)
+        if self._plane is not None:
+            self._plane.data_plane.set_allowlist(_allowlist(config))
+            self._plane.gossip.set_interval(config.exchange.interval)
 
     def candidates(self) -> dict[str, str]:
         """peer_id -> exchange URL of connected peers that train our model."""
@@ -139,13 +158,15 @@ class Training(TrainingSide):
 
     async def exchange_now(self, peer_id: str | None) -> dict[str, object]:
         """One exchange now, with ``peer_id`` or a random candidate (local API: tests, benchmarks)."""
+        if self._plane is None:
+            return {"outcome": "starting"}
         candidates = self.candidates()
         if peer_id is None and candidates:
             peer_id = random.choice(sorted(candidates))
         if peer_id is None or peer_id not in candidates:
             return {"outcome": "no_such_peer"}
         started = time.monotonic()
-        outcome: Outcome = await self._data_plane.exchange_with(peer_id, candidates[peer_id])
+        outcome: Outcome = await self._plane.data_plane.exchange_with(peer_id, candidates[peer_id])
         return {"outcome": outcome.value, "peer_id": peer_id, "duration_s": time.monotonic() - started}
 
     def progress(self) -> int | None:
@@ -155,7 +176,7 @@ class Training(TrainingSide):
     def status(self) -> dict[str, object]:
         """The training part of /status (keys as they always were)."""
         stats = self._trainer.statistics()
-        ex = self._data_plane.statistics()
+        ex = self._plane.data_plane.statistics() if self._plane is not None else ExchangeStats()
         last = ex.last
         return {
             "step": stats.step, "samples": stats.samples, "metrics": stats.metrics, "loss": stats.loss,

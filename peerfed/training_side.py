@@ -17,7 +17,6 @@ class TrainingSide(Protocol):
     exchange_url: str
     fingerprint: str
 
-    def bind(self) -> None: ...
     async def start(self) -> None: ...
     async def run(self) -> None: ...
     async def stop(self) -> None: ...
@@ -32,9 +31,6 @@ class NoTraining:
 
     exchange_url = ""
     fingerprint = ""
-
-    def bind(self) -> None:
-        pass
 
     async def start(self) -> None:
         pass
