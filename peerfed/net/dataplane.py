@@ -16,6 +16,7 @@ queued on it in call order, and ``statistics()`` returns the snapshot the Exchan
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -56,8 +57,8 @@ class DataPlane:
 
     # -- work -----------------------------------------------------------------------------
 
-    async def start_server(self, host: str, port: int) -> int:
-        return await self._on_plane(self._exchange.start_server(host, port))
+    async def start_server(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        return await self._on_plane(self._exchange.start_server(host, port, sock))
 
     async def exchange_with(self, peer_id: str, url: str) -> Outcome:
         return await self._on_plane(self._exchange.exchange_with(peer_id, url))

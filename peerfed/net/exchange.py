@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -93,8 +94,8 @@ class Exchange:
 
     # -- lifecycle and state (from the owning loop) ---------------------------------------
 
-    async def start_server(self, host: str, port: int) -> int:
-        """Serve /v1/exchange and /v1/model on host:port; returns the bound port.
+    async def start_server(self, host: str, port: int, sock: socket.socket | None = None) -> int:
+        """Serve /v1/exchange and /v1/model on ``sock``, else on host:port; returns the port.
 
         Reserves the buffers of one exchange first (2x the model, zeroed so the pages are
         really there): a daemon's memory does not grow when its first exchange comes.
@@ -103,7 +104,7 @@ class Exchange:
         app = web.Application()
         app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
         app.router.add_get("/v1/model", self._serve_model)
-        self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0)
+        self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0, sock=sock)
         return bound
 
     async def close(self) -> None:

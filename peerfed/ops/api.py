@@ -57,8 +57,10 @@ class LocalAPI:
         peers: JSONSource,
         metrics: Callable[[], tuple[bytes, str]] | None = None,
         exchange_now: Callable[[str | None], Awaitable[Any]] | None = None,
+        ready: Callable[[], bool] = lambda: True,
     ) -> None:
         self._host, self._port = host, port
+        self._ready = ready  # /healthz: 503 "starting" until the node is up
         self._status, self._peers, self._metrics = status, peers, metrics
         self._exchange_now = exchange_now
         self._runner: web.AppRunner | None = None
@@ -67,7 +69,7 @@ class LocalAPI:
         self._recorder: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
-        app = web.Application()
+        app = web.Application(middlewares=[_loopback_host_only(self._host)])
         app.router.add_get("/", _page_of(dashboard_page()))
         app.router.add_get("/history", self._history_handler)
         app.router.add_get("/healthz", self._healthz)
@@ -89,6 +91,8 @@ class LocalAPI:
             self._runner = None
 
     async def _healthz(self, _: web.Request) -> web.Response:
+        if not self._ready():
+            return web.Response(status=503, text="starting\n")
         return web.Response(text="ok\n")
 
     async def _history_handler(self, _: web.Request) -> web.Response:
@@ -111,6 +115,28 @@ class LocalAPI:
             raise web.HTTPNotFound(text="metrics are not enabled\n")
         body, content_type = self._metrics()
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
+
+
+def _loopback_host_only(bound_host: str) -> Any:
+    """Refuse requests whose Host header names another machine: a web page the operator
+    opens elsewhere could otherwise reach this API through DNS rebinding (a hostile name
+    that resolves to 127.0.0.1) and read /status or ask for exchanges."""
+    allowed = LOOPBACK_NAMES | {bound_host.strip("[]")}
+
+    @web.middleware
+    async def check(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                    ) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is not None:
+            name = host.rpartition("]")[0].lstrip("[") if host.startswith("[") else host.partition(":")[0]
+            if name.lower() not in allowed:
+                return web.Response(status=421, text="this API answers only to a loopback host name\n")
+        return await handler(request)
+
+    return check
 
 
 def _page_of(page: bytes) -> Callable[[web.Request], Awaitable[web.Response]]:

@@ -7,16 +7,17 @@ raises on a failed send: a service manager that went away must not take the daem
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import os
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 log = logging.getLogger("peerfed.ops.systemd")
 
-__all__ = ["Notifier", "WatchdogGate", "watchdog_timeout", "watchdog_interval"]
+__all__ = ["Notifier", "WatchdogGate", "keep_service_manager_informed", "watchdog_timeout", "watchdog_interval"]
 
 
 def _socket_address(value: str) -> str | None:
@@ -157,3 +158,26 @@ class WatchdogGate:
 
     def statistics(self) -> dict[str, int]:
         return {"pings": self._pings, "withheld": self._withheld}
+
+
+async def keep_service_manager_informed(notifier: Notifier, status_line: Callable[[], str],
+                                        trainer_progress: Callable[[], int | None]) -> None:
+    """STATUS= every few seconds; WATCHDOG=1 only while the event loop and the trainer progress.
+
+    ``trainer_progress`` is the trainer's heartbeat, or None while there is none to ask for
+    (a relay node, or a trainer waiting for its state sync): then the loop's alone counts."""
+    interval = watchdog_interval()
+    gate = WatchdogGate(interval) if interval else None
+    last_status = 0.0
+    loop_ticks = 0
+    while True:
+        await asyncio.sleep(min(interval or 5.0, 1.0))
+        loop_ticks += 1  # this line running at all is the event loop's progress
+        now = time.monotonic()
+        if gate is not None:
+            progress = trainer_progress()
+            if gate.should_ping(now, loop_ticks, loop_ticks if progress is None else progress):
+                notifier.watchdog()
+        if now - last_status >= 5.0:
+            notifier.status(status_line())
+            last_status = now

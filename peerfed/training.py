@@ -1,0 +1,210 @@
+"""The training side of a node: trainer process, data plane (the exchange), gossip, state sync.
+
+Owner: the daemon's main loop. ``Training`` is built by the daemon when train.enabled is
+true (training_side.py has what the daemon asks of it, and the relay node's stand-in).
+Importing this module imports torch: only nodes that train pay for it. Startup is split so that a taken port is reported at once: ``bind`` takes the
+exchange port before anything slow, ``start`` spawns the trainer and serves the exchange once
+the model is known, ``run`` does the state sync and then trains and gossips.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import random
+import time
+from dataclasses import dataclass
+
+import torch
+
+from peerfed.config import Config
+from peerfed.core.envelope import Verifier
+from peerfed.core.exchange_rules import Outcome
+from peerfed.core.peerid import Signer
+from peerfed.core.schedule import ExchangeScheduler
+from peerfed.errors import ConfigError
+from peerfed.net.addresses import advertised_host
+from peerfed.net.dataplane import DataPlane
+from peerfed.net.exchange import Exchange
+from peerfed.net.exchange_state import ExchangeStats
+from peerfed.net.gossip import GossipLoop
+from peerfed.net.membership import Membership
+from peerfed.ops.metrics import Metrics
+from peerfed.serving import bind_listener
+from peerfed.state_sync import plan_state_sync, run_state_sync
+from peerfed.train.supervisor import TrainerError, TrainerSupervisor
+from peerfed.train.tasks import TrainSettings
+from peerfed.training_side import TrainingSide
+
+log = logging.getLogger("peerfed.training")
+
+POLL_INTERVAL = 0.5  # seconds between two looks at the trainer (restarts, metrics)
+MANIFEST_MAX_BYTES = 4096
+TRAINER_START_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Exchanging:
+    """The exchange's parts, built once the model (and so the size of its buffers) is known."""
+
+    data_plane: DataPlane
+    gossip: GossipLoop
+
+
+class Training(TrainingSide):
+    def __init__(self, config: Config, *, signer: Signer, peer_id: str, membership: Membership,
+                 metrics: Metrics) -> None:
+        torch.set_num_threads(1)  # the daemon only copies and merges; the cores are the trainer's
+        self._config = config
+        self._signer, self._peer_id = signer, peer_id
+        self._membership = membership
+        self._metrics = metrics
+        self._trainer = TrainerSupervisor(TrainSettings.from_config(config))
+        # The exchange port is taken now, before anything slow: a taken port is reported at once.
+        self._listener = bind_listener(config.exchange.listen_host, config.exchange.listen_port,
+                                       setting="exchange.listen")
+        self._plane: Exchanging | None = None  # once start() knows the model
+        self.exchange_url = ""
+        self.fingerprint = ""
+        self.state_sync = "none"
+
+    async def start(self) -> None:
+        """Spawn the trainer, wait until its model is built, serve the exchange."""
+        self._trainer.start()
+        try:
+            info = await asyncio.to_thread(self._trainer.wait_ready, TRAINER_START_TIMEOUT)
+        except TrainerError as exc:
+            raise ConfigError(f"train: the trainer could not start: {exc}") from exc
+        log.info("model ready on %s: %d parameters (%.1f MiB), fingerprint %s…, resumed from step %d",
+                 info.device, info.numel, info.nbytes / 2**20, info.fingerprint[:12], info.resumed_step)
+        self.fingerprint = info.fingerprint
+        self._plane = plane = self._open_exchange()
+        cfg = self._config
+        port = await plane.data_plane.start_server(cfg.exchange.listen_host, cfg.exchange.listen_port,
+                                                   self._listener)
+        self.exchange_url = cfg.exchange.advertise_url or \
+            f"http://{advertised_host(cfg.exchange.listen_host, (*cfg.p2p.announce, *cfg.p2p.listen))}:{port}"
+
+    def _open_exchange(self) -> Exchanging:
+        cfg, metrics = self._config, self._metrics
+        exchange = Exchange(
+            signer=self._signer, network=cfg.network, weights=self._trainer.weights,
+            verifier=Verifier(network=cfg.network, own_peer_id=self._peer_id, clock=time.time,
+                              allowlist=_allowlist(cfg), max_size=MANIFEST_MAX_BYTES),
+            max_incoming=cfg.exchange.max_incoming, connect_timeout=cfg.exchange.connect_timeout,
+            transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=metrics.rejected,
+            on_finished=lambda role, outcome, duration, sent, got: metrics.exchange_finished(
+                outcome, duration, sent, got),
+        )
+        data_plane = DataPlane(exchange)
+        gossip = GossipLoop(
+            scheduler=ExchangeScheduler(interval=cfg.exchange.interval, rng=random.Random(), now=time.monotonic()),
+            candidates=lambda: {} if data_plane.statistics().busy_now else self.candidates(),
+            run_exchange=data_plane.exchange_with,
+        )
+        return Exchanging(data_plane, gossip)
+
+    async def run(self) -> None:
+        """State sync (a newcomer starts from a peer's model), then training, gossip and polls."""
+        assert self._plane is not None, "start() comes first"
+        plane = self._plane
+        poll = asyncio.create_task(self._poll_trainer(), name="poll_trainer")
+        try:
+            cfg = self._config
+            resumed = self._trainer.weights.ready_info.resumed_step > 0
+            peers_known = bool(cfg.p2p.bootstrap) or len(self._membership.table) > 0
+            plan = plan_state_sync(cfg.train.init, resumed=resumed, peers_known=peers_known)
+            self.state_sync = plan.status
+            if plan.sync:
+                # A fresh random init is not ours to share until the sync replaces it;
+                # resumed, trained weights are (the exchange starts with weights not ready).
+                plane.data_plane.set_weights_ready(resumed)
+                self.state_sync = await run_state_sync(self._trainer.weights, plane.data_plane.fetch_model,
+                                                       self.candidates, plan.wait)
+            plane.data_plane.set_weights_ready(True)
+            await asyncio.to_thread(self._trainer.begin_training)
+            await plane.gossip.run()
+        finally:
+            poll.cancel()
+            await asyncio.gather(poll, return_exceptions=True)
+
+    async def stop(self) -> None:
+        """Refuse new exchanges, cut one in flight (nothing of it is merged), and stop the
+        trainer, which writes its final checkpoint."""
+        closing = [asyncio.to_thread(self._trainer.stop, 8.0)]
+        if self._plane is not None:
+            self._plane.data_plane.stop_accepting()
+            closing.append(self._plane.data_plane.close())
+        await asyncio.gather(*closing)
+        self._listener.close()
+
+    def reload(self, config: Config) -> None:
+        self._config = config
+        if self._plane is not None:
+            self._plane.data_plane.set_allowlist(_allowlist(config))
+            self._plane.gossip.set_interval(config.exchange.interval)
+
+    def candidates(self) -> dict[str, str]:
+        """peer_id -> exchange URL of connected peers that train our model."""
+        live = set(self._membership.connected_peers())
+        table = self._membership.table
+        found = {}
+        for peer_id in table.exchange_candidates(self.fingerprint):
+            info = table.get(peer_id)
+            if peer_id in live and info is not None and info.exchange_url:
+                found[peer_id] = info.exchange_url
+        return found
+
+    async def exchange_now(self, peer_id: str | None) -> dict[str, object]:
+        """One exchange now, with ``peer_id`` or a random candidate (local API: tests, benchmarks)."""
+        if self._plane is None:
+            return {"outcome": "starting"}
+        candidates = self.candidates()
+        if peer_id is None and candidates:
+            peer_id = random.choice(sorted(candidates))
+        if peer_id is None or peer_id not in candidates:
+            return {"outcome": "no_such_peer"}
+        started = time.monotonic()
+        outcome: Outcome = await self._plane.data_plane.exchange_with(peer_id, candidates[peer_id])
+        return {"outcome": outcome.value, "peer_id": peer_id, "duration_s": time.monotonic() - started}
+
+    def progress(self) -> int | None:
+        """The trainer's heartbeat once it trains (the watchdog wants it to move); None before."""
+        return self._trainer.progress_counter() if self._trainer.statistics().training else None
+
+    def status(self) -> dict[str, object]:
+        """The training part of /status (keys as they always were)."""
+        stats = self._trainer.statistics()
+        ex = self._plane.data_plane.statistics() if self._plane is not None else ExchangeStats()
+        last = ex.last
+        return {
+            "step": stats.step, "samples": stats.samples, "metrics": stats.metrics, "loss": stats.loss,
+            "trainer": dataclasses.asdict(stats), "state_sync": self.state_sync,
+            "exchanges": {"ok": ex.ok, "refused": ex.refused, "failed": ex.failed, "busy": ex.busy},
+            "bytes_sent": ex.bytes_sent, "bytes_received": ex.bytes_received,
+            "last_exchange": None if last is None else {
+                "peer_id": last.peer_id, "role": last.role, "outcome": last.outcome.value,
+                "duration_s": round(last.duration_s, 4), "at": last.at},
+            "exchange_rejected": dict(ex.rejected),
+        }
+
+    async def _poll_trainer(self) -> None:
+        """Restart a dead trainer (the supervisor decides when) and feed /metrics."""
+        restarts = 0
+        while True:
+            await asyncio.sleep(POLL_INTERVAL)
+            self._trainer.poll()
+            stats = self._trainer.statistics()
+            self._metrics.update_training(stats.step, stats.samples, stats.loss, stats.metrics.get("accuracy"))
+            for _ in range(stats.restarts - restarts):
+                self._metrics.trainer_restarted()
+            restarts = stats.restarts
+            if stats.last_checkpoint is not None:
+                self._metrics.checkpoint_saved(stats.last_checkpoint.time)
+            self._metrics.set_peers_connected(len(self._membership.connected_peers()))
+
+
+def _allowlist(config: Config) -> frozenset[str] | None:
+    return frozenset(config.p2p.allowlist) or None
+

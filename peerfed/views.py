@@ -1,0 +1,56 @@
+"""What the local API and systemd show of a node: /status, /peers and the one-line STATUS=.
+
+Pure assembly of the parts' published statistics into the JSON the CLI, the dashboard and
+the tests read (its keys are an interface: never rename one). Runs on the main loop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+from peerfed import __version__
+from peerfed.net.membership import Membership
+from peerfed.net.p2p import P2PHost
+from peerfed.training_side import TrainingSide
+
+
+def node_status(*, peer_id: str, network: str, started_at: float, host: P2PHost, membership: Membership,
+                training: TrainingSide) -> dict[str, Any]:
+    status: dict[str, Any] = {
+        "peer_id": peer_id,
+        "network": network,
+        "version": __version__,
+        "uptime_s": round(time.time() - started_at, 3),
+        "peers_connected": len(membership.connected_peers()),
+        "addrs": host.addrs(),
+        "exchange_url": training.exchange_url,
+    }
+    status.update(training.status())
+    status["membership"] = dataclasses.asdict(membership.statistics())
+    return status
+
+
+def peer_rows(membership: Membership) -> list[dict[str, Any]]:
+    """The peer table, with "connected" only for peers whose connection is up right now."""
+    live = set(membership.connected_peers())
+    rows = membership.peers_snapshot()
+    for row in rows:
+        if row["state"] == "connected" and row["peer_id"] not in live:
+            row["state"] = "known"
+    return rows
+
+
+def status_line(status: dict[str, Any]) -> str:
+    """systemd's STATUS=: peers, step, accuracy, the last exchange."""
+    parts = [f"peers {status['peers_connected']}"]
+    if "step" in status:
+        parts.append(f"step {status['step']}")
+    accuracy = (status.get("metrics") or {}).get("accuracy")
+    if accuracy is not None:
+        parts.append(f"accuracy {accuracy:.3f}")
+    last = status.get("last_exchange")
+    if last:
+        parts.append(f"last exchange {last['outcome']} {time.time() - last['at']:.0f} s ago")
+    return ", ".join(parts)
