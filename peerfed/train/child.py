@@ -117,8 +117,11 @@ def run_child(
         child.last_checkpoint()
     except _Stopped:
         line.send(Stopped(checkpoint=None))
+    except TaskLoadError as exc:  # it names train.task: the supervisor or the daemon says it, once
+        line.send(Failed(str(exc)))
+        code = 1
     except BaseException as exc:
-        log.error("trainer failed: %s", exc, exc_info=not isinstance(exc, TaskLoadError))
+        log.error("trainer failed: %s", exc, exc_info=True)
         line.send(Failed(f"{type(exc).__name__}: {exc}"))
         code = 1
     line.close()  # delivers the last events before exiting

@@ -248,10 +248,12 @@ class TrainerSupervisor:
                     self._publish(last_checkpoint=saved)
             case Failed(error):
                 process.error = error
+                self._publish(last_error=error)
                 if self.weights.info is None:  # never got going: a restart would fail the same way
                     self._fatal = error
-                self._publish(last_error=error)
-                log.error("trainer: %s", error)
+                    log.debug("trainer failed before it was ready: %s", error)  # wait_ready raises it
+                else:
+                    log.error("trainer: %s", error)
 
     def _on_hello(self, process: TrainerProcess, hello: Hello) -> None:
         if self._stopped:
@@ -274,7 +276,8 @@ class TrainerSupervisor:
         if self._fatal is None and self.weights.info is None:  # never got going: it would fail again
             self._fatal = process.error or f"trainer exited with code {code} before it was ready"
         if self._fatal is not None:
-            log.error("trainer exited (code %s) and will not be restarted: %s", code, self._fatal)
+            if self.weights.info is not None:  # else wait_ready raises it: said once, by its caller
+                log.error("trainer exited (code %s) and will not be restarted: %s", code, self._fatal)
             return
         self._publish(last_error=f"trainer exited with code {code}" + (f": {process.error}" if process.error else ""))
         delay = self._backoff.after_death(time.monotonic(), lived, was_ready)
