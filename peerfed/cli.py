@@ -133,7 +133,7 @@ def cmd_id(args: argparse.Namespace) -> int:
 
     cfg = load_config(config_path_of(args))
     peer_id = peer_id_of(load_identity(cfg.identity))
-    from peerfed.net.p2p import expand_unspecified
+    from peerfed.net.addrs import expand_unspecified
 
     # 0.0.0.0 is not dialable: show one address per local interface instead.
     addrs = expand_unspecified([f"{addr}/p2p/{peer_id}" for addr in (cfg.p2p.announce or cfg.p2p.listen)])

@@ -1,6 +1,7 @@
 """Wire encodings of a flat float32 weight buffer: float32, float16, bfloat16 and int8.
 
-Torch only, no I/O (the same layer as averaging.py). The exchange sends a model as one flat
+Torch only, no I/O (the same layer as averaging.py); the names and the choice of an encoding
+are core/encodings.py's (re-exported here). The exchange sends a model as one flat
 float32 buffer (averaging.FlatLayout); an encoding turns it into fewer bytes on the wire and
 back. Everything works slice by slice, so neither side needs a model-sized extra copy:
 
@@ -44,19 +45,26 @@ from __future__ import annotations
 import math
 import sys
 import warnings
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 
 import torch
 
-ENCODINGS: tuple[str, ...] = ("float32", "float16", "bfloat16", "int8")
-AUTO = "auto"
-# What "auto" means: the smallest encoding first (int8 kept float32's accuracy in
-# bench_convergence when the sender merges against encode_rounded_'s values). float16 before
-# bfloat16: same size, three more mantissa bits; weights beyond +-65504 raise NotEncodable,
-# and the sender goes on to the next encoding both accept.
-AUTO_ORDER: tuple[str, ...] = ("int8", "float16", "bfloat16", "float32")
+from peerfed.core.encodings import (
+    AUTO,
+    AUTO_ORDER,
+    ENCODINGS,
+    check_encoding,
+    choose_encoding,
+    expand_preferences,
+)
+
+__all__ = [
+    "AUTO", "AUTO_ORDER", "DIRECT_BYTES", "ENCODINGS", "INT8_BLOCK", "INT8_RECORD", "SCALE_BYTES", "SLICE_ELEMENTS",
+    "STAGE_BYTES", "NotEncodable", "Span", "WireDecoder", "WireLengthError", "block_count", "check_encoding",
+    "choose_encoding", "decodable", "decode_into", "encode_into", "encode_rounded_", "expand_preferences", "spans",
+    "wire_length", "wire_offset",
+]
 INT8_BLOCK = 2048
 SCALE_BYTES = 4
 INT8_RECORD = SCALE_BYTES + INT8_BLOCK
@@ -78,13 +86,6 @@ class NotEncodable(ValueError):
 
 class WireLengthError(ValueError):
     """More wire bytes than the encoding of the destination takes, or fewer at the end."""
-
-
-def check_encoding(name: str) -> str:
-    """`name` if it is an encoding (not "auto"), else ValueError listing the allowed ones."""
-    if name not in ENCODINGS:
-        raise ValueError(f"unknown encoding {name!r}; allowed: {', '.join(ENCODINGS)}")
-    return name
 
 
 def wire_length(encoding: str, numel: int) -> int:
@@ -392,21 +393,3 @@ class WireDecoder:
         if rest != self._staged:
             stage[:rest] = bytes(stage[self._staged - rest:self._staged])
             self._staged = rest
-
-
-def expand_preferences(ours: Sequence[str]) -> list[str]:
-    """Our preference list with "auto" replaced by AUTO_ORDER, duplicates dropped, names checked."""
-    result: list[str] = []
-    for name in ours:
-        for item in AUTO_ORDER if name == AUTO else (check_encoding(name),):
-            if item not in result:
-                result.append(item)
-    return result
-
-
-def choose_encoding(ours: Sequence[str], theirs: Collection[str]) -> str | None:
-    """The first of our preferences ("auto" = smallest first) that the peer accepts, else None.
-
-    Names in `theirs` we do not know are ignored (a newer peer may accept more).
-    """
-    return next((name for name in expand_preferences(ours) if name in theirs), None)

@@ -1,5 +1,6 @@
 """The node's TOML config: schema (frozen pydantic models) and loading with operator-friendly
-errors. Writing config files (the commented default, bootstrap edits) is in config_files.py.
+errors. The value checks behind the schema are in config_values.py; writing config files (the
+commented default, bootstrap edits) is in config_files.py.
 
 Every problem is reported as `FILE: key.path: what is wrong (got VALUE)`, all problems at once.
 A config file that others can write is refused before it is parsed (like ssh's StrictModes):
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import difflib
 import hashlib
-import ipaddress
 import json
 import os
 import re
@@ -20,158 +20,49 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import multiaddr
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator,
-                      PrivateAttr, Strict, ValidationError, ValidationInfo, field_validator)
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 
-from peerfed.core.peerid import is_valid_peer_id
+from peerfed.config_values import (
+    BUILTIN_TASK_NAMES,
+    DEVICE_RE,
+    NETWORK_RE,
+    Bool,
+    BootstrapAddr,
+    FilePath,
+    Float,
+    HostPort,
+    Int,
+    ListenAddr,
+    LoopbackHostPort,
+    PeerIdStr,
+    Str,
+    check_bootstrap_address,
+    check_pattern,
+    check_peer_id,
+    check_scalar,
+    check_task,
+    check_url,
+    parse_host_port,
+)
 from peerfed.errors import ConfigError
+
+# What `from peerfed.config import ...` offers (the value checks live in config_values.py).
+__all__ = ["BUILTIN_TASK_NAMES", "CONFIG_FILE_NAME", "KEY_FILE_NAME", "ApiConfig", "CheckpointConfig", "Config",
+           "ExchangeConfig", "P2PConfig", "TrainConfig", "check_bootstrap_address", "check_config_permissions",
+           "check_peer_id", "load_config", "parse_config", "parse_host_port"]
 
 CONFIG_FILE_NAME = "peerfed.toml"
 KEY_FILE_NAME = "identity.key"  # default `identity`, next to the config
-_NETWORK_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
-_DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
-_TASK_MODULE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
-# The names of peerfed.train.tasks.BUILTIN_TASKS (this module imports no torch; a test keeps
-# the two equal).
-BUILTIN_TASK_NAMES = ("digits-lr", "digits-mlp")
-_HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
-_EXAMPLE_BOOTSTRAP = "/ip4/203.0.113.5/tcp/7401/p2p/12D3KooW..."
-
-
-# ---- value checks (raise ValueError with the text shown after the key path) ----
-
-def parse_host_port(value: str) -> tuple[str, int]:
-    """'0.0.0.0:7402', 'localhost:7403', '[::1]:7403' -> (host, port); port 0 = pick a free one."""
-    if value.startswith("["):
-        host, sep, port_text = value[1:].partition("]:")
-        try:
-            ok = bool(sep) and ipaddress.ip_address(host).version == 6
-        except ValueError:
-            ok = False
-        if not ok:
-            raise ValueError("an IPv6 address must be written [ADDRESS]:PORT, e.g. [::1]:7403")
-    else:
-        host, sep, port_text = value.rpartition(":")
-        if not sep or not host:
-            raise ValueError("must be HOST:PORT, e.g. 0.0.0.0:7402 or [::1]:7403")
-        if ":" in host:
-            raise ValueError("put an IPv6 address in brackets, e.g. [::1]:7403")
-        if not _HOSTNAME_RE.fullmatch(host) or (re.fullmatch(r"[\d.]+", host) and not _is_ipv4(host)):
-            raise ValueError(f"{host!r} is not an IP address or host name")
-    if not (port_text.isascii() and port_text.isdigit() and int(port_text) <= 65535):
-        raise ValueError("port must be a number from 0 to 65535 (0 = pick a free one)")
-    return host, int(port_text)
-
-
-def _is_ipv4(text: str) -> bool:
-    try:
-        return ipaddress.ip_address(text).version == 4
-    except ValueError:
-        return False
-
-
-def _check_host_port(value: str) -> str:
-    parse_host_port(value)
-    return value
-
-
-def _check_loopback_host_port(value: str) -> str:
-    host = parse_host_port(value)[0]
-    try:
-        loopback = host.lower() in ("localhost", "localhost.") or ipaddress.ip_address(host).is_loopback
-    except ValueError:  # another host name
-        loopback = False
-    if not loopback:
-        raise ValueError("the admin API is never exposed: use a loopback address "
-                         "(127.0.0.1, ::1 or localhost), e.g. 127.0.0.1:7403")
-    return value
-
-
-def _parse_multiaddr(value: str, example: str = "/ip4/0.0.0.0/tcp/7401") -> multiaddr.Multiaddr:
-    if not value:
-        raise ValueError("must not be empty")
-    try:
-        return multiaddr.Multiaddr(value)
-    except Exception as exc:  # the package raises several types; all mean "bad address"
-        reason = str(exc).split(" (string:")[0].split("': ")[-1]
-        raise ValueError(f"not a valid multiaddr: {reason} (e.g. {example})") from exc
-
-
-def _check_listen_addr(value: str) -> str:
-    if any(p.name == "p2p" for p in _parse_multiaddr(value).protocols()):
-        raise ValueError("must not contain /p2p/ (the node's own PeerID is added when shown)")
-    return value
-
-
-def check_peer_id(value: str) -> str:
-    if not is_valid_peer_id(value):
-        raise ValueError("not a valid Ed25519 PeerID (12D3KooW..., see `peerfed id`)")
-    return value
-
-
-def check_bootstrap_address(value: str) -> str:
-    """A dialable multiaddr ending in /p2p/<PeerID>; raises ValueError saying what is wrong."""
-    names = [p.name for p in _parse_multiaddr(value, _EXAMPLE_BOOTSTRAP).protocols()]
-    if len(names) < 2 or names[-1] != "p2p":
-        raise ValueError(f"must be an address ending in /p2p/<PeerID>, e.g. {_EXAMPLE_BOOTSTRAP}")
-    peer_id = value.rstrip("/").rsplit("/", 1)[-1]
-    if not is_valid_peer_id(peer_id):
-        raise ValueError(f"{peer_id!r} after /p2p/ is not a valid Ed25519 PeerID (12D3KooW...)")
-    return value
-
-
-def _check_pattern(regex: re.Pattern[str], allowed: str) -> Any:
-    def check(value: str) -> str:
-        if not regex.fullmatch(value):
-            raise ValueError(f"must be {allowed}")
-        return value
-    return AfterValidator(check)
-
-
-def _check_task(value: str) -> str:
-    if ":" in value:
-        if not _TASK_MODULE_RE.fullmatch(value):
-            raise ValueError('must be "package.module:factory" (Python names), or a built-in task: '
-                             + ", ".join(BUILTIN_TASK_NAMES))
-        return value
-    if value not in BUILTIN_TASK_NAMES:
-        close = difflib.get_close_matches(value, BUILTIN_TASK_NAMES, n=2, cutoff=0.6)
-        hint = "; did you mean " + " or ".join(f'"{c}"' for c in close) + "?" if close else ""
-        raise ValueError(f'not a built-in task ({", ".join(BUILTIN_TASK_NAMES)}) nor "module:factory"{hint}')
-    return value
-
-
-def _check_url(value: str) -> str:
-    if value and not re.fullmatch(r"https?://[^/\s:]+(:\d+)?(/\S*)?|https?://\[[0-9a-fA-F:.]+\](:\d+)?(/\S*)?", value):
-        raise ValueError('must be empty or an http(s) URL such as "http://203.0.113.5:7402"')
-    return value
-
-
-def _to_path(value: Any) -> Path:
-    if isinstance(value, Path):
-        return value
-    if not isinstance(value, str) or not value:
-        raise ValueError("must be a non-empty path string")
-    return Path(value).expanduser()
-
-
-def _check_scalar(value: Any) -> Any:
-    if isinstance(value, (str, int, float, bool)):
-        return value
-    raise ValueError("task options must be a string, number or boolean")
-
-
-Str = Annotated[str, Strict()]
-Int = Annotated[int, Strict()]
-Float = Annotated[float, Strict()]
-Bool = Annotated[bool, Strict()]
-ListenAddr = Annotated[Str, AfterValidator(_check_listen_addr)]
-BootstrapAddr = Annotated[Str, AfterValidator(check_bootstrap_address)]
-PeerIdStr = Annotated[Str, AfterValidator(check_peer_id)]
-HostPort = Annotated[Str, AfterValidator(_check_host_port)]
-LoopbackHostPort = Annotated[Str, AfterValidator(_check_loopback_host_port)]
-FilePath = Annotated[Path, BeforeValidator(_to_path)]
 
 
 # ---- schema ----
@@ -197,7 +88,7 @@ class P2PConfig(_Section):
 
 class ExchangeConfig(_Section):
     listen: HostPort = "0.0.0.0:7402"
-    advertise_url: Annotated[Str, AfterValidator(_check_url)] = ""
+    advertise_url: Annotated[Str, AfterValidator(check_url)] = ""
     interval: Float = Field(10.0, gt=0)
     connect_timeout: Float = Field(5.0, gt=0)
     transfer_timeout: Float = Field(120.0, gt=0)
@@ -214,8 +105,8 @@ class ExchangeConfig(_Section):
 
 class TrainConfig(_Section):
     enabled: Bool = True
-    task: Annotated[Str, AfterValidator(_check_task)] = "digits-mlp"
-    device: Annotated[Str, _check_pattern(_DEVICE_RE, "auto, cpu, cuda, cuda:N or mps")] = "auto"
+    task: Annotated[Str, AfterValidator(check_task)] = "digits-mlp"
+    device: Annotated[Str, check_pattern(DEVICE_RE, "auto, cpu, cuda, cuda:N or mps")] = "auto"
     batch_size: Int = Field(32, ge=1)
     lr: Float = Field(0.05, gt=0)
     seed: Int = Field(0, ge=0)
@@ -224,7 +115,7 @@ class TrainConfig(_Section):
     init: Literal["auto", "peer", "local"] = "auto"
     node_index: Int = Field(0, ge=0)
     node_count: Int = Field(1, ge=1)
-    options: dict[Str, Annotated[Any, PlainValidator(_check_scalar)]] = Field(default_factory=dict)
+    options: dict[Str, Annotated[Any, PlainValidator(check_scalar)]] = Field(default_factory=dict)
 
 
 class ApiConfig(_Section):
@@ -245,7 +136,7 @@ class CheckpointConfig(_Section):
 
 
 class Config(_Section):
-    network: Annotated[Str, _check_pattern(_NETWORK_RE, "1-64 of a-z 0-9 . _ - starting with a letter or digit")] = "peerfed"
+    network: Annotated[Str, check_pattern(NETWORK_RE, "1-64 of a-z 0-9 . _ - starting with a letter or digit")] = "peerfed"
     identity: FilePath = Path(KEY_FILE_NAME)
     state_dir: FilePath = Path("state")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

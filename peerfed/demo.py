@@ -33,6 +33,7 @@ from rich.table import Table
 
 from peerfed.demo_report import (
     DemoSettings,
+    DemoTraining,
     NodeView,
     build_report,
     fmt_acc,
@@ -69,7 +70,7 @@ def positive(kind: type) -> Any:
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    d = DemoSettings()
+    d, t = DemoSettings(), DemoTraining()
     parser.add_argument("--nodes", type=positive(int), default=d.nodes, help=f"daemons to start (default {d.nodes})")
     parser.add_argument("--task", default=d.task, help=f"task to train (default {d.task})")
     parser.add_argument("--alpha", type=parse_alpha, default=d.alpha, metavar="A|iid",
@@ -79,21 +80,21 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, metavar="DIR",
                         help="write report.json, accuracy.png and the nodes' homes and logs here "
                              "(default: a new temporary folder for the results; homes removed)")
-    parser.add_argument("--seed", type=int, default=d.seed, help=f"model init and batch order seed (default {d.seed})")
+    parser.add_argument("--seed", type=int, default=t.seed, help=f"model init and batch order seed (default {t.seed})")
     parser.add_argument("--exchange-interval", type=positive(float), default=d.exchange_interval, metavar="S",
                         help=f"seconds between a node's exchanges (default {d.exchange_interval})")
-    parser.add_argument("--lr", type=positive(float), default=d.lr, help=f"learning rate (default {d.lr})")
-    parser.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default=d.lr_schedule,
-                        help=f"decay of the lr over the duration (default {d.lr_schedule})")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device,
-                        help=f"train.device of every node, and the baselines' (default {d.device}; "
+    parser.add_argument("--lr", type=positive(float), default=t.lr, help=f"learning rate (default {t.lr})")
+    parser.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default=t.lr_schedule,
+                        help=f"decay of the lr over the duration (default {t.lr_schedule})")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=t.device,
+                        help=f"train.device of every node, and the baselines' (default {t.device}; "
                              f"auto: cuda, then mps, then cpu)")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    training = DemoTraining(seed=args.seed, lr=args.lr, lr_schedule=args.lr_schedule, device=args.device)
     settings = DemoSettings(nodes=args.nodes, task=args.task, alpha=args.alpha, duration=args.duration,
-                            seed=args.seed, exchange_interval=args.exchange_interval, lr=args.lr,
-                            lr_schedule=args.lr_schedule, device=args.device)
+                            exchange_interval=args.exchange_interval, training=training)
     return run_demo(settings, args.out)
 
 
@@ -150,7 +151,7 @@ def _run(settings: DemoSettings, results: Path, homes: Path, console: Console) -
             nodes = [swarm.add_node(settings=settings.node_config(i)) for i in range(settings.nodes)]
             views = [NodeView(n.index, n.peer_id) for n in nodes]
             console.print(f"starting {settings.nodes} daemons on 127.0.0.1 (homes in {homes}, "
-                          f"device {settings.device}) ...")
+                          f"device {settings.training.device}) ...")
             swarm.start_all(wait=False)
             try:
                 wait_all_up(swarm, 180.0, console)
@@ -249,7 +250,7 @@ def read_final(swarm: Any, views: list[NodeView], settings: DemoSettings, t0: fl
     """Wait until every live node evaluated its model after the end of training, so that the
     accuracy read includes every exchange up to then."""
     ended = time.time()
-    deadline = time.monotonic() + 2 * settings.eval_interval + 10.0
+    deadline = time.monotonic() + 2 * settings.training.eval_interval + 10.0
     with ThreadPoolExecutor(len(views)) as pool:
         while True:
             poll_all(swarm, views, t0, pool, console)
@@ -272,8 +273,9 @@ def run_baselines(settings: DemoSettings, views: list[NodeView], console: Consol
     from peerfed.baselines import init_baseline_worker, train_allreduce, train_local_one
     from peerfed.train.tasks import TrainSettings
 
-    train = TrainSettings(task=settings.task, device=settings.device, batch_size=settings.batch_size,
-                          lr=settings.lr, seed=settings.seed, options=settings.task_options())
+    t = settings.training
+    train = TrainSettings(task=settings.task, device=t.device, batch_size=t.batch_size, lr=t.lr, seed=t.seed,
+                          options=settings.task_options())
     samples = [int(v.status.get("samples", 0)) for v in views]
     console.print(f"training the baselines on {sum(samples):,} samples: all-reduce (one model) here, "
                   f"local-only ({len(samples)} models, one per node) in a helper process ...")

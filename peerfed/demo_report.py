@@ -18,36 +18,56 @@ LOCAL_ONLY_MAX_STEPS = 5000  # per node, to keep the run short (a lone node is s
 
 
 @dataclass(frozen=True)
+class DemoTraining:
+    """How every node trains (its train.* settings), and the baselines with it."""
+
+    seed: int = 0
+    lr: float = 0.05
+    batch_size: int = 32
+    lr_schedule: str = "cosine"  # decays to lr_min over the demo's duration of each node's training
+    lr_min: float = 0.0
+    eval_interval: float = 2.0
+    threads: int = 1  # per trainer: N trainers share the machine's cores
+    device: str = "cpu"  # auto | cpu | cuda | mps
+
+
+@dataclass(frozen=True)
 class DemoSettings:
     nodes: int = 8
     task: str = "digits-mlp"
     alpha: float | None = 0.1  # None: iid shards
     duration: float = DEFAULT_DURATION
-    seed: int = 0
-    lr: float = 0.05
-    batch_size: int = 32
-    lr_schedule: str = "cosine"  # decays to lr_min over `duration` seconds of each node's training
-    lr_min: float = 0.0
     exchange_interval: float = 0.5
-    eval_interval: float = 2.0
-    threads: int = 1  # per trainer: N trainers share the machine's cores
-    device: str = "cpu"  # every node's train.device and the baselines' (auto | cpu | cuda | mps)
     local_only_max_steps: int = LOCAL_ONLY_MAX_STEPS
+    training: DemoTraining = DemoTraining()
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"alpha": "iid" if self.alpha is None else self.alpha}
-        if self.lr_schedule != "constant":
-            options.update(lr_schedule=self.lr_schedule, lr_schedule_seconds=self.duration, lr_min=self.lr_min)
+        t = self.training
+        if t.lr_schedule != "constant":
+            options.update(lr_schedule=t.lr_schedule, lr_schedule_seconds=self.duration, lr_min=t.lr_min)
         return options
 
     def node_config(self, index: int) -> dict[str, Any]:
+        t = self.training
         return {
-            "log_level": "info", "train.task": self.task, "train.device": self.device, "train.threads": self.threads,
+            "log_level": "info", "train.task": self.task, "train.device": t.device, "train.threads": t.threads,
             "train.node_index": index, "train.node_count": self.nodes, "train.options": self.task_options(),
-            "train.seed": self.seed, "train.lr": self.lr, "train.batch_size": self.batch_size,
-            "train.eval_interval": self.eval_interval,
+            "train.seed": t.seed, "train.lr": t.lr, "train.batch_size": t.batch_size,
+            "train.eval_interval": t.eval_interval,
             "train.init": "local",  # same seed, same init everywhere: no state sync wait
             "exchange.interval": self.exchange_interval, "checkpoint.interval": 3600.0,
+        }
+
+    def as_report(self) -> dict[str, Any]:
+        """report.json's "settings": one flat table, as it always was."""
+        t = self.training
+        return {
+            "nodes": self.nodes, "task": self.task, "alpha": self.alpha, "duration": self.duration, "seed": t.seed,
+            "lr": t.lr, "batch_size": t.batch_size, "lr_schedule": t.lr_schedule, "lr_min": t.lr_min,
+            "exchange_interval": self.exchange_interval, "eval_interval": t.eval_interval, "threads": t.threads,
+            "device": t.device, "local_only_max_steps": self.local_only_max_steps,
+            "task_options": self.task_options(),
         }
 
 
@@ -114,7 +134,7 @@ def build_report(settings: DemoSettings, views: list[NodeView], final: dict[str,
         })
     return {
         "version": __version__,
-        "settings": {**asdict(settings), "task_options": settings.task_options()},
+        "settings": settings.as_report(),
         "duration": round(total_s, 1), "startup_s": round(startup_s, 1),
         "curve_time": "seconds since every node was up (negative: a node up earlier)",
         "samples": samples, "epochs": samples / train_size if train_size else None,

@@ -13,6 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import peerfed.core.peers as peers_module
+from peerfed.core.peerinfo import SignedRecord
 from peerfed.core.peers import PeerState, PeerTable, jittered_backoff
 
 ME = "12D3KooWme"
@@ -293,7 +294,7 @@ def test_stale_record_does_not_roll_back():
     assert not add(t, 1, record_time=T0 + 5, now=T0 + 20, fingerprint="old", record=b"old")
     assert not add(t, 1, record_time=T0 + 10, now=T0 + 20, fingerprint="same", record=b"same")
     info = t.get(pid(1))
-    assert info.fingerprint == "new" and info.record == b"new" and info.record_time == T0 + 10
+    assert info.fingerprint == "new" and info.record == SignedRecord(b"new", T0 + 10)
 
 
 def test_newer_record_updates_data_but_keeps_liveness():
@@ -307,7 +308,7 @@ def test_newer_record_updates_data_but_keeps_liveness():
     )
     info = t.get(pid(1))
     assert info.addrs == ("/ip4/10.0.0.1/tcp/1",)
-    assert (info.exchange_url, info.fingerprint, info.record) == ("http://10.0.0.1:2", "fp2", b"v2")
+    assert (info.exchange_url, info.fingerprint, info.record.envelope) == ("http://10.0.0.1:2", "fp2", b"v2")
     assert info.state is PeerState.CONNECTED and info.last_seen == T0 + 2 and info.rtt_ms == 3.0
 
 
@@ -415,9 +416,9 @@ def test_round_trip_through_json():
         assert after.state is PeerState.KNOWN  # nobody is connected after a restart
         assert after.pinned is False  # the config re-pins bootstrap peers
         for name in ("addrs", "exchange_url", "fingerprint", "last_seen", "rtt_ms", "failures",
-                     "next_attempt", "record", "record_time", "first_seen"):
+                     "next_attempt", "record", "first_seen"):
             assert getattr(after, name) == getattr(before, name), name
-    assert loaded.get(pid(1)).record == bytes(range(256))
+    assert loaded.get(pid(1)).record.envelope == bytes(range(256))
     assert loaded.get(pid(2)).failures == 3
     assert loaded.statistics()["skipped_on_load"] == 0
     assert loaded.to_dict() == PeerTable.from_dict(loaded.to_dict(), ME).to_dict()

@@ -248,7 +248,7 @@ def test_memory_stays_bounded_with_many_transient_peers():
         s.begin(peer, now)
         s.on_result(peer, "failed" if i % 2 else "busy", now)
     assert s.statistics()["peers_with_failures"] < 30
-    assert len(s._busy_until) < 5 and len(s._backoff_until) < 30
+    assert len(s._marks.busy_until) < 5 and len(s._marks.backoff_until) < 30
 
 
 @settings(max_examples=150, deadline=None)
@@ -294,4 +294,4 @@ def test_constructor_rejects_bad_settings():
 
 def test_module_is_pure():
     imported = top_level_imports(pathlib.Path(schedule_module.__file__))
-    assert imported <= {"__future__", "math", "random", "collections", "peerfed"}
+    assert imported <= {"__future__", "math", "random", "collections", "dataclasses", "peerfed"}

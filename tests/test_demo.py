@@ -18,10 +18,11 @@ from rich.console import Console
 from peerfed import demo
 from peerfed.baselines import options_over_steps, train_allreduce, train_local_only
 from peerfed.core.peerid import is_valid_peer_id
-from peerfed.demo import DemoSettings, add_demo_arguments, cmd_demo
+from peerfed.demo import DemoSettings, DemoTraining, add_demo_arguments, cmd_demo
 from peerfed.demo_report import NodeView, accuracy_figure
-from peerfed.train.supervisor import TrainerStats, TrainerSupervisor
+from peerfed.train.supervisor import TrainerSupervisor
 from peerfed.train.tasks import TrainSettings, lr_factor, lr_schedule_from_options
+from peerfed.train.trainer_stats import TrainerStats
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS_TRAIN_SIZE = 1437
@@ -53,9 +54,18 @@ def test_node_config_puts_every_node_on_its_shard_with_the_schedule() -> None:
     assert all(c["train.node_count"] == 3 and c["train.threads"] == 1 for c in configs)
     assert configs[0]["train.options"] == {"alpha": "iid", "lr_schedule": "cosine",
                                            "lr_schedule_seconds": 30.0, "lr_min": 0.0}
-    assert DemoSettings(lr_schedule="constant").task_options() == {"alpha": 0.1}
+    assert DemoSettings(training=DemoTraining(lr_schedule="constant")).task_options() == {"alpha": 0.1}
     assert configs[0]["train.device"] == "cpu"
-    assert DemoSettings(device="cuda").node_config(0)["train.device"] == "cuda"
+    assert DemoSettings(training=DemoTraining(device="cuda")).node_config(0)["train.device"] == "cuda"
+
+
+def test_report_settings_stay_one_flat_table() -> None:
+    report = DemoSettings(nodes=3, training=DemoTraining(lr=0.1, device="cuda")).as_report()
+    assert list(report) == ["nodes", "task", "alpha", "duration", "seed", "lr", "batch_size", "lr_schedule",
+                            "lr_min", "exchange_interval", "eval_interval", "threads", "device",
+                            "local_only_max_steps", "task_options"]
+    assert (report["nodes"], report["lr"], report["device"], report["threads"]) == (3, 0.1, "cuda", 1)
+    assert report["task_options"]["alpha"] == 0.1
 
 
 def test_lr_schedules() -> None:
@@ -115,13 +125,13 @@ def test_trainer_follows_the_schedule_and_stamps_evaluations(tmp_path: Path) -> 
             handle.poll()
             stats = handle.statistics()
             seen.append(stats)
-            if stats.step > 400 and stats.evaluated_step and stats.evaluated_step > 250:
+            if stats.progress.step > 400 and stats.evaluation.step and stats.evaluation.step > 250:
                 break
             time.sleep(0.05)
         else:
             pytest.fail(f"trainer did not get past 400 steps: {seen[-1]}")
-    assert stats.lr == pytest.approx(0.005)  # 0.05 * lr_min once the 200 steps are over
-    stamps = [s.evaluated_at for s in seen if s.evaluated_at is not None]
+    assert stats.lr_clock.lr == pytest.approx(0.005)  # 0.05 * lr_min once the 200 steps are over
+    stamps = [s.evaluation.at for s in seen if s.evaluation.at is not None]
     assert stamps and stamps == sorted(stamps) and stamps[-1] > stamps[0]
     assert abs(stamps[-1] - time.time()) < 30
 

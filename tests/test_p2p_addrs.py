@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 
-from peerfed.net.p2p import expand_unspecified, local_ipv4_addresses
+from peerfed.net.addrs import expand_unspecified, local_ipv4_addresses
 
 
 def test_local_addresses_are_ipv4_with_loopback_last() -> None:

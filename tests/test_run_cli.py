@@ -144,6 +144,9 @@ def test_run_with_a_raising_task_factory_exits_3_naming_train_task_and_the_excep
     line = one_clear_line(result.stderr)
     assert "train.task 'raising_factory:factory'" in line
     assert "FileNotFoundError: /srv/data/train.csv" in line and "raising_factory.py:2" in line
+    # Said once: not by the trainer, nor logged by its supervisor, only in the CLI's error line.
+    assert (result.stdout + result.stderr).count("/srv/data/train.csv") == 1, result.stdout + result.stderr
+    assert "will not be restarted" not in result.stderr and "peerfed-trainer" not in result.stderr
 
 
 def test_status_text_labels_its_two_losses_and_peers_have_a_header() -> None:

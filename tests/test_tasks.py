@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import pickle
 import sys
 import textwrap
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from peerfed.train.tasks import (
+    CheckpointSettings,
     NodeContext,
     TaskLoadError,
     TrainSettings,
@@ -166,18 +168,19 @@ def test_settings_from_config_reads_attributes(tmp_path) -> None:
         digest=lambda: "abc",
     )
     s = TrainSettings.from_config(cfg)
-    assert (s.task, s.batch_size, s.node_index, s.checkpoint_keep, s.config_digest) == ("digits-lr", 8, 1, 2, "abc")
-    assert s.checkpoint_dir == tmp_path / "checkpoints" and s.options == {"alpha": 0.1}
+    assert (s.task, s.batch_size, s.node_index, s.options) == ("digits-lr", 8, 1, {"alpha": 0.1})
+    assert s.checkpoint == CheckpointSettings(interval=60.0, keep=2, dir=tmp_path / "checkpoints", config_digest="abc")
     hash(s)  # usable as a key despite the options dict
+    assert pickle.loads(pickle.dumps(s)) == s  # it travels to the trainer process
 
 
 def test_settings_from_the_real_config(tmp_path) -> None:
     config = pytest.importorskip("peerfed.config")
     cfg = config.Config()
     s = TrainSettings.from_config(cfg)
-    assert s.task == cfg.train.task and s.checkpoint_interval == cfg.checkpoint.interval
-    assert s.checkpoint_dir is not None and s.checkpoint_dir.name == "checkpoints"
-    assert s.config_digest == cfg.digest()
+    assert s.task == cfg.train.task and s.checkpoint.interval == cfg.checkpoint.interval
+    assert s.checkpoint.dir is not None and s.checkpoint.dir.name == "checkpoints"
+    assert s.checkpoint.config_digest == cfg.digest()
 
 
 def test_one_logit_binary_model_accuracy_and_loss_are_right() -> None:

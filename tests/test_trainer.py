@@ -35,21 +35,22 @@ from peerfed.train.messages import (
     Stopped,
 )
 from peerfed.train.shm import REQ_LOAD, REQ_MERGE, REQ_SNAPSHOT, ControlBlock
-from peerfed.train.supervisor import TrainerError, TrainerStats, TrainerSupervisor
-from peerfed.train.tasks import TrainSettings
+from peerfed.train.supervisor import TrainerError, TrainerSupervisor
+from peerfed.train.tasks import CheckpointSettings, TrainSettings
+from peerfed.train.trainer_stats import Evaluation, ProcessState, Progress, TrainerStats
 from peerfed.train.weight_store import WeightStore
 from peerfed.train.weights_port import TrainerLink, WeightsPort
 
 READY_TIMEOUT = 60.0
 
 
-def settings(tmp_path: Path, **kw: Any) -> TrainSettings:
-    base: dict[str, Any] = dict(
-        task="digits-mlp", device="cpu", threads=1, eval_interval=0.5,
-        checkpoint_interval=0.5, checkpoint_keep=3, checkpoint_dir=tmp_path / "checkpoints",
-    )
+def settings(tmp_path: Path, *, checkpoint_interval: float = 0.5, checkpoints: bool = True,
+             **kw: Any) -> TrainSettings:
+    base: dict[str, Any] = dict(task="digits-mlp", device="cpu", threads=1, eval_interval=0.5)
     base.update(kw)
-    return TrainSettings(**base)
+    checkpoint = CheckpointSettings(interval=checkpoint_interval, keep=3,
+                                    dir=tmp_path / "checkpoints" if checkpoints else None)
+    return TrainSettings(**base, checkpoint=checkpoint)
 
 
 def wait_for(handle: TrainerSupervisor, condition: Callable[[TrainerStats], bool], timeout: float = 30.0) -> TrainerStats:
@@ -82,15 +83,15 @@ def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path
     assert info.nbytes == 4 * info.numel == 4 * (64 * 32 + 32 + 32 * 10 + 10)
     assert info.resumed_step == 0 and handle.weights.fingerprint == info.fingerprint
     time.sleep(0.3)
-    assert handle.statistics().step == 0  # waits for begin_training
+    assert handle.statistics().progress.step == 0  # waits for begin_training
     handle.begin_training()
     began = time.monotonic()
-    stats = wait_for(handle, lambda s: s.step > 300 and s.metrics)
-    assert 0.0 <= stats.metrics["accuracy"] <= 1.0 and stats.alive and stats.training
+    stats = wait_for(handle, lambda s: s.progress.step > 300 and s.evaluation.metrics)
+    assert 0.0 <= stats.evaluation.metrics["accuracy"] <= 1.0 and stats.process.alive and stats.process.training
 
     first, second = torch.empty(info.numel), torch.empty(info.numel)
     handle.weights.snapshot_into(first)
-    wait_for(handle, lambda s: s.step > stats.step + 100)
+    wait_for(handle, lambda s: s.progress.step > stats.progress.step + 100)
     handle.weights.snapshot_into(second)
     assert check_values(first) is None and check_values(second) is None
     assert not torch.equal(first, second)  # taken while training
@@ -98,34 +99,34 @@ def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path
         handle.weights.snapshot_into(torch.empty(info.numel + 1))
 
     # kill -9: restarted from its last checkpoint, training again without being told
-    with_checkpoint = wait_for(handle, lambda s: s.last_checkpoint is not None and s.last_checkpoint.step > 0)
+    with_checkpoint = wait_for(handle, lambda s: s.process.last_checkpoint is not None and s.process.last_checkpoint.step > 0)
     progress = handle.progress_counter()
     os.kill(handle._process.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-    wait_for(handle, lambda s: not s.alive, timeout=5)
-    killed_at = handle.statistics().step
-    checkpointed = handle.statistics().last_checkpoint.step
-    assert checkpointed >= with_checkpoint.last_checkpoint.step
+    wait_for(handle, lambda s: not s.process.alive, timeout=5)
+    killed_at = handle.statistics().progress.step
+    checkpointed = handle.statistics().process.last_checkpoint.step
+    assert checkpointed >= with_checkpoint.process.last_checkpoint.step
     with pytest.raises(TrainerUnavailable):
         handle.weights.snapshot_into(first)
-    after = wait_for(handle, lambda s: s.ready, timeout=READY_TIMEOUT)
-    assert after.restarts == 1
+    after = wait_for(handle, lambda s: s.process.ready, timeout=READY_TIMEOUT)
+    assert after.process.restarts == 1
     resumed = handle.weights.ready_info.resumed_step
     assert checkpointed <= resumed <= killed_at  # (a checkpoint may land just before the kill)
     # the lr schedule's clock goes on from the checkpoint instead of starting over
     assert 0.0 < handle.weights.ready_info.resumed_seconds < time.monotonic() - began
-    steps_per_interval = stats.steps_per_s * 0.5
+    steps_per_interval = stats.progress.steps_per_s * 0.5
     assert killed_at - resumed <= max(2 * steps_per_interval, 2000)  # lost at most ~one interval
-    wait_for(handle, lambda s: s.step > checkpointed + 50)
+    wait_for(handle, lambda s: s.progress.step > checkpointed + 50)
     assert handle.progress_counter() > progress  # heartbeat keeps counting across restarts
 
     handle.stop(timeout=10)
-    final_step = handle.statistics().last_checkpoint.step
+    final_step = handle.statistics().process.last_checkpoint.step
     found = load_newest_valid(tmp_path / "checkpoints")
     assert found is not None
     path, data = found
     assert data["step"] == final_step > checkpointed and data["fingerprint"] == info.fingerprint
     assert len(list_checkpoints(tmp_path / "checkpoints")) <= 3
-    assert not handle.statistics().alive
+    assert not handle.statistics().process.alive
 
 
 def test_a_donors_lr_clock_goes_on_and_survives_a_restart(tmp_path: Path, handles: list[TrainerSupervisor]) -> None:
@@ -140,19 +141,19 @@ def test_a_donors_lr_clock_goes_on_and_survives_a_restart(tmp_path: Path, handle
     handle.weights.load_weights(own, lr_clock=(500_000, 300.0))  # as state sync does
     began = time.monotonic()
     handle.begin_training()
-    stats = wait_for(handle, lambda s: s.step > 50 and s.seconds_trained > 300.0)  # stats of a trained step
-    assert stats.schedule_step - stats.step == 500_000
-    assert stats.seconds_trained < 300.0 + (time.monotonic() - began)
-    assert 0.04 < stats.lr < 0.05 + 1e-6  # 0.1 * cosine factor just past its middle, not 0.1
-    assert handle.lr_clock()[0] >= stats.schedule_step
+    stats = wait_for(handle, lambda s: s.progress.step > 50 and s.lr_clock.seconds_trained > 300.0)  # stats of a trained step
+    assert stats.lr_clock.schedule_step - stats.progress.step == 500_000
+    assert stats.lr_clock.seconds_trained < 300.0 + (time.monotonic() - began)
+    assert 0.04 < stats.lr_clock.lr < 0.05 + 1e-6  # 0.1 * cosine factor just past its middle, not 0.1
+    assert handle.lr_clock()[0] >= stats.lr_clock.schedule_step
 
     # the clock is checkpointed: a restarted trainer goes on from it, not from its own step
-    checkpointed = wait_for(handle, lambda s: s.last_checkpoint is not None and s.last_checkpoint.step > 0).last_checkpoint
+    checkpointed = wait_for(handle, lambda s: s.process.last_checkpoint is not None and s.process.last_checkpoint.step > 0).process.last_checkpoint
     assert checkpointed is not None
     os.kill(handle._process.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-    wait_for(handle, lambda s: s.ready and s.restarts == 1, timeout=READY_TIMEOUT)
-    after = wait_for(handle, lambda s: s.step > handle.weights.ready_info.resumed_step)
-    assert after.schedule_step - after.step == 500_000
+    wait_for(handle, lambda s: s.process.ready and s.process.restarts == 1, timeout=READY_TIMEOUT)
+    after = wait_for(handle, lambda s: s.progress.step > handle.weights.ready_info.resumed_step)
+    assert after.lr_clock.schedule_step - after.progress.step == 500_000
     assert handle.weights.ready_info.resumed_seconds > 300.0
     data = load_newest_valid(tmp_path / "checkpoints")
     assert data is not None and data[1]["schedule_step"] - data[1]["step"] == 500_000
@@ -162,7 +163,7 @@ def test_a_donors_lr_clock_goes_on_and_survives_a_restart(tmp_path: Path, handle
 @pytest.mark.parametrize("mirror", [False, True], ids=["direct", "mirror"])
 def test_load_and_merge_are_exact_on_a_frozen_trainer(tmp_path: Path, handles: list[TrainerSupervisor], mirror: bool) -> None:
     # lr = 0: steps run but leave the weights as they are, so the effects can be checked exactly.
-    handle = TrainerSupervisor(settings(tmp_path, lr=0.0, checkpoint_dir=None), _force_mirror=mirror)
+    handle = TrainerSupervisor(settings(tmp_path, lr=0.0, checkpoints=False), _force_mirror=mirror)
     handles.append(handle)
     handle.start()
     info = handle.wait_ready(READY_TIMEOUT)
@@ -175,7 +176,7 @@ def test_load_and_merge_are_exact_on_a_frozen_trainer(tmp_path: Path, handles: l
     assert torch.equal(got, peer)
 
     handle.begin_training()
-    wait_for(handle, lambda s: s.step > 100)
+    wait_for(handle, lambda s: s.progress.step > 100)
     sent = torch.empty(info.numel)
     handle.weights.snapshot_into(sent)
     assert torch.equal(sent, peer)
@@ -184,7 +185,7 @@ def test_load_and_merge_are_exact_on_a_frozen_trainer(tmp_path: Path, handles: l
     assert torch.allclose(got, sent + 0.25, atol=1e-6)
     # the trainer really trains on the merged weights: its evaluation sees them
     handle.weights.load_weights(torch.zeros(info.numel))
-    wait_for(handle, lambda s: abs(s.metrics.get("loss", 0.0) - 2.302585) < 1e-4, timeout=10)
+    wait_for(handle, lambda s: abs(s.evaluation.metrics.get("loss", 0.0) - 2.302585) < 1e-4, timeout=10)
 
 
 def test_bad_task_fails_fast_with_its_name(tmp_path: Path, handles: list[TrainerSupervisor]) -> None:
@@ -193,7 +194,7 @@ def test_bad_task_fails_fast_with_its_name(tmp_path: Path, handles: list[Trainer
     handle.start()
     with pytest.raises(TrainerError, match="no_such_module_qq"):
         handle.wait_ready(READY_TIMEOUT)
-    assert not handle.statistics().alive and handle.statistics().restarts == 0
+    assert not handle.statistics().process.alive and handle.statistics().process.restarts == 0
 
 
 def _run_daemon_then_die(checkpoint_dir: str, pid_file: str) -> None:
@@ -242,7 +243,7 @@ def test_stop_before_ready_and_stop_twice(tmp_path: Path) -> None:
     handle.start()
     handle.stop(timeout=20)  # the child may still be importing torch
     handle.stop()
-    assert not handle.statistics().alive
+    assert not handle.statistics().process.alive
     with pytest.raises(TrainerUnavailable):
         handle.weights.snapshot_into(torch.empty(1))
 
@@ -287,15 +288,31 @@ INFO = ReadyInfo(fingerprint="f" * 64, nbytes=40, numel=10, num_samples=7, devic
 
 
 def test_trainer_stats_keep_the_status_keys() -> None:
-    stats = TrainerStats(metrics={"accuracy": 0.5}, last_checkpoint=CheckpointInfo("ckpt", 3, 96, 1.0))
-    view = dataclasses.asdict(stats)  # the daemon's /status "trainer" (tests, the demo, operators)
+    stats = TrainerStats(evaluation=Evaluation(metrics={"accuracy": 0.5}),
+                         process=ProcessState(last_checkpoint=CheckpointInfo("ckpt", 3, 96, 1.0)))
+    view = stats.as_status()  # the daemon's /status "trainer" (tests, the demo, operators)
     assert list(view) == STATUS_KEYS
     assert view["last_checkpoint"] == {"path": "ckpt", "step": 3, "samples": 96, "time": 1.0}
     assert json.loads(json.dumps(view))["metrics"] == {"accuracy": 0.5}
     with pytest.raises(dataclasses.FrozenInstanceError):
-        stats.step = 1  # type: ignore[misc]
-    # the supervisor copies a Stats report into TrainerStats field by field name
-    assert {f.name for f in dataclasses.fields(Stats)} <= set(STATUS_KEYS)
+        stats.progress.step = 1  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.process = ProcessState()  # type: ignore[misc]
+    view["metrics"]["accuracy"] = 0.0  # type: ignore[index]
+    assert stats.evaluation.metrics == {"accuracy": 0.5}  # the view is a copy
+    # the heartbeat keeps its status names
+    beat = TrainerStats(progress=Progress(heartbeat=7, heartbeat_age_s=1.5)).as_status()
+    assert (beat["progress"], beat["last_progress_age_s"]) == (7, 1.5)
+
+
+def test_a_stats_report_lands_under_the_status_keys_of_its_field_names() -> None:
+    report = Stats(step=3, samples=96, metrics={"loss": 2.3}, loss=2.5, steps_per_s=40.0, evaluated_at=1.0,
+                   evaluated_step=2, lr=0.1, schedule_step=503, seconds_trained=9.5)
+    before = TrainerStats(process=ProcessState(device="cpu", restarts=2), progress=Progress(heartbeat=11))
+    view = before.with_report(report).as_status()
+    for f in dataclasses.fields(Stats):
+        assert view[f.name] == getattr(report, f.name), f.name
+    assert (view["device"], view["restarts"], view["progress"]) == ("cpu", 2, 11)  # kept
 
 
 @pytest.mark.parametrize("message", [

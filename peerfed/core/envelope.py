@@ -210,45 +210,76 @@ def check_signature(env: Envelope) -> None:
         raise BadSignature(f"signature does not match sender {env.sender}")
 
 
+class ReplayCache:
+    """The (sender, nonce) pairs seen inside the time window, with a floor below which
+    anything is too old.
+
+    At most ``capacity`` pairs. Entries older than the window are dropped (they would fail
+    as too old anyway). When the cache is full of entries still inside the window, the
+    oldest is evicted and the floor is raised to its timestamp: anything at or below the
+    floor is rejected as too old, so an evicted envelope can never be replayed. The floor
+    also guards against the clock stepping back after old entries were dropped.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError("replay_capacity must be at least 1")
+        self.capacity = capacity
+        self.floor = -math.inf
+        self.evictions = 0
+        self._seen: dict[bytes, float] = {}
+        self._by_time: list[tuple[float, bytes]] = []  # min-heap over _seen
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._seen
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def remember(self, key: bytes, timestamp: float, horizon: float) -> None:
+        """Add ``key``; drop entries older than ``horizon`` (now - window), then evict down
+        to capacity."""
+        heap = self._by_time
+        while heap and heap[0][0] < horizon:  # out of the window: the time check covers them
+            self._drop_oldest()
+        self._seen[key] = timestamp
+        heapq.heappush(heap, (timestamp, key))
+        while len(heap) > self.capacity:  # full of live entries: evict, raise the floor
+            self._drop_oldest()
+            self.evictions += 1
+
+    def _drop_oldest(self) -> None:
+        ts, old = heapq.heappop(self._by_time)
+        del self._seen[old]
+        self.floor = max(self.floor, ts)
+
+
 class Verifier:
     """Decides whether an incoming envelope is accepted; counts every decision.
 
     Checks run cheapest first (size, structure, kind, network, recipient, allowlist,
-    time window), then the signature, then replay; a nonce is remembered only after
-    its signature checked out, so forged traffic cannot fill the replay cache.
-
-    Replay cache: at most ``replay_capacity`` (sender, nonce) pairs. Entries older than
-    the window are dropped (they would fail as too old anyway). When the cache is full
-    of entries still inside the window, the oldest is evicted and a *floor* is raised
-    to its timestamp: anything at or below the floor is rejected as too old, so an
-    evicted envelope can never be replayed. The floor also guards against the clock
-    stepping back after old entries were dropped.
+    time window), then the signature, then replay; a nonce is remembered (ReplayCache) only
+    after its signature checked out, so forged traffic cannot fill the replay cache.
     """
 
     def __init__(self, *, network: str, own_peer_id: str, clock: Callable[[], float],
                  max_past: float = 300.0, max_future: float = 5.0,
                  replay_capacity: int = 100_000, max_size: int = 1 << 20,
                  allowlist: frozenset[str] | None = None) -> None:
-        if replay_capacity < 1:
-            raise ValueError("replay_capacity must be at least 1")
+        self._replay = ReplayCache(replay_capacity)
         self.network = network
         self.own_peer_id = own_peer_id
         self.max_past = max_past
         self.max_future = max_future
-        self.replay_capacity = replay_capacity
         self.max_size = max_size
         # None or empty: anyone on the network (the config's "empty = anyone").
         self.allowlist = frozenset(allowlist) if allowlist else None
         self._clock = clock
-        self._seen: dict[bytes, float] = {}
-        self._by_time: list[tuple[float, bytes]] = []  # min-heap over _seen
-        self._floor = -math.inf
-        self._evictions = 0
         self._counts: dict[str, int] = {"accepted": 0, **{r: 0 for r in VERIFIER_REASONS}}
 
     @property
     def replay_floor(self) -> float:
-        return self._floor
+        return self._replay.floor
 
     def verify(self, data: bytes, *, expected_kind: type[Body] | None = None) -> Envelope:
         """The accepted Envelope, or a Rejected subclass saying why not."""
@@ -274,39 +305,24 @@ class Verifier:
         now = self._clock()
         if env.timestamp < now - self.max_past:
             raise TooOld(f"envelope is {now - env.timestamp:.1f} s old (limit {self.max_past} s)")
-        if env.timestamp <= self._floor:
+        if env.timestamp <= self._replay.floor:
             raise TooOld("envelope is at or below the replay cache's floor")
         if env.timestamp > now + self.max_future:
             raise InFuture(f"envelope is {env.timestamp - now:.1f} s in the future")
         check_signature(env)
         key = env.nonce + env.sender.encode()
-        if key in self._seen:
+        if key in self._replay:
             raise Replay(f"nonce {env.nonce.hex()} from {env.sender} was seen before")
-        self._remember(key, env.timestamp, now)
+        self._replay.remember(key, env.timestamp, horizon=now - self.max_past)
         return env
-
-    def _remember(self, key: bytes, timestamp: float, now: float) -> None:
-        heap = self._by_time
-        horizon = now - self.max_past
-        while heap and heap[0][0] < horizon:  # out of the window: the time check covers them
-            ts, old = heapq.heappop(heap)
-            del self._seen[old]
-            self._floor = max(self._floor, ts)
-        self._seen[key] = timestamp
-        heapq.heappush(heap, (timestamp, key))
-        while len(heap) > self.replay_capacity:  # full of live entries: evict, raise the floor
-            ts, old = heapq.heappop(heap)
-            del self._seen[old]
-            self._floor = max(self._floor, ts)
-            self._evictions += 1
 
     def set_allowlist(self, allowlist: frozenset[str] | None) -> None:
         """Config reload: a new allowlist, same replay cache (a reload must not reopen replays)."""
         self.allowlist = frozenset(allowlist) if allowlist else None
 
     def statistics(self) -> dict[str, int]:
-        return {**self._counts, "replay_cache_size": len(self._seen),
-                "replay_evictions": self._evictions}
+        return {**self._counts, "replay_cache_size": len(self._replay),
+                "replay_evictions": self._replay.evictions}
 
 
 def verify_peer_record(data: bytes, *, network: str, now: float, max_age: float = 3600.0,
@@ -346,6 +362,7 @@ __all__ = [
     "decode",
     "check_signature",
     "signed_bytes_of",
+    "ReplayCache",
     "Verifier",
     "verify_peer_record",
 ]

@@ -24,6 +24,18 @@ class PeerState(str, enum.Enum):
     FAILED = "failed"  # the last dial or ping failed
 
 
+@dataclass(frozen=True)
+class SignedRecord:
+    """A peer's signed peer_record envelope, relayed as is, and its timestamp (only a strictly
+    newer one replaces it)."""
+
+    envelope: bytes = b""
+    time: float = 0.0
+
+
+NO_RECORD = SignedRecord()
+
+
 @dataclass
 class PeerInfo:
     peer_id: str
@@ -35,11 +47,15 @@ class PeerInfo:
     rtt_ms: float | None = None
     failures: int = 0  # consecutive failures since the last success
     next_attempt: float = 0.0  # earliest time to dial it again
-    record: bytes = b""  # its signed peer_record envelope, relayed as is
-    record_time: float = 0.0
+    record: SignedRecord = NO_RECORD
     first_seen: float = 0.0  # when it entered the table (eviction clock for never-seen peers)
-    pinned: bool = False  # bootstrap peer from the config: never evicted or replaced
-    pinned_addrs: tuple[str, ...] = ()  # addresses from the config, kept across records
+    # A bootstrap peer from the config (never evicted or replaced) has its config addresses
+    # here, kept across records; None: not pinned.
+    pinned_addrs: tuple[str, ...] | None = None
+
+    @property
+    def pinned(self) -> bool:
+        return self.pinned_addrs is not None
 
 
 def merge_addrs(*groups: Iterable[str]) -> tuple[str, ...]:
@@ -61,8 +77,8 @@ def to_entry(p: PeerInfo) -> dict[str, Any]:
         "rtt_ms": p.rtt_ms,
         "failures": p.failures,
         "next_attempt": p.next_attempt,
-        "record": base64.b64encode(p.record).decode("ascii"),
-        "record_time": p.record_time,
+        "record": base64.b64encode(p.record.envelope).decode("ascii"),
+        "record_time": p.record.time,
         "first_seen": p.first_seen,
     }
 
@@ -112,8 +128,7 @@ def from_entry(entry: Any) -> PeerInfo | None:
             rtt_ms=rtt_ms,
             failures=failures,
             next_attempt=_number(entry.get("next_attempt", 0.0)) or 0.0,
-            record=record,
-            record_time=_number(entry.get("record_time", 0.0)) or 0.0,
+            record=SignedRecord(record, _number(entry.get("record_time", 0.0)) or 0.0),
             first_seen=_number(entry.get("first_seen", 0.0)) or 0.0,
         )
     except (_Invalid, binascii.Error, ValueError):

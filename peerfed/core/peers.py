@@ -13,7 +13,14 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-from peerfed.core.peerinfo import PeerInfo, PeerState, from_entry, merge_addrs, to_entry
+from peerfed.core.peerinfo import (
+    PeerInfo,
+    PeerState,
+    SignedRecord,
+    from_entry,
+    merge_addrs,
+    to_entry,
+)
 
 FORMAT_VERSION = 1
 # Records stamped further ahead than this are ignored: stored, they would block that peer's
@@ -96,13 +103,12 @@ class PeerTable:
             info = self._admit(peer_id, now, strong=False)
             if info is None:
                 return False
-        elif info.record and record_time <= info.record_time:
+        elif info.record.envelope and record_time <= info.record.time:
             return False
-        self._set_addrs(info, merge_addrs(addrs, info.pinned_addrs), now)
+        self._set_addrs(info, merge_addrs(addrs, info.pinned_addrs or ()), now)
         info.exchange_url = exchange_url
         info.fingerprint = fingerprint
-        info.record = bytes(record)
-        info.record_time = record_time
+        info.record = SignedRecord(bytes(record), record_time)
         return True
 
     def add_address(
@@ -117,16 +123,14 @@ class PeerTable:
         if info is None:
             return
         if pinned:
-            info.pinned = True
-            info.pinned_addrs = merge_addrs(info.pinned_addrs, addrs)
+            info.pinned_addrs = merge_addrs(info.pinned_addrs or (), addrs)
         self._set_addrs(info, merge_addrs(info.addrs, addrs), now)
 
     def unpin(self, peer_id: str) -> None:
         """The peer left the bootstrap list (config reload): it ages like any other."""
         info = self._peers.get(peer_id)
         if info is not None:
-            info.pinned = False
-            info.pinned_addrs = ()
+            info.pinned_addrs = None
 
     def remove(self, peer_id: str) -> bool:
         return self._peers.pop(peer_id, None) is not None
@@ -243,10 +247,10 @@ class PeerTable:
         good = [
             p
             for p in self._peers.values()
-            if p.record and p.last_seen is not None and p.failures == 0
+            if p.record.envelope and p.last_seen is not None and p.failures == 0
         ]
         good.sort(key=lambda p: (p.state is not PeerState.CONNECTED, -(p.last_seen or 0.0)))
-        return [p.record for p in good[:limit]]
+        return [p.record.envelope for p in good[:limit]]
 
     def snapshot(self) -> list[dict[str, Any]]:
         """For the local API (/peers): one JSON-able dict per peer, sorted by peer_id."""

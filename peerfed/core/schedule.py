@@ -13,9 +13,65 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 from peerfed.core.exchange_rules import Outcome
 from peerfed.core.peers import jittered_backoff
+
+
+@dataclass(frozen=True)
+class SchedulePolicy:
+    """The timing rules: round length and jitter, attempts per round, how long a peer that
+    failed or was busy is left alone. `backoff_base` and `busy_exclusion` None: interval and
+    interval/2 (they follow set_interval)."""
+
+    interval: float
+    jitter: float = 0.1
+    max_attempts: int = 3
+    backoff_base: float | None = None
+    backoff_max: float = 300.0
+    busy_exclusion: float | None = None
+
+    def busy_for(self) -> float:
+        return self.busy_exclusion if self.busy_exclusion is not None else self.interval / 2
+
+    def backoff(self, failures: int, rng: random.Random) -> float:
+        base = self.backoff_base if self.backoff_base is not None else self.interval
+        return jittered_backoff(failures, base=base, cap=max(base, self.backoff_max), rng=rng)
+
+
+@dataclass
+class _Round:
+    """The round in progress: whom it tried, how many times."""
+
+    open: bool = False
+    tried: set[str] = field(default_factory=set)
+    attempts: int = 0
+
+
+@dataclass
+class _PeerMarks:
+    """Per peer: consecutive failures, and until when it is left alone (backoff, busy)."""
+
+    failures: dict[str, int] = field(default_factory=dict)
+    backoff_until: dict[str, float] = field(default_factory=dict)
+    busy_until: dict[str, float] = field(default_factory=dict)
+
+    def excluded_until(self, peer_id: str) -> float:
+        return max(self.backoff_until.get(peer_id, 0.0), self.busy_until.get(peer_id, 0.0))
+
+    def forget(self, peer_id: str) -> None:
+        self.failures.pop(peer_id, None)
+        self.backoff_until.pop(peer_id, None)
+        self.busy_until.pop(peer_id, None)
+
+    def prune(self, now: float, backoff_max: float) -> None:
+        """Bounded memory over months: forget busy marks that ran out, and failures whose
+        backoff ended long ago (a peer that comes back starts from a short backoff)."""
+        self.busy_until = {k: t for k, t in self.busy_until.items() if t > now}
+        stale = [k for k, t in self.backoff_until.items() if t + backoff_max < now]
+        for peer_id in stale:
+            self.forget(peer_id)
 
 
 class ExchangeScheduler:
@@ -42,28 +98,21 @@ class ExchangeScheduler:
             raise ValueError("need 0 < backoff_base <= backoff_max")
         if busy_exclusion is not None and busy_exclusion < 0:
             raise ValueError("busy_exclusion must be >= 0")
-        self._interval = interval
+        self._policy = SchedulePolicy(interval=interval, jitter=jitter, max_attempts=max_attempts,
+                                      backoff_base=backoff_base, backoff_max=backoff_max,
+                                      busy_exclusion=busy_exclusion)
         self._rng = rng
-        self._backoff_base = backoff_base
-        self._backoff_max = backoff_max
-        self._busy_exclusion = busy_exclusion
-        self._jitter = jitter
-        self._max_attempts = max_attempts
         # next round = _base + interval * _factor, kept apart so set_interval can rescale it.
         self._base = now
         self._factor = rng.uniform(0.0, 1.0)
-        self._round_open = False
-        self._tried: set[str] = set()
-        self._attempts = 0
+        self._round = _Round()
         self._in_flight: str | None = None
-        self._failures: dict[str, int] = {}
-        self._backoff_until: dict[str, float] = {}
-        self._busy_until: dict[str, float] = {}
+        self._marks = _PeerMarks()
         self._stats = {"rounds": 0, "skipped_no_peer": 0} | {o.value: 0 for o in Outcome}
 
     @property
     def interval(self) -> float:
-        return self._interval
+        return self._policy.interval
 
     @property
     def in_flight(self) -> str | None:
@@ -72,12 +121,12 @@ class ExchangeScheduler:
 
     def next_due(self) -> float:
         """When the next round opens."""
-        return self._base + self._interval * self._factor
+        return self._base + self._policy.interval * self._factor
 
     def set_interval(self, interval: float) -> None:
         """Config reload: the pending round moves to the same jittered point of the new interval."""
         _check_interval(interval)
-        self._interval = interval
+        self._policy = replace(self._policy, interval=interval)
 
     def choose_peer(self, candidates: Sequence[str], now: float) -> str | None:
         """A uniformly random candidate to exchange with now, or None: one is in flight, no
@@ -87,15 +136,16 @@ class ExchangeScheduler:
             return None
         if now >= self.next_due():
             self._open_round(now)
-        if not self._round_open:
+        rnd = self._round
+        if not rnd.open:
             return None
         eligible = sorted(
-            {c for c in candidates if c not in self._tried and self.excluded_until(c) <= now}
+            {c for c in candidates if c not in rnd.tried and self.excluded_until(c) <= now}
         )
-        if not eligible or self._attempts >= self._max_attempts:
-            if self._attempts == 0:
+        if not eligible or rnd.attempts >= self._policy.max_attempts:
+            if rnd.attempts == 0:
                 self._stats["skipped_no_peer"] += 1
-            self._round_open = False
+            rnd.open = False
             return None
         return self._rng.choice(eligible)
 
@@ -104,8 +154,8 @@ class ExchangeScheduler:
         if self._in_flight is not None:
             raise RuntimeError(f"an exchange with {self._in_flight} is already in flight")
         self._in_flight = peer_id
-        self._tried.add(peer_id)
-        self._attempts += 1
+        self._round.tried.add(peer_id)
+        self._round.attempts += 1
 
     def on_result(self, peer_id: str, outcome: Outcome | str, now: float) -> None:
         """outcome: an Outcome (or its value); CANCELLED (aborted, e.g. at shutdown): no
@@ -116,63 +166,44 @@ class ExchangeScheduler:
             raise ValueError(f"no exchange with {peer_id} in flight")
         self._in_flight = None
         self._stats[outcome] += 1
+        marks = self._marks
         if outcome == "ok":
-            self._failures.pop(peer_id, None)
-            self._backoff_until.pop(peer_id, None)
-            self._busy_until.pop(peer_id, None)
-            self._round_open = False
+            marks.forget(peer_id)
+            self._round.open = False
         elif outcome == "busy":
-            self._busy_until[peer_id] = now + self._busy_for()
+            marks.busy_until[peer_id] = now + self._policy.busy_for()
         elif outcome in ("refused", "failed"):
-            failures = self._failures.get(peer_id, 0) + 1
-            self._failures[peer_id] = failures
-            base = self._backoff_base if self._backoff_base is not None else self._interval
-            delay = jittered_backoff(
-                failures, base=base, cap=max(base, self._backoff_max), rng=self._rng
-            )
-            self._backoff_until[peer_id] = now + delay
+            failures = marks.failures.get(peer_id, 0) + 1
+            marks.failures[peer_id] = failures
+            marks.backoff_until[peer_id] = now + self._policy.backoff(failures, self._rng)
         else:  # cancelled
-            self._round_open = False
+            self._round.open = False
 
     def excluded_until(self, peer_id: str) -> float:
         """Until when `peer_id` is not chosen (backoff or busy); 0.0 if it may be chosen."""
-        return max(self._backoff_until.get(peer_id, 0.0), self._busy_until.get(peer_id, 0.0))
+        return self._marks.excluded_until(peer_id)
 
     def failures(self, peer_id: str) -> int:
-        return self._failures.get(peer_id, 0)
+        return self._marks.failures.get(peer_id, 0)
 
     def forget(self, peer_id: str) -> None:
         """Drop what we know of `peer_id` (it left the table)."""
-        self._failures.pop(peer_id, None)
-        self._backoff_until.pop(peer_id, None)
-        self._busy_until.pop(peer_id, None)
+        self._marks.forget(peer_id)
 
     def statistics(self) -> dict[str, int]:
         return dict(self._stats) | {
             "in_flight": int(self._in_flight is not None),
-            "peers_with_failures": len(self._failures),
+            "peers_with_failures": len(self._marks.failures),
         }
-
-    def _busy_for(self) -> float:
-        return self._busy_exclusion if self._busy_exclusion is not None else self._interval / 2
 
     def _open_round(self, now: float) -> None:
         # Scheduled from now, not from the missed due time: a late caller gets no burst.
         self._stats["rounds"] += 1
-        self._round_open = True
-        self._tried.clear()
-        self._attempts = 0
+        self._round = _Round(open=True)
         self._base = now
-        self._factor = self._rng.uniform(1.0 - self._jitter, 1.0 + self._jitter)
-        self._prune(now)
-
-    def _prune(self, now: float) -> None:
-        """Bounded memory over months: forget busy marks that ran out, and failures whose
-        backoff ended long ago (a peer that comes back starts from a short backoff)."""
-        self._busy_until = {k: t for k, t in self._busy_until.items() if t > now}
-        stale = [k for k, t in self._backoff_until.items() if t + self._backoff_max < now]
-        for peer_id in stale:
-            self.forget(peer_id)
+        jitter = self._policy.jitter
+        self._factor = self._rng.uniform(1.0 - jitter, 1.0 + jitter)
+        self._marks.prune(now, self._policy.backoff_max)
 
 
 def _check_interval(interval: float) -> None:

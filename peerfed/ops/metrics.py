@@ -62,16 +62,10 @@ class _MonotonicCounter:
         self._last = total
 
 
-class Metrics:
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self._clock = clock
-        self._lock = threading.Lock()
+class _ExchangeMetrics:
+    """Peers and weight exchanges: what the network side reports."""
 
-        Info("peerfed_build", "Versions this node runs.", registry=r).info(
-            {"version": __version__, "python": platform.python_version(), "torch": _torch_version()}
-        )
+    def __init__(self, r: CollectorRegistry) -> None:
         self.peers_connected = Gauge(
             "peerfed_peers_connected", "Peers with an open libp2p connection.", registry=r
         )
@@ -92,6 +86,19 @@ class Metrics:
             "peerfed_rejected_messages", "Messages rejected by verification, by reason.", ["reason"],
             registry=r,
         )
+        # Pre-create label children so each series exists at 0 from the first scrape
+        # (rate() over a series that appears late misses its first increment).
+        for outcome in EXCHANGE_OUTCOMES:
+            self.exchanges.labels(outcome)
+            self.exchange_duration.labels(outcome)
+        for direction in ("sent", "received"):
+            self.exchange_bytes.labels(direction)
+
+
+class _TrainingMetrics:
+    """The trainer's gauges and counters, fed from its absolute totals."""
+
+    def __init__(self, r: CollectorRegistry, clock: Callable[[], float]) -> None:
         self.train_steps = Counter("peerfed_train_steps", "Optimizer steps taken.", registry=r)
         self.train_samples = Counter("peerfed_train_samples", "Training samples seen.", registry=r)
         self.train_loss = Gauge("peerfed_train_loss", "Latest training loss.", registry=r)
@@ -106,52 +113,58 @@ class Metrics:
         self.trainer_restarts = Counter(
             "peerfed_trainer_restarts", "Times the trainer process was restarted.", registry=r
         )
+        self.steps = _MonotonicCounter(self.train_steps)
+        self.samples = _MonotonicCounter(self.train_samples)
+        self.lock = threading.Lock()  # the two totals are observed together
+        self.last_checkpoint = clock()
+        self.checkpoint_age.set_function(lambda: max(0.0, clock() - self.last_checkpoint))
 
-        # Pre-create label children so each series exists at 0 from the first scrape
-        # (rate() over a series that appears late misses its first increment).
-        for outcome in EXCHANGE_OUTCOMES:
-            self.exchanges.labels(outcome)
-            self.exchange_duration.labels(outcome)
-        for direction in ("sent", "received"):
-            self.exchange_bytes.labels(direction)
-        self._steps = _MonotonicCounter(self.train_steps)
-        self._samples = _MonotonicCounter(self.train_samples)
-        self._last_checkpoint = clock()
-        self.checkpoint_age.set_function(lambda: max(0.0, self._clock() - self._last_checkpoint))
+
+class Metrics:
+    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+        self.registry = CollectorRegistry()
+        self._clock = clock
+        Info("peerfed_build", "Versions this node runs.", registry=self.registry).info(
+            {"version": __version__, "python": platform.python_version(), "torch": _torch_version()}
+        )
+        self._exchange = _ExchangeMetrics(self.registry)
+        self._training = _TrainingMetrics(self.registry, clock)
 
     def set_peers_connected(self, count: int) -> None:
-        self.peers_connected.set(count)
+        self._exchange.peers_connected.set(count)
 
     def exchange_finished(self, outcome: Outcome, duration_s: float, sent: int, received: int) -> None:
         if outcome not in EXCHANGE_OUTCOMES:
             raise ValueError(f"unknown exchange outcome {outcome!r}")
-        self.exchanges.labels(outcome).inc()
-        self.exchange_duration.labels(outcome).observe(duration_s)
-        self.exchange_bytes.labels("sent").inc(sent)
-        self.exchange_bytes.labels("received").inc(received)
+        ex = self._exchange
+        ex.exchanges.labels(outcome).inc()
+        ex.exchange_duration.labels(outcome).observe(duration_s)
+        ex.exchange_bytes.labels("sent").inc(sent)
+        ex.exchange_bytes.labels("received").inc(received)
 
     def rejected(self, reason: str) -> None:
-        self.rejected_messages.labels(reason).inc()
+        self._exchange.rejected_messages.labels(reason).inc()
 
     def update_training(
         self, step: int, samples: int, loss: float | None = None, accuracy: float | None = None
     ) -> None:
         """`step` and `samples` are the trainer's absolute totals (they may go back after a
         restart from a checkpoint; the counters do not)."""
-        with self._lock:
-            self._steps.observe_total(step)
-            self._samples.observe_total(samples)
+        t = self._training
+        with t.lock:
+            t.steps.observe_total(step)
+            t.samples.observe_total(samples)
         if loss is not None:
-            self.train_loss.set(loss)
+            t.train_loss.set(loss)
         if accuracy is not None:
-            self.eval_accuracy.set(accuracy)
+            t.eval_accuracy.set(accuracy)
 
     def trainer_restarted(self) -> None:
-        self.trainer_restarts.inc()
+        self._training.trainer_restarts.inc()
 
     def checkpoint_saved(self, at: float | None = None) -> None:
         """Call after writing a checkpoint, and at start with the time of the one resumed from."""
-        self._last_checkpoint = self._clock() if at is None else at
+        self._training.last_checkpoint = self._clock() if at is None else at
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

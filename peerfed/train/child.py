@@ -117,8 +117,11 @@ def run_child(
         child.last_checkpoint()
     except _Stopped:
         line.send(Stopped(checkpoint=None))
+    except TaskLoadError as exc:  # it names train.task: the supervisor or the daemon says it, once
+        line.send(Failed(str(exc)))
+        code = 1
     except BaseException as exc:
-        log.error("trainer failed: %s", exc, exc_info=not isinstance(exc, TaskLoadError))
+        log.error("trainer failed: %s", exc, exc_info=True)
         line.send(Failed(f"{type(exc).__name__}: {exc}"))
         code = 1
     line.close()  # delivers the last events before exiting
@@ -208,7 +211,7 @@ class _Child:
         )))
         self._evaluate()
         now = time.monotonic()
-        self.timers = Timers(next_eval=now + s.eval_interval, next_checkpoint=now + s.checkpoint_interval,
+        self.timers = Timers(next_eval=now + s.eval_interval, next_checkpoint=now + s.checkpoint.interval,
                              last_stats=(now, counters.step))
         self._send_stats(now)
         while not self.started:  # wait for Start: the daemon may load a peer's weights first
@@ -273,7 +276,7 @@ class _Child:
         if now >= timers.next_checkpoint:
             if self.counters.step != self.counters.checkpointed_step:
                 self._checkpoint()
-            timers.next_checkpoint = now + self.s.checkpoint_interval
+            timers.next_checkpoint = now + self.s.checkpoint.interval
         if now - timers.last_stats[0] >= STATS_INTERVAL_S:
             self._send_stats(now)
         return False
@@ -328,7 +331,7 @@ class _Child:
         self._send_stats(time.monotonic())  # the daemon sees the new clock at once
 
     def _checkpoint(self, use_lock: bool = True) -> CheckpointInfo | None:
-        directory = self.s.checkpoint_dir
+        directory = self.s.checkpoint.dir
         if directory is None:
             return None
         counters = self.counters
@@ -340,8 +343,8 @@ class _Child:
                 directory, model_state=model_state, optimizer_state=self.optimizer.state_dict(),
                 step=counters.step, samples=counters.samples, schedule_step=counters.schedule_step,
                 seconds_trained=counters.seconds_trained(time.monotonic()),
-                config_digest=self.s.config_digest,
-                fingerprint=self.fingerprint, keep=self.s.checkpoint_keep,
+                config_digest=self.s.checkpoint.config_digest,
+                fingerprint=self.fingerprint, keep=self.s.checkpoint.keep,
             )
         except ParentGone:
             raise
@@ -360,7 +363,7 @@ class _Child:
             self._checkpoint(use_lock=False)
 
     def _resume(self) -> str | None:
-        directory = self.s.checkpoint_dir
+        directory = self.s.checkpoint.dir
         found = load_newest_valid(directory) if directory is not None else None
         if found is None:
             return None
@@ -370,7 +373,7 @@ class _Child:
                 f"checkpoint {path} holds a different model than task {self.s.task!r}; "
                 f"move {directory} away to start from scratch"
             )
-        if self.s.config_digest and data.get("config_digest") not in ("", self.s.config_digest):
+        if self.s.checkpoint.config_digest and data.get("config_digest") not in ("", self.s.checkpoint.config_digest):
             log.info("settings changed since %s; resuming anyway", path.name)
         self.model.load_state_dict(data["model"])
         load_optimizer_state(self.optimizer, data["optimizer"])

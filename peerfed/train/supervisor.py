@@ -10,7 +10,7 @@ process once it is ready and disconnects when it dies or stops.
 Owner: the lifecycle calls (start, wait_ready, begin_training, poll, stop) take turns under
 one lock; the daemon makes them from its main loop or a to_thread worker. Any thread may call
 statistics(), lr_clock() and progress_counter(): they read a published frozen TrainerStats
-(rebuilt on each change) and lock-free shared-memory counters. Other threads reach the
+(trainer_stats.py, rebuilt on each change) and lock-free shared-memory counters. Other threads reach the
 weights only through `weights`.
 """
 
@@ -21,11 +21,10 @@ import logging
 import multiprocessing as mp
 import threading
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import replace
 
 from peerfed.train.messages import (
     Attach,
-    CheckpointInfo,
     CheckpointSaved,
     Failed,
     Hello,
@@ -40,6 +39,7 @@ from peerfed.train.messages import (
 from peerfed.train.process import TrainerProcess
 from peerfed.train.shm import ControlBlock, remove_stale_segments
 from peerfed.train.tasks import TrainSettings
+from peerfed.train.trainer_stats import TrainerStats
 from peerfed.train.weights_port import WeightsPort
 
 log = logging.getLogger("peerfed.trainer")
@@ -51,33 +51,6 @@ MAX_RESTART_BACKOFF_S = 30.0
 
 class TrainerError(RuntimeError):
     """The trainer could not start (bad task, bad device, ...); the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class TrainerStats:
-    """The trainer as the daemon sees it (the /status `trainer` view, via dataclasses.asdict)."""
-
-    step: int = 0
-    samples: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)  # of the last evaluation; never mutated
-    loss: float | None = None
-    steps_per_s: float = 0.0
-    evaluated_at: float | None = None  # unix time of the metrics' evaluation
-    evaluated_step: int | None = None
-    lr: float | None = None
-    schedule_step: int = 0  # the lr schedule's clock (steps, seconds); a state sync hands it on
-    seconds_trained: float = 0.0
-    device: str | None = None
-    mode: str | None = None
-    num_samples: int | None = None
-    alive: bool = False
-    ready: bool = False
-    training: bool = False
-    restarts: int = 0
-    progress: int = 0  # +1 per training step, never reset (across restarts)
-    last_progress_age_s: float = 0.0
-    last_checkpoint: CheckpointInfo | None = None
-    last_error: str | None = None
 
 
 class RestartBackoff:
@@ -211,13 +184,13 @@ class TrainerSupervisor:
         stats = self._with_counters(self._published)
         process = self._process
         alive = process is not None and process.is_alive()
-        return stats if alive == stats.alive else replace(stats, alive=alive)
+        return stats if alive == stats.process.alive else replace(stats, process=replace(stats.process, alive=alive))
 
     def lr_clock(self) -> tuple[int, float]:
         """Our lr schedule's clock (steps live, seconds as of the last stats, a second or two
         old): a state sync donor sends it with its weights."""
-        stats = self.statistics()
-        return stats.schedule_step, stats.seconds_trained
+        clock = self.statistics().lr_clock
+        return clock.schedule_step, clock.seconds_trained
 
     def progress_counter(self) -> int:
         """+1 per training step, never reset (across restarts): the watchdog's heartbeat."""
@@ -268,17 +241,19 @@ class TrainerSupervisor:
                 if self._began:
                     process.send(Start())
             case Stats():
-                # every field of the report is a TrainerStats field of the same name
-                self._publish(**{f.name: getattr(event, f.name) for f in fields(event)})
+                self._published = self._published.with_report(event)
+                self._publish()
             case CheckpointSaved(checkpoint=saved) | Stopped(checkpoint=saved):
                 if saved is not None:
                     self._publish(last_checkpoint=saved)
             case Failed(error):
                 process.error = error
+                self._publish(last_error=error)
                 if self.weights.info is None:  # never got going: a restart would fail the same way
                     self._fatal = error
-                self._publish(last_error=error)
-                log.error("trainer: %s", error)
+                    log.debug("trainer failed before it was ready: %s", error)  # wait_ready raises it
+                else:
+                    log.error("trainer: %s", error)
 
     def _on_hello(self, process: TrainerProcess, hello: Hello) -> None:
         if self._stopped:
@@ -301,32 +276,36 @@ class TrainerSupervisor:
         if self._fatal is None and self.weights.info is None:  # never got going: it would fail again
             self._fatal = process.error or f"trainer exited with code {code} before it was ready"
         if self._fatal is not None:
-            log.error("trainer exited (code %s) and will not be restarted: %s", code, self._fatal)
+            if self.weights.info is not None:  # else wait_ready raises it: said once, by its caller
+                log.error("trainer exited (code %s) and will not be restarted: %s", code, self._fatal)
             return
         self._publish(last_error=f"trainer exited with code {code}" + (f": {process.error}" if process.error else ""))
         delay = self._backoff.after_death(time.monotonic(), lived, was_ready)
         log.warning("trainer exited with code %s after %.1f s; restarting in %.1f s", code, lived, delay)
 
-    def _publish(self, **changes: object) -> None:
-        """Rebuild the published snapshot from our state, the counters and `changes`."""
+    def _publish(self, **process_changes: object) -> None:
+        """Rebuild the published snapshot from our state, the counters and `process_changes`
+        (fields of its ProcessState)."""
         progress = self.progress_counter()
         if progress != self._progress_seen[0]:
             self._progress_seen = (progress, time.monotonic())
         process = self._process
         ready = process is not None and process.ready
-        stats = replace(self._published, alive=process is not None and process.is_alive(), ready=ready,
-                        training=self._began and ready, restarts=self._backoff.restarts, **changes)
-        self._published = self._with_counters(stats)
+        stats = self._published
+        state = replace(stats.process, alive=process is not None and process.is_alive(), ready=ready,
+                        training=self._began and ready, restarts=self._backoff.restarts, **process_changes)
+        self._published = self._with_counters(replace(stats, process=state))
 
     def _with_counters(self, stats: TrainerStats) -> TrainerStats:
         """`stats` with the live step counters (shared memory, any thread)."""
         progress_seen, seen_at = self._progress_seen
         control = self._control
         counters = control.counters() if control is not None else None
+        p, clock = stats.progress, stats.lr_clock
         if counters is None:
-            return replace(stats, last_progress_age_s=time.monotonic() - seen_at)
-        progress, step, samples = counters
+            return replace(stats, progress=replace(p, heartbeat_age_s=time.monotonic() - seen_at))
+        heartbeat, step, samples = counters
+        age = 0.0 if heartbeat != progress_seen else time.monotonic() - seen_at
         # the lr clock's offset from our own step only changes at a state sync or a resume
-        return replace(stats, step=step, samples=samples, schedule_step=step + stats.schedule_step - stats.step,
-                       progress=progress,
-                       last_progress_age_s=0.0 if progress != progress_seen else time.monotonic() - seen_at)
+        return replace(stats, progress=replace(p, step=step, samples=samples, heartbeat=heartbeat, heartbeat_age_s=age),
+                       lr_clock=replace(clock, schedule_step=step + clock.schedule_step - p.step))

@@ -42,7 +42,7 @@ from peerfed.train.task_helpers import (
 )
 
 __all__ = [
-    "BUILTIN_TASKS", "LR_SCHEDULES", "Batch", "DigitsData", "LossFn", "LrSchedule", "NodeContext", "Task",
+    "BUILTIN_TASKS", "LR_SCHEDULES", "Batch", "CheckpointSettings", "DigitsData", "LossFn", "LrSchedule", "NodeContext", "Task",
     "TaskFactory", "TaskLoadError", "TrainSettings", "accuracy", "binary_logit_loss", "check_task",
     "classification_evaluator", "digits_lr", "digits_mlp", "dirichlet_split", "endless_batches",
     "is_one_logit", "load_digits_split", "load_task_factory", "lr_factor", "lr_schedule_from_options",
@@ -54,6 +54,17 @@ __all__ = [
 DIGITS_SPLIT_SEED = 0
 DIGITS_TEST_FRACTION = 0.2
 MIN_SHARD_SIZE = 10
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """The [checkpoint] settings, and the config digest each checkpoint records (a resume
+    from one written under other settings says so)."""
+
+    interval: float = 300.0
+    keep: int = 3
+    dir: Path | None = None  # None: no checkpoints
+    config_digest: str = ""
 
 
 @dataclass(frozen=True)
@@ -76,10 +87,7 @@ class TrainSettings:
     node_index: int = 0
     node_count: int = 1
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
-    checkpoint_interval: float = 300.0
-    checkpoint_keep: int = 3
-    checkpoint_dir: Path | None = None  # None: no checkpoints
-    config_digest: str = ""
+    checkpoint: CheckpointSettings = CheckpointSettings()  # the trainer's, not the factory's
 
     @classmethod
     def from_config(cls, cfg: Any) -> TrainSettings:
@@ -98,10 +106,12 @@ class TrainSettings:
             node_index=int(t.node_index),
             node_count=int(t.node_count),
             options=dict(t.options),
-            checkpoint_interval=float(cfg.checkpoint.interval),
-            checkpoint_keep=int(cfg.checkpoint.keep),
-            checkpoint_dir=Path(cfg.state_dir) / "checkpoints",
-            config_digest=digest,
+            checkpoint=CheckpointSettings(
+                interval=float(cfg.checkpoint.interval),
+                keep=int(cfg.checkpoint.keep),
+                dir=Path(cfg.state_dir) / "checkpoints",
+                config_digest=digest,
+            ),
         )
 
 
