@@ -18,6 +18,9 @@ py-libp2p 0.8.1 workarounds (design.md section 5):
 - identify announces ``peerfed/<version>`` (py-libp2p reads a module global per message), and
   a peer that refuses our protocol (another network's node, or not peerfed at all) raises
   ForeignPeer instead of a 7-line ERROR block from py-libp2p's logger.
+- What a remote sends can make py-libp2p log (bad handshakes, bad yamux frames), sometimes with
+  a traceback: its records reach our log one line each, at most once a minute per place in its
+  code (net/quiet.py's limiter). A bad inbound request is logged once a minute per peer.
 """
 
 from __future__ import annotations
@@ -53,16 +56,21 @@ from peerfed import __version__
 from peerfed.core.framing import FrameDecoder, encode_frame
 from peerfed.errors import AddressInUseError, ConfigError
 from peerfed.net.bridge import Bridge
+from peerfed.net.quiet import OneLineRelay, QuietLog, describe
 
 log = logging.getLogger("peerfed.p2p")
+quiet = QuietLog(log)  # lines about what a peer sent: once a minute per peer
 
 
 def adopt_libp2p_logger() -> None:
     """py-libp2p cuts its logger off from ours when imported (unless LIBP2P_DEBUG is set),
-    which would hide its warnings; call again after importing it."""
+    which would hide its warnings; call again after importing it. Its records go to our
+    handlers through OneLineRelay (one line each, rate-limited), not by propagation."""
     libp2p_logger = logging.getLogger("libp2p")
-    libp2p_logger.propagate = True
+    libp2p_logger.propagate = False
     libp2p_logger.setLevel(logging.NOTSET)
+    if not any(isinstance(h, OneLineRelay) for h in libp2p_logger.handlers):
+        libp2p_logger.addHandler(OneLineRelay())
     # Every failed dial to a peer that is down logs an ERROR here, several a second; the
     # membership service logs each failed attempt once, with its reason.
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
@@ -85,7 +93,8 @@ adopt_libp2p_logger()
 # Peers see this program in identify, not the library that carries it.
 libp2p_identify.AGENT_VERSION = f"peerfed/{__version__}"
 
-# Called from trio for an inbound request: (remote PeerID, request bytes) -> reply bytes.
+# Called from trio for an inbound request: (remote PeerID, request bytes) -> reply bytes;
+# raises PermissionError for a request it refused and has logged itself.
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 
 REQUEST_TIMEOUT = 10.0
@@ -343,7 +352,12 @@ class P2PHost:
                 await stream.write(encode_frame(reply))
         except Exception as exc:  # noqa: BLE001 - a bad peer must not take the host down
             self._count("inbound_errors")
-            log.info("request from %s failed: %s", remote, exc or type(exc).__name__)
+            if isinstance(exc, PermissionError):  # refused by on_request, which said why
+                log.debug("request from %s refused: %s", remote, exc)
+            else:
+                reason = describe(exc) if not isinstance(exc, trio.TooSlowError) else \
+                    f"no answer within {REQUEST_TIMEOUT:.0f} s"
+                quiet.warning(f"peer {remote}", "request from %s failed: %s", remote, reason)
             with trio.move_on_after(1):
                 await stream.reset()
             return
