@@ -19,8 +19,8 @@ py-libp2p 0.8.1 workarounds (design.md section 5):
   a peer that refuses our protocol (another network's node, or not peerfed at all) raises
   ForeignPeer instead of a 7-line ERROR block from py-libp2p's logger.
 - What a remote sends can make py-libp2p log (bad handshakes, bad yamux frames), sometimes with
-  a traceback: its records reach our log one line each, at most once a minute per place in its
-  code (net/quiet.py's limiter). A bad inbound request is logged once a minute per peer.
+  a traceback: its records reach our log one line each, at WARNING at most, at most once a
+  minute per place in its code (net/quiet.py). A bad inbound request: once a minute per peer.
 """
 
 from __future__ import annotations
@@ -70,7 +70,9 @@ def adopt_libp2p_logger() -> None:
     libp2p_logger.propagate = False
     libp2p_logger.setLevel(logging.NOTSET)
     if not any(isinstance(h, OneLineRelay) for h in libp2p_logger.handlers):
-        libp2p_logger.addHandler(OneLineRelay())
+        # Its errors are about a connection or a peer (often the peer's doing), not our node's
+        # health: at most WARNING, like our own lines about a peer's bad input.
+        libp2p_logger.addHandler(OneLineRelay(max_level=logging.WARNING))
     # Every failed dial to a peer that is down logs an ERROR here, several a second; the
     # membership service logs each failed attempt once, with its reason.
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)

@@ -42,7 +42,7 @@ def one_line(text: object, limit: int = LINE_LIMIT) -> str:
     """``text`` on one line (a remote's bytes can hold newlines: no forged log lines), cut to
     ``limit`` characters, non-printable characters escaped."""
     flat = " ".join(str(text).split())
-    flat = flat.encode("ascii", "backslashreplace").decode("ascii")
+    flat = flat.encode("unicode_escape").decode("ascii")  # control and non-ASCII characters as \\x.. escapes
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
@@ -158,13 +158,14 @@ class HttpServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
 class OneLineRelay(logging.Handler):
     """Hands a library's records to the root logger's handlers, as propagation would, but on
-    one line (a traceback becomes its exception's type and message) and at most once per
-    period per line of the library's code. Put it on the library's top logger, with
-    ``propagate = False``."""
+    one line (a traceback becomes its exception's type and message), at ``max_level`` at
+    most, and at most once per period per line of the library's code. Put it on the
+    library's top logger, with ``propagate = False``."""
 
-    def __init__(self, limiter: LogLimiter | None = None) -> None:
+    def __init__(self, limiter: LogLimiter | None = None, max_level: int = logging.CRITICAL) -> None:
         super().__init__()
         self._limiter = limiter or LogLimiter()
+        self._max_level = max_level
 
     def emit(self, record: logging.LogRecord) -> None:
         left_out = self._limiter.allow(f"{record.pathname}:{record.lineno}")
@@ -180,4 +181,6 @@ class OneLineRelay(logging.Handler):
             text += f" ({left_out} more like it since)"
         record.msg, record.args = text, None
         record.exc_info, record.exc_text, record.stack_info = None, None, None
+        if record.levelno > self._max_level:
+            record.levelno, record.levelname = self._max_level, logging.getLevelName(self._max_level)
         logging.getLogger().handle(record)
