@@ -28,6 +28,7 @@ from torch import nn
 
 from peerfed.averaging import FlatLayout
 from peerfed.train.checkpoint import (
+    first_checkpoint_delay,
     load_newest_valid,
     load_optimizer_state,
     save_checkpoint,
@@ -49,7 +50,7 @@ from peerfed.train.messages import (
     TrainerCommand,
     TrainerEvent,
 )
-from peerfed.train.shm import DONE, PROGRESS, SAMPLES, STEP
+from peerfed.train.shm import DONE, PROGRESS, SAMPLES, STEP, name_semaphores_by_pid
 from peerfed.train.tasks import (
     NodeContext,
     TaskLoadError,
@@ -102,6 +103,7 @@ def run_child(
     # First torch op of the process: set later, it does not reach threads that already ran
     # (design.md section 5).
     torch.set_num_threads(settings.threads or default_threads())
+    name_semaphores_by_pid()  # ours, not the daemon's (a task's DataLoader workers make some)
     # Ctrl+C and a closed terminal (or `systemctl kill -s HUP`) hit the whole group; the daemon decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -136,6 +138,7 @@ class Counters:
     schedule_offset: int = 0  # lr schedule step - own step (a donor's clock after state sync)
     began: float | None = None  # when this process began training (monotonic)
     checkpointed_step: int = -1
+    checkpointed_at: float | None = None  # unix time of the checkpoint we resumed from or wrote last
 
     @property
     def schedule_step(self) -> int:
@@ -225,6 +228,8 @@ class _Child:
         schedule = self.task.lr_schedule
         base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         counters.began = now = time.monotonic()
+        self.timers.next_checkpoint = now + first_checkpoint_delay(counters.checkpointed_at, time.time(),
+                                                                   self.s.checkpoint_interval)
         next_housekeeping = 0.0
         for x, y in self.task.train_batches:
             if schedule is not None:  # per step: a few microseconds next to a step's milliseconds
@@ -349,8 +354,9 @@ class _Child:
             log.error("cannot write a checkpoint: %s", exc)
             self.line.send(Failed(f"cannot write a checkpoint: {exc}"))
             return None
-        counters.checkpointed_step = counters.step
-        info = CheckpointInfo(path=str(path), step=counters.step, samples=counters.samples, time=time.time())
+        counters.checkpointed_step, counters.checkpointed_at = counters.step, time.time()
+        info = CheckpointInfo(path=str(path), step=counters.step, samples=counters.samples,
+                              time=counters.checkpointed_at)
         self.line.send(CheckpointSaved(info))
         return info
 
@@ -378,6 +384,8 @@ class _Child:
         counters.step, counters.samples, counters.seconds_before = data["step"], data["samples"], data["seconds_trained"]
         counters.schedule_offset = data["schedule_step"] - counters.step
         counters.checkpointed_step = counters.step
+        saved_at = data.get("time")
+        counters.checkpointed_at = float(saved_at) if isinstance(saved_at, (int, float)) else None
         log.info("resumed from %s (step %d)", path, counters.step)
         return str(path)
 

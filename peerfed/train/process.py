@@ -20,6 +20,7 @@ from multiprocessing.context import SpawnContext
 
 from peerfed.train.child import run_child
 from peerfed.train.messages import TrainerCommand, TrainerEvent
+from peerfed.train.shm import name_semaphores_by_pid
 from peerfed.train.tasks import TrainSettings
 from peerfed.train.weights_port import TrainerLink
 
@@ -37,6 +38,7 @@ class TrainerProcess:
         force_mirror: bool,
         control_name: str,
     ) -> None:
+        name_semaphores_by_pid()  # the queue's and the lock's: swept after a SIGKILL (shm.py)
         reader, self._commands = context.Pipe(duplex=False)
         self._sending = threading.Lock()  # the supervisor and the weights port both send
         self._events = context.Queue()

@@ -6,7 +6,9 @@
   the watchdog reads, the step counters, and a one-slot request mailbox for the mirror mode
   (the daemon posts REQUEST under the weights lock, the trainer answers in DONE).
 - `remove_stale_segments`: segment names carry their creator's pid, so a daemon finds and
-  unlinks the ones a killed daemon left behind.
+  unlinks the ones a killed daemon left behind. The named semaphores behind multiprocessing's
+  locks and queues (4 per trainer: its lock, the event queue's two locks and its counter) do
+  too once `name_semaphores_by_pid` ran in the process that creates them, and are swept alike.
 
 Owner: none; these are plain handles. Whoever opens one closes it (weights_port.py and
 supervisor.py on the daemon's side, child.py in the trainer).
@@ -14,6 +16,7 @@ supervisor.py on the daemon's side, child.py in the trainer).
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import secrets
 from multiprocessing import shared_memory
@@ -39,6 +42,7 @@ REQ_LOAD = 3  # device weights = shared weights buffer
 
 
 SEGMENT_PREFIX = "peerfed_"
+SEMAPHORE_FILE_PREFIX = "sem." + SEGMENT_PREFIX  # /dev/shm/sem.peerfed_<pid>-<random>
 SHM_DIR = Path("/dev/shm")
 
 
@@ -47,13 +51,32 @@ def new_segment_name() -> str:
     return f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
 
 
+def name_semaphores_by_pid() -> None:
+    """Name the semaphores multiprocessing creates in this process from now on
+    ``/peerfed_<pid>-XXXXXXXX`` instead of ``/mp-XXXXXXXX``, so that the ones a SIGKILLed daemon
+    leaves in /dev/shm (its resource tracker dies with it) can be told from others' and swept.
+
+    A spawned child inherits the parent's prefix: it calls this again, so the semaphores it
+    creates carry its own pid and are not swept while it lives. (multiprocessing keeps the
+    prefix in the process's private ``_config``; without it, this does nothing.)
+    """
+    config = getattr(multiprocessing.current_process(), "_config", None)
+    if isinstance(config, dict) and "semprefix" in config:
+        config["semprefix"] = f"/{SEGMENT_PREFIX}{os.getpid()}"
+
+
 def remove_stale_segments() -> list[str]:
-    """Unlink our segments whose owner process is gone (SIGKILL of the whole process group
-    leaves them behind, model-sized). Returns the names removed."""
+    """Unlink our segments and semaphores whose owner process is gone (SIGKILL of the whole
+    process group leaves them behind; segments are model-sized). Returns the names removed.
+
+    Only a dead owner's names go: a process that has a semaphore open keeps it after the
+    name is unlinked, and only the owner (dead) would hand the name to a new process.
+    """
     removed = []
-    for path in SHM_DIR.glob(SEGMENT_PREFIX + "*"):
+    for path in [*SHM_DIR.glob(SEGMENT_PREFIX + "*"), *SHM_DIR.glob(SEMAPHORE_FILE_PREFIX + "*")]:
+        prefix = SEMAPHORE_FILE_PREFIX if path.name.startswith(SEMAPHORE_FILE_PREFIX) else SEGMENT_PREFIX
         try:
-            owner = int(path.name[len(SEGMENT_PREFIX):].split("_", 1)[0])
+            owner = int(path.name[len(prefix):].replace("-", "_").split("_", 1)[0])
         except ValueError:
             continue
         if owner != os.getpid() and not _pid_alive(owner):
