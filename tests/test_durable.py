@@ -136,10 +136,11 @@ def test_the_save_loop_survives_its_errors_and_stop_survives_a_full_disk(
 
 MAKE_SEMAPHORES = """
 import multiprocessing, sys, time
-from peerfed.train.shm import name_semaphores_by_pid
-name_semaphores_by_pid()
+import joblib  # its loky names semaphores its own way: ours must not depend on who imported what
+from peerfed.train.shm import semaphores_named_by_pid
 ctx = multiprocessing.get_context("spawn")
-queue, lock = ctx.Queue(), ctx.Lock()
+with semaphores_named_by_pid():
+    queue, lock = ctx.Queue(), ctx.Lock()
 print("ready", flush=True)
 time.sleep(60)
 """
@@ -165,20 +166,16 @@ def test_semaphores_of_a_killed_process_group_are_swept_and_no_live_ones(tmp_pat
         child.wait(10)
     assert theirs <= our_semaphores(), "the resource tracker died with the group: the names stay behind"
 
-    # A live process's semaphores, named our way (this test process) and the default way.
-    config = multiprocessing.current_process()._config  # type: ignore[attr-defined]
-    saved_prefix = config["semprefix"]
-    try:
-        shm.name_semaphores_by_pid()
+    # A live process's semaphore named our way (this test process's), and one named the usual way.
+    with shm.semaphores_named_by_pid():
         live = multiprocessing.get_context("spawn").Lock()
-        mine = {n for n in our_semaphores() if n.startswith(f"sem.peerfed_{os.getpid()}-")}
-        assert len(mine) == 1
-        removed = shm.remove_stale_segments()
-        assert theirs <= set(removed) and not theirs & our_semaphores()
-        assert mine <= our_semaphores(), "a live process's semaphore was removed"
-        del live
-    finally:
-        config["semprefix"] = saved_prefix
+    usual = multiprocessing.get_context("spawn").Lock()
+    mine = {n for n in our_semaphores() if n.startswith(f"sem.peerfed_{os.getpid()}-")}
+    assert len(mine) == 1 and not usual._semlock.name.startswith("/peerfed_")  # type: ignore[attr-defined]
+    removed = shm.remove_stale_segments()
+    assert theirs <= set(removed) and not theirs & our_semaphores()
+    assert mine <= our_semaphores(), "a live process's semaphore was removed"
+    del live, usual
 
 
 # ---------------------------------------------------------------- a full disk under a real daemon

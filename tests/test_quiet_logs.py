@@ -58,7 +58,8 @@ def test_remote_text_stays_on_one_short_line() -> None:
     text = one_line(forged)
     assert "\n" not in text and "\r" not in text and "\x1b" not in text
     assert len(text) <= 200 and text.startswith("bad 2026-01-01 ERROR")
-    assert describe(TimeoutError()) == "TimeoutError" and describe(OSError("disk full")) == "disk full"
+    assert describe(TimeoutError()) == "timed out" and describe(KeyError()) == "KeyError"
+    assert describe(OSError("disk full")) == "disk full"
 
 
 def test_quiet_log_writes_one_warning_per_sender_and_the_rest_at_debug(caplog: pytest.LogCaptureFixture) -> None:

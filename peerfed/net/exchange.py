@@ -44,7 +44,7 @@ from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
 from peerfed.errors import TrainerUnavailable
 from peerfed.net.exchange_state import ExchangeStats, LastExchange, Occupancy, Role
-from peerfed.net.quiet import HttpServerLog, QuietLog, describe
+from peerfed.net.quiet import BAD_HTTP, HttpServerLog, QuietLog, describe
 from peerfed.net.transfer import (
     MANIFEST_HEADER,
     REQUEST_HEADER,
@@ -186,22 +186,16 @@ class Exchange:
                 receiving.cancel()
             outcome = await self._merge(recv, send, theirs, env.sender, values)
             await response.write_eof()
-        except ProtocolError as exc:
+        except (ProtocolError, HttpProcessingError) as exc:  # bad bytes, or a body that broke HTTP's framing
             outcome = Outcome.REFUSED
-            self._count_rejected(exc.reason)
+            reason = exc.reason if isinstance(exc, ProtocolError) else BAD_HTTP
+            self._count_rejected(reason)
             quiet.warning(f"peer {env.sender}", "exchange from %s refused: %s (%s); nothing merged",
-                          env.sender, exc.reason, describe(exc))
-            response.force_close()
-        except HttpProcessingError as exc:  # its body broke HTTP's framing
-            outcome = Outcome.REFUSED
-            self._count_rejected("bad_http")
-            quiet.warning(f"peer {env.sender}", "exchange from %s refused: bad HTTP body (%s); nothing merged",
-                          env.sender, describe(exc))
+                          env.sender, reason, describe(exc))
             response.force_close()
         except (ConnectionError, asyncio.TimeoutError, OSError, TrainerUnavailable) as exc:
             quiet.log(logging.INFO, f"peer {env.sender}", "exchange from %s failed: %s; nothing merged",
-                      env.sender, describe(exc) if not isinstance(exc, asyncio.TimeoutError)
-                      else f"not done within {self._timeout.total:.0f} s")
+                      env.sender, describe(exc))
             response.force_close()
         finally:
             self._occupancy.give_back(slot, incoming=True)
@@ -257,8 +251,7 @@ class Exchange:
             return response
         except (ConnectionError, asyncio.TimeoutError, OSError, TrainerUnavailable) as exc:
             # The downloader hung up or stalled, or our trainer is restarting: not a bug of ours.
-            quiet.log(logging.INFO, f"peer {env.sender}", "sending our model to %s failed: %s", env.sender,
-                      describe(exc) if not isinstance(exc, asyncio.TimeoutError) else "too slow")
+            quiet.log(logging.INFO, f"peer {env.sender}", "sending our model to %s failed: %s", env.sender, describe(exc))
             response.force_close()
             if response.prepared:
                 return response

@@ -357,8 +357,7 @@ class P2PHost:
             if isinstance(exc, PermissionError):  # refused by on_request, which said why
                 log.debug("request from %s refused: %s", remote, exc)
             else:
-                reason = describe(exc) if not isinstance(exc, trio.TooSlowError) else \
-                    f"no answer within {REQUEST_TIMEOUT:.0f} s"
+                reason = "timed out" if isinstance(exc, trio.TooSlowError) else describe(exc)
                 quiet.warning(f"peer {remote}", "request from %s failed: %s", remote, reason)
             with trio.move_on_after(1):
                 await stream.reset()

@@ -47,8 +47,8 @@ def one_line(text: object, limit: int = LINE_LIMIT) -> str:
 
 
 def describe(exc: BaseException) -> str:
-    """An exception in a few words: its message, or its type when the message is empty."""
-    return one_line(exc) or type(exc).__name__
+    """An exception in a few words: its message, or (when it has none) "timed out" or its type."""
+    return one_line(exc) or ("timed out" if isinstance(exc, TimeoutError) else type(exc).__name__)
 
 
 class LogLimiter:

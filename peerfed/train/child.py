@@ -50,7 +50,7 @@ from peerfed.train.messages import (
     TrainerCommand,
     TrainerEvent,
 )
-from peerfed.train.shm import DONE, PROGRESS, SAMPLES, STEP, name_semaphores_by_pid
+from peerfed.train.shm import DONE, PROGRESS, SAMPLES, STEP
 from peerfed.train.tasks import (
     NodeContext,
     TaskLoadError,
@@ -103,7 +103,6 @@ def run_child(
     # First torch op of the process: set later, it does not reach threads that already ran
     # (design.md section 5).
     torch.set_num_threads(settings.threads or default_threads())
-    name_semaphores_by_pid()  # ours, not the daemon's (a task's DataLoader workers make some)
     # Ctrl+C and a closed terminal (or `systemctl kill -s HUP`) hit the whole group; the daemon decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

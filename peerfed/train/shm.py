@@ -8,7 +8,7 @@
 - `remove_stale_segments`: segment names carry their creator's pid, so a daemon finds and
   unlinks the ones a killed daemon left behind. The named semaphores behind multiprocessing's
   locks and queues (4 per trainer: its lock, the event queue's two locks and its counter) do
-  too once `name_semaphores_by_pid` ran in the process that creates them, and are swept alike.
+  too when `semaphores_named_by_pid` is around their creation, and are swept alike.
 
 Owner: none; these are plain handles. Whoever opens one closes it (weights_port.py and
 supervisor.py on the daemon's side, child.py in the trainer).
@@ -16,10 +16,11 @@ supervisor.py on the daemon's side, child.py in the trainer).
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import secrets
-from multiprocessing import shared_memory
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import shared_memory, synchronize
 from pathlib import Path
 
 import torch
@@ -51,18 +52,24 @@ def new_segment_name() -> str:
     return f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
 
 
-def name_semaphores_by_pid() -> None:
-    """Name the semaphores multiprocessing creates in this process from now on
-    ``/peerfed_<pid>-XXXXXXXX`` instead of ``/mp-XXXXXXXX``, so that the ones a SIGKILLed daemon
-    leaves in /dev/shm (its resource tracker dies with it) can be told from others' and swept.
+@contextmanager
+def semaphores_named_by_pid() -> Iterator[None]:
+    """Within this block, multiprocessing names the semaphores it creates (locks, and a
+    queue's two locks and counter) ``/peerfed_<pid>-XXXXXXXX`` instead of ``/mp-XXXXXXXX``, so
+    the ones a SIGKILLed daemon leaves in /dev/shm (its resource tracker dies with it) can be
+    told from others' and swept once their creator is gone.
 
-    A spawned child inherits the parent's prefix: it calls this again, so the semaphores it
-    creates carry its own pid and are not swept while it lives. (multiprocessing keeps the
-    prefix in the process's private ``_config``; without it, this does nothing.)
+    multiprocessing makes a name in ``SemLock._make_name`` (joblib's loky replaces it too, for
+    the same reason); we set ours for the block only, so nothing else is named our way.
     """
-    config = getattr(multiprocessing.current_process(), "_config", None)
-    if isinstance(config, dict) and "semprefix" in config:
-        config["semprefix"] = f"/{SEGMENT_PREFIX}{os.getpid()}"
+    original = synchronize.SemLock.__dict__["_make_name"]  # the staticmethod itself, not its function
+    ours = staticmethod(lambda: f"/{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+    setattr(synchronize.SemLock, "_make_name", ours)  # noqa: B010 - a private hook, set for the block
+    try:
+        yield
+    finally:
+        if synchronize.SemLock.__dict__.get("_make_name") is ours:  # unless someone replaced it meanwhile
+            setattr(synchronize.SemLock, "_make_name", original)  # noqa: B010
 
 
 def remove_stale_segments() -> list[str]:
