@@ -1,7 +1,5 @@
-"""The `peerfed` command: argument parsing and printing only; the work lives in config.py and
-identity.py. Expected failures (PeerfedError) print one `peerfed: error: ...` message on stderr
-and exit with their documented code, without a traceback.
-"""
+"""The `peerfed` command: parsing and printing only. A PeerfedError prints one `peerfed: error:`
+line on stderr and exits with its documented code, without a traceback."""
 
 from __future__ import annotations
 
@@ -272,8 +270,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # sockets): skip the interpreter's final collection of torch and libp2p objects, which took
     # seconds after "stopped" was logged.
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    sys.stdout.flush(), sys.stderr.flush()
     os._exit(ExitCode.OK)
 
 

@@ -9,6 +9,7 @@ every port before the trainer's slow start, so a taken port is reported in a sec
 from __future__ import annotations
 
 import errno
+import logging
 import socket
 
 from aiohttp import web
@@ -26,11 +27,16 @@ def bind_listener(host: str, port: int, *, setting: str) -> socket.socket:
         raise _bind_error(exc, setting, host, port) from exc
 
 
-async def serve(app: web.Application, host: str, port: int, *, setting: str,
-                shutdown_timeout: float = 60.0, sock: socket.socket | None = None) -> tuple[web.AppRunner, int]:
+async def serve(app: web.Application, host: str, port: int, *, setting: str, shutdown_timeout: float = 60.0,
+                sock: socket.socket | None = None,
+                logger: logging.Logger | logging.LoggerAdapter | None = None,  # type: ignore[type-arg]
+                ) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``sock`` (from bind_listener) or else on host:port; returns the runner
-    and the bound port. Bind failures raise as in bind_listener."""
-    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout)
+    and the bound port. Bind failures raise as in bind_listener. ``logger`` replaces aiohttp's
+    server logger (what it says about bad requests and handler errors)."""
+    options = {} if logger is None else {"logger": logger}
+    runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
+                           **options)
     await runner.setup()
     site: web.BaseSite = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
     try:

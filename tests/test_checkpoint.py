@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from pathlib import Path
@@ -14,7 +15,9 @@ from peerfed.train.checkpoint import (
     CORRUPT_SUFFIX,
     FORMAT_VERSION,
     CheckpointError,
+    CheckpointWriteError,
     checkpoint_name,
+    first_checkpoint_delay,
     list_checkpoints,
     load_checkpoint,
     load_newest_valid,
@@ -64,6 +67,30 @@ def test_atomic_write_leaves_no_temp_and_failure_keeps_old(tmp_path: Path, monke
         save(tmp_path, 2)
     assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no temp file, no half file
     assert load_newest_valid(tmp_path)[0] == first  # type: ignore[index]
+
+
+@pytest.mark.parametrize("failure", [OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)),
+                                     RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")])
+def test_a_failed_write_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, failure: Exception) -> None:
+    def full_disk(obj: object, f: object) -> None:
+        f.write(b"partial")  # type: ignore[attr-defined]
+        raise failure
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointWriteError) as caught:
+        save(tmp_path, 7)
+    assert str(tmp_path / checkpoint_name(7)) in str(caught.value)
+    if isinstance(failure, OSError):
+        assert caught.value.errno == errno.ENOSPC and "No space left on device" in str(caught.value)
+    assert list(tmp_path.iterdir()) == []  # no temp file
+
+
+def test_a_started_trainers_first_checkpoint_counts_from_the_newest_one() -> None:
+    now, interval = 10_000.0, 300.0
+    assert first_checkpoint_delay(None, now, interval) == 0.0  # none yet: at once
+    assert first_checkpoint_delay(now - 1000.0, now, interval) == 0.0  # overdue: at once
+    assert first_checkpoint_delay(now - 100.0, now, interval) == 200.0  # the rest of its interval
+    assert first_checkpoint_delay(now + 5000.0, now, interval) == interval  # clock set back: one interval at most
 
 
 def test_keep_last_k(tmp_path: Path) -> None:

@@ -367,8 +367,8 @@ def test_sigkill_at_random_moments_always_resumes_from_a_valid_checkpoint(tmp_pa
 @pytest.mark.slow
 def test_sigkill_of_the_whole_process_group_leaks_no_shared_memory(tmp_path: Path) -> None:
     """systemd's final SIGKILL (or an OOM kill of the cgroup) takes the daemon, the trainer and
-    multiprocessing's resource tracker at once; the model-sized segments in /dev/shm (RAM) must
-    not outlive the next start."""
+    multiprocessing's resource tracker at once; the model-sized segments in /dev/shm (RAM) and
+    the trainer's 4 named semaphores must not outlive the next start."""
     with local_swarm(tmp_path) as swarm:
         node = swarm.add_node(settings=TRAIN)
         node.start()
@@ -379,6 +379,7 @@ def test_sigkill_of_the_whole_process_group_leaks_no_shared_memory(tmp_path: Pat
         mapped = shm_mappings(pid) | shm_mappings(trainer_pid(pid))
         segments = {p for p in mapped if Path(p).name.startswith("peerfed_")}
         assert segments, f"expected the shared weights in /dev/shm, found {mapped}"
+        assert len([p for p in mapped if Path(p).name.startswith("sem.peerfed_")]) >= 4, mapped
         os.killpg(pid, signal.SIGKILL)
         node.process.wait(10)
         wait_process_group_gone(pid, 30)
@@ -392,6 +393,7 @@ def test_sigkill_of_the_whole_process_group_leaks_no_shared_memory(tmp_path: Pat
         for path in [*leaked, *semaphores]:  # don't leave RAM behind even when failing
             Path(path).unlink(missing_ok=True)
         assert not leaked, f"shared memory of the killed node still in /dev/shm: {leaked}"
+        assert not semaphores, f"semaphores of the killed node still in /dev/shm: {semaphores}"
 
 
 # ---------------------------------------------------------------- SIGTERM during an exchange

@@ -129,6 +129,43 @@ def test_trains_snapshots_survives_kill_and_stops_with_checkpoint(tmp_path: Path
     assert not handle.statistics().process.alive
 
 
+def test_a_restarted_trainers_first_checkpoint_counts_from_the_newest_one(
+        tmp_path: Path, handles: list[TrainerSupervisor]) -> None:
+    """A crash loop shorter than checkpoint.interval used to start the interval over at each
+    restart, so the checkpoint never moved; now the interval counts from the newest checkpoint."""
+    interval, directory = 600.0, tmp_path / "checkpoints"
+    first = TrainerSupervisor(settings(tmp_path, checkpoint_interval=interval))
+    handles.append(first)
+    first.start()
+    first.wait_ready(READY_TIMEOUT)
+    first.begin_training()
+    wait_for(first, lambda s: s.last_checkpoint is not None and s.last_checkpoint.step > 0)  # none yet: at once
+    first.stop(timeout=10)  # and the final one
+
+    # As if that one were written long ago (the node was down, or crashed for a while).
+    newest = list_checkpoints(directory)[-1]
+    data = torch.load(newest, map_location="cpu", weights_only=True)
+    data["time"] -= 2 * interval
+    torch.save(data, newest)
+    second = TrainerSupervisor(settings(tmp_path, checkpoint_interval=interval))
+    handles.append(second)
+    second.start()
+    resumed = second.wait_ready(READY_TIMEOUT).resumed_step
+    assert resumed == data["step"]
+    second.begin_training()
+    saved = wait_for(second, lambda s: s.last_checkpoint is not None and s.last_checkpoint.step > resumed)
+    assert saved.last_checkpoint is not None
+
+    # That one is fresh: a trainer killed now and restarted waits for the rest of its interval.
+    files = list_checkpoints(directory)
+    os.kill(second._process.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
+    wait_for(second, lambda s: not s.alive, timeout=5)
+    again = wait_for(second, lambda s: s.ready, timeout=READY_TIMEOUT)
+    wait_for(second, lambda s: s.step > again.step + 200)
+    time.sleep(0.5)
+    assert list_checkpoints(directory) == files
+
+
 def test_a_donors_lr_clock_goes_on_and_survives_a_restart(tmp_path: Path, handles: list[TrainerSupervisor]) -> None:
     # cosine over 1M steps: taking over a donor's clock at step 500k starts at half the lr.
     options = {"lr_schedule": "cosine", "lr_schedule_steps": 1_000_000}

@@ -1,22 +1,8 @@
-"""The data plane: push-pull weight exchange and state sync over aiohttp.
+"""The data plane: push-pull weight exchange and state sync over aiohttp (docs/architecture.md).
 
-Owner: the data-plane loop (net/dataplane.py). An Exchange and all it holds (buffers,
-counters, the aiohttp server and client, its two transfer workers) is touched only from that
-loop; other threads go through DataPlane and read the ExchangeStats it publishes.
-
-``POST /v1/exchange`` carries the initiator's signed manifest in a header and its snapshot
-in the body; the response carries the responder's manifest and snapshot, and streams while
-the request is still uploading, so both directions move at once. Each body ends with a
-signed trailer holding the BLAKE3 digest of its payload (core/manifest.py): a sender
-snapshots, hashes and sends chunk by chunk, and never reads its whole buffer before the
-first byte leaves. The initiator sends ``Expect: 100-continue``: every refusal is answered
-before a single bulk byte crosses. ``GET /v1/model`` serves our weights to a newcomer.
-
-Each side merges what it received only once all of it is here and its digest matches its
-signed manifest: ``x <- x + a * (received - sent)``, which keeps the local steps taken while
-bytes were in flight. Nothing half-received or unverified is ever merged. What a push, a
-reply, a model request and a model must be is core's rules' (core/exchange_rules.py): this
-driver reads headers, asks the rules, and turns a Refusal into an answer, a count, a log line.
+Owner: the data-plane loop (net/dataplane.py): others go through DataPlane and read the
+ExchangeStats it publishes. The rules are core/exchange_rules.py's; this driver translates
+them. Nothing unverified is merged; a remote's bad input is logged once a minute (net/quiet.py).
 """
 
 from __future__ import annotations
@@ -31,6 +17,7 @@ from typing import Any
 import aiohttp
 import torch
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from peerfed.averaging import ValueCheck, bounded_mixing_weight
 from peerfed.core import exchange_rules as rules
@@ -41,6 +28,7 @@ from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
 from peerfed.errors import TrainerUnavailable
 from peerfed.net.exchange_state import ExchangeStats, LastExchange, Occupancy, Role
+from peerfed.net.quiet import BAD_HTTP, HttpServerLog, QuietLog, describe
 from peerfed.net.transfer import (
     MANIFEST_HEADER,
     REQUEST_HEADER,
@@ -62,6 +50,7 @@ from peerfed.net.transfer import (
 from peerfed.serving import serve
 
 log = logging.getLogger("peerfed.exchange")
+quiet = QuietLog(log)  # lines about what a peer or a remote address sent: once a minute per sender
 ADMITTED_PUSH = web.RequestKey("peerfed.push", Envelope)  # its manifest, verified in the 100-continue step
 
 
@@ -104,7 +93,8 @@ class Exchange:
         app = web.Application()
         app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
         app.router.add_get("/v1/model", self._serve_model)
-        self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0, sock=sock)
+        self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0,
+                                          sock=sock, logger=HttpServerLog(quiet, self._count_rejected))
         return bound
 
     async def close(self) -> None:
@@ -180,14 +170,16 @@ class Exchange:
                 receiving.cancel()
             outcome = await self._merge(recv, send, theirs, env.sender, values)
             await response.write_eof()
-        except Rejected as exc:
+        except (ProtocolError, HttpProcessingError) as exc:  # bad bytes, or a body that broke HTTP's framing
             outcome = Outcome.REFUSED
-            self._count_rejected(exc.reason)
-            log.warning("exchange from %s refused: %s (%s); nothing merged", env.sender, exc.reason, exc)
+            reason = exc.reason if isinstance(exc, ProtocolError) else BAD_HTTP
+            self._count_rejected(reason)
+            quiet.warning(f"peer {env.sender}", "exchange from %s refused: %s (%s); nothing merged",
+                          env.sender, reason, describe(exc))
             response.force_close()
         except (ConnectionError, asyncio.TimeoutError, OSError, TrainerUnavailable) as exc:
-            log.info("exchange from %s failed: %s; nothing merged", env.sender, exc or type(exc).__name__,
-                     exc_info=log.isEnabledFor(logging.DEBUG))
+            quiet.log(logging.INFO, f"peer {env.sender}", "exchange from %s failed: %s; nothing merged",
+                      env.sender, describe(exc))
             response.force_close()
         finally:
             self._occupancy.give_back(slot, incoming=True)
@@ -222,6 +214,7 @@ class Exchange:
         if (refusal := rules.check_model_request(env, ours=self._model(), room=self._occupancy.room())) is not None:
             return refusal_response(self._counted(refusal))
         slot = self._occupancy.take()
+        response = web.StreamResponse()
         try:
             send, _ = slot.buffers()
             view = byte_view(send)
@@ -231,7 +224,7 @@ class Exchange:
                                 in_reply_to=env.nonce, schedule_step=schedule_step,
                                 seconds_trained=seconds_trained)
             sealed = seal(self._signer, network=self._network, recipient=env.sender, body=manifest, now=time.time())
-            response = web.StreamResponse(headers={MANIFEST_HEADER: encode_header(sealed)})
+            response.headers[MANIFEST_HEADER] = encode_header(sealed)
             response.content_length = wire_length(view.nbytes)
             await response.prepare(request)
             sealer = self._digest_sealer(env.sender, nonce_of(sealed))
@@ -240,6 +233,13 @@ class Exchange:
             await response.write_eof()
             self._stats = self._stats.moved(sent=view.nbytes)
             return response
+        except (ConnectionError, asyncio.TimeoutError, OSError, TrainerUnavailable) as exc:
+            # The downloader hung up or stalled, or our trainer is restarting: not a bug of ours.
+            quiet.log(logging.INFO, f"peer {env.sender}", "sending our model to %s failed: %s", env.sender, describe(exc))
+            response.force_close()
+            if response.prepared:
+                return response
+            return web.json_response({"error": "our model is not available now"}, status=503)
         finally:
             self._occupancy.give_back(slot)
 
@@ -306,7 +306,7 @@ class Exchange:
             return outcome
         except (ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError,
                 TrainerUnavailable) as exc:
-            log.info("exchange with %s failed: %s", peer_id, exc or type(exc).__name__)
+            log.info("exchange with %s failed: %s", peer_id, describe(exc))
             return Outcome.FAILED
         finally:
             self._occupancy.give_back(slot, outgoing=True)
@@ -337,7 +337,7 @@ class Exchange:
                 await receive
                 self._stats = self._stats.moved(received=ours.nbytes)
         except (ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
-            log.info("state sync from %s failed: %s", peer_id, exc or type(exc).__name__)
+            log.info("state sync from %s failed: %s", peer_id, describe(exc))
             return None
         problem = await in_receive_worker(self._workers, values.problem)  # checked as it arrived: little left
         if problem:
@@ -372,7 +372,7 @@ class Exchange:
         problem = await in_receive_worker(self._workers, values.problem)  # checked as it arrived: little left
         if problem:
             self._count_rejected("bad_values")
-            log.warning("not merging weights from %s: %s", peer_id, problem)
+            quiet.warning(f"peer {peer_id}", "not merging weights from %s: %s", peer_id, problem)
             return Outcome.REFUSED
         alpha = bounded_mixing_weight(self._weights.num_samples, theirs.sample_weight)
         await in_receive_worker(self._workers, self._weights.merge, received, sent, alpha)

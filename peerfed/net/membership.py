@@ -10,14 +10,16 @@ period, which keeps other networks and strangers out of the peer table.
 
 Owner: the daemon's main loop; Membership and its peer table are touched only from it (the
 libp2p host's callbacks reach it through the bridge, on that loop).
+
+A peer list that fails verification is counted by reason and logged at most once a minute per
+sender (net/quiet.py). Saving the table never raises (net/peer_file.py): the save loop goes on
+after a failed write, and stop() finishes on a full disk.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
 import random
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -36,8 +38,13 @@ from peerfed.core.errors import Rejected
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
 from peerfed.net.p2p import DialError, ForeignPeer, HostStats, P2PHost
+from peerfed.net.peer_file import PeerTableFile, load_peer_table
+from peerfed.net.quiet import QuietLog, describe
+
+__all__ = ["Membership", "MembershipStats", "load_peer_table"]
 
 log = logging.getLogger("peerfed.membership")
+quiet = QuietLog(log)  # lines about what a peer sent: once a minute per peer
 
 DIAL_TICK = 1.0
 GOSSIP_INTERVAL = 5.0
@@ -119,8 +126,7 @@ class Membership:
         self._us = _Us(signer, network)
         self.table = table
         self._bootstrap = list(bootstrap)
-        self._state_file = state_file
-        self._dirty = False  # the table changed since it was saved
+        self._file = PeerTableFile(state_file)
         self._clock = clock
         self._rng = rng or random.Random()
         # The allowlist lives here (verify_peer_record asks it too; reload changes it).
@@ -142,7 +148,7 @@ class Membership:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self.save()
+        self.save()  # never raises: a full disk is logged, and stopping goes on
 
     def _spawn(self, coro: Coroutine[Any, Any, Any], name: str | None = None) -> None:
         """A task of ours (a loop, or a short dial, exchange or disconnect) that stop() cancels."""
@@ -173,11 +179,13 @@ class Membership:
 
     async def handle_request(self, remote: str, data: bytes) -> bytes:
         """An inbound peer_list from ``remote``: absorb it, answer with ours."""
-        env = self._verify(data)
+        env = self._verify(data, remote)
         if env is None or env.sender != remote:
             if env is not None:
                 self._rejections.count("sender_mismatch")
-            raise PermissionError("peer list rejected")
+                quiet.warning(f"peer {remote}", "rejected a peer list from %s: it is signed by %s",
+                              remote, env.sender)
+            raise PermissionError("peer list rejected")  # p2p.py: refused and logged here already
         self._absorb(env.body.records, direct_from=remote)
         return self._sealed_peer_list(remote)
 
@@ -192,7 +200,7 @@ class Membership:
             self._links.unverified_since.pop(peer_id, None)
             if self.table.get(peer_id) is not None:
                 self.table.mark_disconnected(peer_id, now)
-                self._dirty = True
+                self._file.dirty = True
 
     # -- views ----------------------------------------------------------------------------
 
@@ -207,10 +215,10 @@ class Membership:
                                rejected=dict(self._rejections.by_reason), verifier=self._verifier.statistics(),
                                table=self.table.statistics(), host=self._host.statistics())
 
-    def save(self) -> None:
-        """Write the peer table atomically so a restarted node rejoins without bootstrap."""
-        _write_atomically(self._state_file, json.dumps(self.table.to_dict()))
-        self._dirty = False
+    def save(self) -> bool:
+        """Write the peer table atomically so a restarted node rejoins without bootstrap;
+        False if it could not be written (logged with the path and the OS error)."""
+        return self._file.save(self.table)
 
     # -- internals ------------------------------------------------------------------------
 
@@ -230,12 +238,14 @@ class Membership:
         records = [self._own_peer_record(), *self.table.records_for_exchange()]
         return self._us.seal(PeerList(records=tuple(records)), self._clock(), recipient)
 
-    def _verify(self, data: bytes) -> Any:
+    def _verify(self, data: bytes, sender: str) -> Any:
+        """The verified peer list that ``sender`` (a connected PeerID) sent us, or None."""
         try:
             return self._verifier.verify(data, expected_kind=PeerList)
         except Rejected as exc:
             self._rejections.count(exc.reason)
-            log.info("rejected peer list: %s (%s)", exc.reason, exc)
+            quiet.warning(f"peer {sender}", "rejected a peer list from %s: %s (%s)", sender, exc.reason,
+                          describe(exc))
             return None
 
     def _absorb(self, records: Sequence[bytes], *, direct_from: str) -> None:
@@ -254,7 +264,7 @@ class Membership:
             if self.table.add_record(env.sender, addrs=rec.addrs, exchange_url=rec.exchange_url,
                                      fingerprint=rec.fingerprint, record=raw, record_time=env.timestamp,
                                      now=now):
-                self._dirty = True
+                self._file.dirty = True
             if env.sender == direct_from and direct_from in self._links.live:
                 self.table.mark_connected(direct_from, now)
 
@@ -276,7 +286,7 @@ class Membership:
         except Exception as exc:  # noqa: BLE001 - any failure means "no verified record yet"
             log.debug("peer exchange with %s failed: %s", peer_id, exc)
             return
-        env = self._verify(reply)
+        env = self._verify(reply, peer_id)
         if env is None or env.sender != peer_id:
             return
         self._absorb(env.body.records, direct_from=peer_id)
@@ -319,7 +329,7 @@ class Membership:
                     self._spawn(self._host.disconnect(peer_id))
             for peer_id in self.table.evict_stale(now):
                 log.info("forgot peer %s (unreachable for long)", peer_id)
-                self._dirty = True
+                self._file.dirty = True
             await asyncio.sleep(DIAL_TICK)
 
     async def _gossip_loop(self) -> None:
@@ -338,7 +348,7 @@ class Membership:
         try:
             rtt = await self._host.ping(peer_id)
         except Exception as exc:  # noqa: BLE001
-            log.info("ping to %s failed: %s", peer_id, exc or type(exc).__name__)
+            log.info("ping to %s failed: %s", peer_id, describe(exc))
             self.table.record_failure(peer_id, self._clock())
             return
         self.table.record_ping(peer_id, rtt, self._clock())
@@ -346,32 +356,13 @@ class Membership:
     async def _save_loop(self) -> None:
         while True:
             await asyncio.sleep(SAVE_INTERVAL)
-            if self._dirty:  # the table is this loop's: serialize it here, write it in a thread
-                data = json.dumps(self.table.to_dict())
-                self._dirty = False  # a change made while the file is written marks it again
-                await asyncio.to_thread(_write_atomically, self._state_file, data)
-
-
-def load_peer_table(path: Path, own_peer_id: str, **kwargs: Any) -> PeerTable:
-    """The saved table, or an empty one if there is none or it is unreadable (logged)."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            return PeerTable.from_dict(json.load(f), own_peer_id, **kwargs)
-    except FileNotFoundError:
-        return PeerTable(own_peer_id, **kwargs)
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        log.warning("ignoring unreadable peer table %s: %s", path, exc)
-        return PeerTable(own_peer_id, **kwargs)
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+            if not self._file.dirty:
+                continue
+            try:  # the table is this loop's: serialize it here, write it in a thread
+                await asyncio.to_thread(self._file.write, self._file.serialize(self.table))
+            except Exception:  # a bug, not a full disk (write() logs those): the loop goes on
+                self._file.dirty = True
+                log.exception("saving the peer table to %s failed", self._file.path)
 
 
 def _version() -> str:

@@ -18,6 +18,9 @@ py-libp2p 0.8.1 workarounds (design.md section 5):
 - identify announces ``peerfed/<version>`` (py-libp2p reads a module global per message), and
   a peer that refuses our protocol (another network's node, or not peerfed at all) raises
   ForeignPeer instead of a 7-line ERROR block from py-libp2p's logger.
+- What a remote sends can make py-libp2p log (bad handshakes, bad yamux frames), sometimes with
+  a traceback: its records reach our log one line each, at WARNING at most, at most once a
+  minute per place in its code (net/quiet.py). A bad inbound request: once a minute per peer.
 """
 
 from __future__ import annotations
@@ -54,16 +57,23 @@ from peerfed.net.addrs import check_listen_addrs, expand_unspecified
 # re-exported: daemon.py imports it from here
 from peerfed.net.addrs import local_ipv4_addresses as local_ipv4_addresses
 from peerfed.net.bridge import Bridge
+from peerfed.net.quiet import OneLineRelay, QuietLog, describe
 
 log = logging.getLogger("peerfed.p2p")
+quiet = QuietLog(log)  # lines about what a peer sent: once a minute per peer
 
 
 def adopt_libp2p_logger() -> None:
     """py-libp2p cuts its logger off from ours when imported (unless LIBP2P_DEBUG is set),
-    which would hide its warnings; call again after importing it."""
+    which would hide its warnings; call again after importing it. Its records go to our
+    handlers through OneLineRelay (one line each, rate-limited), not by propagation."""
     libp2p_logger = logging.getLogger("libp2p")
-    libp2p_logger.propagate = True
+    libp2p_logger.propagate = False
     libp2p_logger.setLevel(logging.NOTSET)
+    if not any(isinstance(h, OneLineRelay) for h in libp2p_logger.handlers):
+        # Its errors are about a connection or a peer (often the peer's doing), not our node's
+        # health: at most WARNING, like our own lines about a peer's bad input.
+        libp2p_logger.addHandler(OneLineRelay(max_level=logging.WARNING))
     # Every failed dial to a peer that is down logs an ERROR here, several a second; the
     # membership service logs each failed attempt once, with its reason.
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
@@ -86,7 +96,8 @@ adopt_libp2p_logger()
 # Peers see this program in identify, not the library that carries it.
 libp2p_identify.AGENT_VERSION = f"peerfed/{__version__}"
 
-# Called from trio for an inbound request: (remote PeerID, request bytes) -> reply bytes.
+# Called from trio for an inbound request: (remote PeerID, request bytes) -> reply bytes;
+# raises PermissionError for a request it refused and has logged itself.
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 
 REQUEST_TIMEOUT = 10.0
@@ -287,7 +298,11 @@ class P2PHost:
                 await stream.write(encode_frame(reply))
         except Exception as exc:  # noqa: BLE001 - a bad peer must not take the host down
             self._count("inbound_errors")
-            log.info("request from %s failed: %s", remote, exc or type(exc).__name__)
+            if isinstance(exc, PermissionError):  # refused by on_request, which said why
+                log.debug("request from %s refused: %s", remote, exc)
+            else:
+                reason = "timed out" if isinstance(exc, trio.TooSlowError) else describe(exc)
+                quiet.warning(f"peer {remote}", "request from %s failed: %s", remote, reason)
             with trio.move_on_after(1):
                 await stream.reset()
             return

@@ -2,7 +2,8 @@
 
 A checkpoint is one dict (nanoGPT style): model and optimizer state, step counters, the model
 fingerprint, the config digest, a format version and the time. Files are named by step
-(ckpt-000000123.pt) so names sort in training order.
+(ckpt-000000123.pt) so names sort in training order. A write that fails (a full disk) leaves
+no temp file behind and raises CheckpointWriteError, whose message names the file.
 """
 
 from __future__ import annotations
@@ -29,8 +30,28 @@ class CheckpointError(Exception):
     """A checkpoint file is unreadable or not one of ours."""
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; its message names the file and the reason."""
+
+    @classmethod
+    def of(cls, path: Path, exc: BaseException) -> CheckpointWriteError:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            return cls(exc.errno, exc.strerror, str(path))  # "[Errno 28] No space left on device: 'path'"
+        return cls(f"cannot write {path}: {' '.join(str(exc).split()) or type(exc).__name__}")
+
+
 def checkpoint_name(step: int) -> str:
     return f"ckpt-{step:09d}.pt"
+
+
+def first_checkpoint_delay(last_saved_at: float | None, now: float, interval: float) -> float:
+    """Seconds from now (unix time) until a starting trainer's first checkpoint: the interval
+    counts from the newest checkpoint's time, so one that is due already (or none at all) is
+    due at once. A trainer restarted in a crash loop shorter than the interval still moves its
+    checkpoint on, instead of starting a full interval over each time."""
+    if last_saved_at is None:
+        return 0.0
+    return min(interval, max(0.0, last_saved_at + interval - now))  # a clock set back waits one interval at most
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -89,8 +110,13 @@ def save_checkpoint(
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, final)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+    except BaseException as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass
+        if isinstance(exc, (OSError, RuntimeError)):  # torch reports a failed write as RuntimeError
+            raise CheckpointWriteError.of(final, exc) from exc
         raise
     _fsync_dir(directory)
     prune_checkpoints(directory, keep, protect=final)

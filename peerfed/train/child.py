@@ -1,13 +1,9 @@
 """The trainer process: an ordinary PyTorch loop, read top to bottom in ``_Child.run``.
 
-It sets torch's thread count before its first op, builds the task, resumes from the newest
-valid checkpoint, says Hello and attaches the shared weights the daemon hands over, reports
-Ready, waits for Start (the daemon may first load a peer's weights: state sync), then trains
-continuously, evaluates every eval_interval, reports Stats, writes checkpoints, and never
-waits for the network. Messages are messages.py's; the daemon's side is supervisor.py.
-
-Owner: the trainer process's one thread. It only talks to the daemon through its DaemonLine
-(daemon_line.py): the command pipe, the event queue, the control block and the weights lock.
+It builds the task, resumes from the newest valid checkpoint, attaches the shared weights,
+reports Ready, waits for Start (after a state sync), then trains, evaluates, reports Stats
+and writes checkpoints, never waiting for the network. Owner: the trainer process's one
+thread; it talks to the daemon only through its DaemonLine (daemon_line.py).
 """
 
 from __future__ import annotations
@@ -28,6 +24,7 @@ from torch import nn
 
 from peerfed.averaging import FlatLayout
 from peerfed.train.checkpoint import (
+    first_checkpoint_delay,
     load_newest_valid,
     load_optimizer_state,
     save_checkpoint,
@@ -139,6 +136,7 @@ class Counters:
     schedule_offset: int = 0  # lr schedule step - own step (a donor's clock after state sync)
     began: float | None = None  # when this process began training (monotonic)
     checkpointed_step: int = -1
+    checkpointed_at: float | None = None  # unix time of the checkpoint we resumed from or wrote last
 
     @property
     def schedule_step(self) -> int:
@@ -228,6 +226,8 @@ class _Child:
         schedule = self.task.lr_schedule
         base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         counters.began = now = time.monotonic()
+        self.timers.next_checkpoint = now + first_checkpoint_delay(counters.checkpointed_at, time.time(),
+                                                                   self.s.checkpoint_interval)
         next_housekeeping = 0.0
         for x, y in self.task.train_batches:
             if schedule is not None:  # per step: a few microseconds next to a step's milliseconds
@@ -352,8 +352,9 @@ class _Child:
             log.error("cannot write a checkpoint: %s", exc)
             self.line.send(Failed(f"cannot write a checkpoint: {exc}"))
             return None
-        counters.checkpointed_step = counters.step
-        info = CheckpointInfo(path=str(path), step=counters.step, samples=counters.samples, time=time.time())
+        counters.checkpointed_step, counters.checkpointed_at = counters.step, time.time()
+        info = CheckpointInfo(path=str(path), step=counters.step, samples=counters.samples,
+                              time=counters.checkpointed_at)
         self.line.send(CheckpointSaved(info))
         return info
 
@@ -381,6 +382,8 @@ class _Child:
         counters.step, counters.samples, counters.seconds_before = data["step"], data["samples"], data["seconds_trained"]
         counters.schedule_offset = data["schedule_step"] - counters.step
         counters.checkpointed_step = counters.step
+        saved_at = data.get("time")
+        counters.checkpointed_at = float(saved_at) if isinstance(saved_at, (int, float)) else None
         log.info("resumed from %s (step %d)", path, counters.step)
         return str(path)
 

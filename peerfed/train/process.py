@@ -20,6 +20,7 @@ from multiprocessing.context import SpawnContext
 
 from peerfed.train.child import run_child
 from peerfed.train.messages import TrainerCommand, TrainerEvent
+from peerfed.train.shm import semaphores_named_by_pid
 from peerfed.train.tasks import TrainSettings
 from peerfed.train.weights_port import TrainerLink
 
@@ -39,8 +40,9 @@ class TrainerProcess:
     ) -> None:
         reader, self._commands = context.Pipe(duplex=False)
         self._sending = threading.Lock()  # the supervisor and the weights port both send
-        self._events = context.Queue()
-        lock = context.Lock()
+        with semaphores_named_by_pid():  # swept after a SIGKILL of the whole group (shm.py)
+            self._events = context.Queue()
+            lock = context.Lock()
         # Not daemonic: a task may start DataLoader workers. The supervisor's stop (or its
         # atexit hook) ends it, and it exits by itself when it sees that its parent is gone.
         self.process = context.Process(

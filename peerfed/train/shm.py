@@ -6,7 +6,9 @@
   the watchdog reads, the step counters, and a one-slot request mailbox for the mirror mode
   (the daemon posts REQUEST under the weights lock, the trainer answers in DONE).
 - `remove_stale_segments`: segment names carry their creator's pid, so a daemon finds and
-  unlinks the ones a killed daemon left behind.
+  unlinks the ones a killed daemon left behind. The named semaphores behind multiprocessing's
+  locks and queues (4 per trainer: its lock, the event queue's two locks and its counter) do
+  too when `semaphores_named_by_pid` is around their creation, and are swept alike.
 
 Owner: none; these are plain handles. Whoever opens one closes it (weights_port.py and
 supervisor.py on the daemon's side, child.py in the trainer).
@@ -16,7 +18,9 @@ from __future__ import annotations
 
 import os
 import secrets
-from multiprocessing import shared_memory
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing import shared_memory, synchronize
 from pathlib import Path
 
 import torch
@@ -39,6 +43,7 @@ REQ_LOAD = 3  # device weights = shared weights buffer
 
 
 SEGMENT_PREFIX = "peerfed_"
+SEMAPHORE_FILE_PREFIX = "sem." + SEGMENT_PREFIX  # /dev/shm/sem.peerfed_<pid>-<random>
 SHM_DIR = Path("/dev/shm")
 
 
@@ -47,13 +52,38 @@ def new_segment_name() -> str:
     return f"{SEGMENT_PREFIX}{os.getpid()}_{secrets.token_hex(6)}"
 
 
+@contextmanager
+def semaphores_named_by_pid() -> Iterator[None]:
+    """Within this block, multiprocessing names the semaphores it creates (locks, and a
+    queue's two locks and counter) ``/peerfed_<pid>-XXXXXXXX`` instead of ``/mp-XXXXXXXX``, so
+    the ones a SIGKILLed daemon leaves in /dev/shm (its resource tracker dies with it) can be
+    told from others' and swept once their creator is gone.
+
+    multiprocessing makes a name in ``SemLock._make_name`` (joblib's loky replaces it too, for
+    the same reason); we set ours for the block only, so nothing else is named our way.
+    """
+    original = synchronize.SemLock.__dict__["_make_name"]  # the staticmethod itself, not its function
+    ours = staticmethod(lambda: f"/{SEGMENT_PREFIX}{os.getpid()}-{secrets.token_hex(4)}")
+    setattr(synchronize.SemLock, "_make_name", ours)  # noqa: B010 - a private hook, set for the block
+    try:
+        yield
+    finally:
+        if synchronize.SemLock.__dict__.get("_make_name") is ours:  # unless someone replaced it meanwhile
+            setattr(synchronize.SemLock, "_make_name", original)  # noqa: B010
+
+
 def remove_stale_segments() -> list[str]:
-    """Unlink our segments whose owner process is gone (SIGKILL of the whole process group
-    leaves them behind, model-sized). Returns the names removed."""
+    """Unlink our segments and semaphores whose owner process is gone (SIGKILL of the whole
+    process group leaves them behind; segments are model-sized). Returns the names removed.
+
+    Only a dead owner's names go: a process that has a semaphore open keeps it after the
+    name is unlinked, and only the owner (dead) would hand the name to a new process.
+    """
     removed = []
-    for path in SHM_DIR.glob(SEGMENT_PREFIX + "*"):
+    for path in [*SHM_DIR.glob(SEGMENT_PREFIX + "*"), *SHM_DIR.glob(SEMAPHORE_FILE_PREFIX + "*")]:
+        prefix = SEMAPHORE_FILE_PREFIX if path.name.startswith(SEMAPHORE_FILE_PREFIX) else SEGMENT_PREFIX
         try:
-            owner = int(path.name[len(SEGMENT_PREFIX):].split("_", 1)[0])
+            owner = int(path.name[len(prefix):].replace("-", "_").split("_", 1)[0])
         except ValueError:
             continue
         if owner != os.getpid() and not _pid_alive(owner):
