@@ -266,9 +266,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         find_task_module(cfg)  # a module the trainer cannot import: say so now, not after start-up
     setup_logging(args.log_level or cfg.log_level)
     run_daemon(cfg, log_level_override=args.log_level)
-    # The clean stop has released all that matters (trainer and its checkpoint, shared memory,
-    # sockets): skip the interpreter's final collection of torch and libp2p objects, which took
-    # seconds after "stopped" was logged.
+    # The clean stop released all that matters (trainer, checkpoint, shared memory, sockets):
+    # skip the interpreter's final collection of torch and libp2p objects (seconds).
     logging.shutdown()
     sys.stdout.flush(), sys.stderr.flush()
     os._exit(ExitCode.OK)

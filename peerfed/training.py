@@ -10,7 +10,6 @@ the model is known, ``run`` does the state sync and then trains and gossips.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import random
 import time
@@ -171,7 +170,7 @@ class Training(TrainingSide):
 
     def progress(self) -> int | None:
         """The trainer's heartbeat once it trains (the watchdog wants it to move); None before."""
-        return self._trainer.progress_counter() if self._trainer.statistics().training else None
+        return self._trainer.progress_counter() if self._trainer.statistics().process.training else None
 
     def status(self) -> dict[str, object]:
         """The training part of /status (keys as they always were)."""
@@ -179,8 +178,9 @@ class Training(TrainingSide):
         ex = self._plane.data_plane.statistics() if self._plane is not None else ExchangeStats()
         last = ex.last
         return {
-            "step": stats.step, "samples": stats.samples, "metrics": stats.metrics, "loss": stats.loss,
-            "trainer": dataclasses.asdict(stats), "state_sync": self.state_sync,
+            "step": stats.progress.step, "samples": stats.progress.samples,
+            "metrics": dict(stats.evaluation.metrics), "loss": stats.progress.loss,
+            "trainer": stats.as_status(), "state_sync": self.state_sync,
             "exchanges": {"ok": ex.ok, "refused": ex.refused, "failed": ex.failed, "busy": ex.busy},
             "bytes_sent": ex.bytes_sent, "bytes_received": ex.bytes_received,
             "last_exchange": None if last is None else {
@@ -196,12 +196,14 @@ class Training(TrainingSide):
             await asyncio.sleep(POLL_INTERVAL)
             self._trainer.poll()
             stats = self._trainer.statistics()
-            self._metrics.update_training(stats.step, stats.samples, stats.loss, stats.metrics.get("accuracy"))
-            for _ in range(stats.restarts - restarts):
+            progress, process = stats.progress, stats.process
+            self._metrics.update_training(progress.step, progress.samples, progress.loss,
+                                          stats.evaluation.metrics.get("accuracy"))
+            for _ in range(process.restarts - restarts):
                 self._metrics.trainer_restarted()
-            restarts = stats.restarts
-            if stats.last_checkpoint is not None:
-                self._metrics.checkpoint_saved(stats.last_checkpoint.time)
+            restarts = process.restarts
+            if process.last_checkpoint is not None:
+                self._metrics.checkpoint_saved(process.last_checkpoint.time)
             self._metrics.set_peers_connected(len(self._membership.connected_peers()))
 
 
