@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 import time
@@ -266,11 +265,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         find_task_module(cfg)  # a module the trainer cannot import: say so now, not after start-up
     setup_logging(args.log_level or cfg.log_level)
     run_daemon(cfg, log_level_override=args.log_level)
-    # The clean stop released all that matters (trainer, checkpoint, shared memory, sockets):
-    # skip the interpreter's final collection of torch and libp2p objects (seconds).
-    logging.shutdown()
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(ExitCode.OK)
+    return ExitCode.OK
 
 
 def add_query_arguments(parser: argparse.ArgumentParser) -> None:

@@ -139,7 +139,7 @@ def test_a_restarted_trainers_first_checkpoint_counts_from_the_newest_one(
     first.start()
     first.wait_ready(READY_TIMEOUT)
     first.begin_training()
-    wait_for(first, lambda s: s.last_checkpoint is not None and s.last_checkpoint.step > 0)  # none yet: at once
+    wait_for(first, lambda s: s.process.last_checkpoint is not None and s.process.last_checkpoint.step > 0)  # none yet: at once
     first.stop(timeout=10)  # and the final one
 
     # As if that one were written long ago (the node was down, or crashed for a while).
@@ -153,15 +153,15 @@ def test_a_restarted_trainers_first_checkpoint_counts_from_the_newest_one(
     resumed = second.wait_ready(READY_TIMEOUT).resumed_step
     assert resumed == data["step"]
     second.begin_training()
-    saved = wait_for(second, lambda s: s.last_checkpoint is not None and s.last_checkpoint.step > resumed)
-    assert saved.last_checkpoint is not None
+    saved = wait_for(second, lambda s: s.process.last_checkpoint is not None and s.process.last_checkpoint.step > resumed)
+    assert saved.process.last_checkpoint is not None
 
     # That one is fresh: a trainer killed now and restarted waits for the rest of its interval.
     files = list_checkpoints(directory)
     os.kill(second._process.process.pid, signal.SIGKILL)  # type: ignore[union-attr]
-    wait_for(second, lambda s: not s.alive, timeout=5)
-    again = wait_for(second, lambda s: s.ready, timeout=READY_TIMEOUT)
-    wait_for(second, lambda s: s.step > again.step + 200)
+    wait_for(second, lambda s: not s.process.alive, timeout=5)
+    again = wait_for(second, lambda s: s.process.ready, timeout=READY_TIMEOUT)
+    wait_for(second, lambda s: s.progress.step > again.progress.step + 200)
     time.sleep(0.5)
     assert list_checkpoints(directory) == files
 

@@ -227,7 +227,7 @@ class _Child:
         base_lrs = [float(group["lr"]) for group in optimizer.param_groups]
         counters.began = now = time.monotonic()
         self.timers.next_checkpoint = now + first_checkpoint_delay(counters.checkpointed_at, time.time(),
-                                                                   self.s.checkpoint_interval)
+                                                                   self.s.checkpoint.interval)
         next_housekeeping = 0.0
         for x, y in self.task.train_batches:
             if schedule is not None:  # per step: a few microseconds next to a step's milliseconds
