@@ -23,7 +23,7 @@ from peerfed.core.exchange_rules import Outcome
 from peerfed.core.peerid import Signer
 from peerfed.core.schedule import ExchangeScheduler
 from peerfed.errors import ConfigError
-from peerfed.net.addresses import advertised_host
+from peerfed.net.addrs import advertised_host
 from peerfed.net.dataplane import DataPlane
 from peerfed.net.exchange import Exchange
 from peerfed.net.exchange_state import ExchangeStats

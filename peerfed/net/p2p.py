@@ -55,7 +55,6 @@ from peerfed.errors import AddressInUseError
 from peerfed.net.addrs import check_listen_addrs, expand_unspecified
 
 # re-exported: daemon.py imports it from here
-from peerfed.net.addrs import local_ipv4_addresses as local_ipv4_addresses
 from peerfed.net.bridge import Bridge
 from peerfed.net.quiet import OneLineRelay, QuietLog, describe
 
