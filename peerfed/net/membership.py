@@ -37,6 +37,7 @@ from peerfed.core.envelope import (
 from peerfed.core.errors import Rejected
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
+from peerfed.core.view import PartialView
 from peerfed.net.p2p import DialError, ForeignPeer, HostStats, P2PHost
 from peerfed.net.peer_file import PeerTableFile, load_peer_table
 from peerfed.net.quiet import QuietLog, describe
@@ -68,6 +69,7 @@ class MembershipStats:
     verifier: Mapping[str, int]   # the envelope verifier's decisions
     table: Mapping[str, int]      # peers by state, and the table's own counters
     host: HostStats
+    view: Mapping[str, int]       # the partial view's target and what it did (core/view.py)
 
 
 @dataclass
@@ -92,6 +94,7 @@ class _Links:
     # live connections whose peer has not shown a verified record yet: since when
     unverified_since: dict[str, float] = field(default_factory=dict)
     dialing: set[str] = field(default_factory=set)
+    since: dict[str, float] = field(default_factory=dict)  # when each live connection came up
 
 
 class _Rejections:
@@ -121,6 +124,7 @@ class Membership:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_rejected: Callable[[str], None] | None = None,
+        max_connections: int = 24,
     ) -> None:
         self._host = host
         self._us = _Us(signer, network)
@@ -133,6 +137,7 @@ class Membership:
         self._verifier = Verifier(network=network, own_peer_id=signer.peer_id, clock=clock, allowlist=allowlist)
         self._rejections = _Rejections(on_rejected)
         self._links = _Links()
+        self._view = PartialView(target=max_connections, rng=self._rng)
         self._tasks: set[asyncio.Task[Any]] = set()  # our loops and short side tasks; stop() ends them
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -193,10 +198,12 @@ class Membership:
         now = self._clock()
         if up:
             self._links.live.add(peer_id)
+            self._links.since.setdefault(peer_id, now)
             self._links.unverified_since[peer_id] = now
             self._spawn(self._exchange_with(peer_id))
         else:
             self._links.live.discard(peer_id)
+            self._links.since.pop(peer_id, None)
             self._links.unverified_since.pop(peer_id, None)
             if self.table.get(peer_id) is not None:
                 self.table.mark_disconnected(peer_id, now)
@@ -213,7 +220,8 @@ class Membership:
     def statistics(self) -> MembershipStats:
         return MembershipStats(peers_connected=len(self.connected_peers()), known=len(self.table),
                                rejected=dict(self._rejections.by_reason), verifier=self._verifier.statistics(),
-                               table=self.table.statistics(), host=self._host.statistics())
+                               table=self.table.statistics(), host=self._host.statistics(),
+                               view=self._view.statistics())
 
     def save(self) -> bool:
         """Write the peer table atomically so a restarted node rejoins without bootstrap;
@@ -315,10 +323,13 @@ class Membership:
         while True:
             now = self._clock()
             links = self._links
-            due = [p for p in self.table.due_for_dial(now) if p not in links.live and p not in links.dialing]
-            room = MAX_PARALLEL_DIALS - len(links.dialing)
-            for peer_id in due[:max(0, room)]:
+            plan = self._view.plan(live={p: links.since.get(p, now) for p in links.live}, dialing=links.dialing,
+                                   due=self.table.due_for_dial(now), now=now, max_parallel=MAX_PARALLEL_DIALS)
+            for peer_id in plan.dial:
                 self._spawn(self._dial(peer_id))
+            for peer_id in plan.close:
+                log.debug("closing connection to %s: %s", peer_id, plan.reason)
+                self._spawn(self._host.disconnect(peer_id))
             for peer_id, since in list(links.unverified_since.items()):
                 info = self.table.get(peer_id)
                 verified = info is not None and info.state == PeerState.CONNECTED

@@ -327,7 +327,7 @@ class P2PHost:
         peer_id = conn.muxed_conn.peer_id
         self._count_connections()
         if len(self._host.get_connected_peers()) > self._max_connected + 8:
-            # Slack above max_peers lets newcomers introduce themselves before pruning.
+            # Slack above max_connections lets newcomers introduce themselves before pruning.
             self._count("inbound_refused_full")
             log.info("too many connections (%d); closing the one from %s",
                      len(self._host.get_connected_peers()), peer_id)
