@@ -145,3 +145,18 @@ def test_view_repairs_after_a_third_of_the_nodes_die() -> None:
     assert all(not (links[i] & kill) for i in alive)
     assert min(len(links[i]) for i in alive) >= target - 1
     assert connected(links, alive)
+
+
+def test_verified_records_are_remembered_by_their_bytes_until_too_old() -> None:
+    from peerfed.core.record_cache import VerifiedRecords
+
+    cache = VerifiedRecords(max_age=100.0, limit=3)
+    cache.add(b"rec-a", "A", timestamp=1000.0)
+    assert cache.subject(b"rec-a", now=1050.0) == "A"
+    assert cache.subject(b"rec-a", now=1101.0) is None  # expired records are checked again (and refused)
+    assert cache.subject(b"rec-b", now=1050.0) is None
+    for i in range(3):
+        cache.add(f"r{i}".encode(), "X", timestamp=1000.0)
+    assert cache.subject(b"rec-a", now=1050.0) is None  # bounded: cleared when full
+    cache.clear()
+    assert cache.subject(b"r2", now=1050.0) is None

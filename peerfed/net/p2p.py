@@ -100,7 +100,17 @@ libp2p_identify.AGENT_VERSION = f"peerfed/{__version__}"
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 
 REQUEST_TIMEOUT = 10.0
+ADDRS_TTL = 10.0  # seconds our address list is reused (P2PHost.addrs)
 MAX_REQUEST_BYTES = 1 << 20
+
+
+@dataclass
+class _OwnAddrs:
+    """Where we listen, what we announce instead, and the last list of our full addresses."""
+
+    listen: list[multiaddr.Multiaddr]
+    announce: list[multiaddr.Multiaddr]
+    cached: tuple[float, list[str]] | None = None  # (monotonic time, addrs())
 
 
 class DialError(Exception):
@@ -165,8 +175,7 @@ class P2PHost:
         self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
         self._key_pair = key_pair
         self._protocol = peers_protocol(network)
-        self._listen = [multiaddr.Multiaddr(a) for a in listen]
-        self._announce = [multiaddr.Multiaddr(a) for a in announce]
+        self._addrs = _OwnAddrs([multiaddr.Multiaddr(a) for a in listen], [multiaddr.Multiaddr(a) for a in announce])
         self._bridge = bridge
         self._on_request = on_request
         self._on_connection_change = on_connection_change
@@ -179,7 +188,7 @@ class P2PHost:
 
     async def start(self) -> list[str]:
         """Listen and return our full addresses (each ending in /p2p/<PeerID>)."""
-        check_listen_addrs([str(a) for a in self._listen])
+        check_listen_addrs([str(a) for a in self._addrs.listen])
         return await self._bridge.run_trio(self._trio_start)
 
     async def stop(self) -> None:
@@ -202,8 +211,16 @@ class P2PHost:
         await self._bridge.run_trio(self._trio_disconnect, peer_id)
 
     def addrs(self) -> list[str]:
-        """Our dialable addresses (announce ones if configured), each ending in /p2p/<PeerID>."""
-        return expand_unspecified([str(a) for a in self._host.get_addrs()]) if self._host is not None else []
+        """Our dialable addresses (announce ones if configured), each ending in /p2p/<PeerID>.
+
+        Reused for ADDRS_TTL seconds: building them parses multiaddrs and lists interfaces, and
+        the status views ask every few seconds (a sixth of an idle relay's CPU when uncached)."""
+        if self._host is None:
+            return []
+        now = time.monotonic()
+        if self._addrs.cached is None or now - self._addrs.cached[0] > ADDRS_TTL:
+            self._addrs.cached = (now, expand_unspecified([str(a) for a in self._host.get_addrs()]))
+        return list(self._addrs.cached[1])
 
     def statistics(self) -> HostStats:
         return self._stats
@@ -224,8 +241,8 @@ class P2PHost:
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
             connection_config=ConnectionConfig(max_connections=1_000_000, max_connections_per_peer=1),
-            listen_addrs=self._listen,
-            announce_addrs=self._announce or None,
+            listen_addrs=self._addrs.listen,
+            announce_addrs=self._addrs.announce or None,
         )
 
     async def _trio_start(self) -> list[str]:
@@ -237,12 +254,12 @@ class P2PHost:
         self._host.set_stream_handler(self._protocol, self._trio_handle_stream)
         self._host.get_network().register_notifee(_Notifee(self))
         self._stop = trio.Event()
-        async with self._host.run(listen_addrs=self._listen):
+        async with self._host.run(listen_addrs=self._addrs.listen):
             # Its auto-connector redials anything in the peerstore (strangers we closed
             # included) towards 150 connections; whom we dial is membership's decision.
             await self._host.get_network().auto_connector.stop()
             if not self._host.get_transport_addrs():
-                raise AddressInUseError("p2p.listen: could not listen on " + ", ".join(map(str, self._listen)))
+                raise AddressInUseError("p2p.listen: could not listen on " + ", ".join(map(str, self._addrs.listen)))
             task_status.started(self.addrs())
             await self._stop.wait()
 
