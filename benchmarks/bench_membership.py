@@ -1,7 +1,7 @@
 """Control plane: seconds until every node holds its view, idle CPU, an idle daemon's memory.
 
 Run: python benchmarks/bench_membership.py [--sizes 4,8,16] [--reps 1] [--timeout 120]
-         [--max-connections 24] [--idle-window 30]
+         [--max-connections 16] [--idle-window 30]
      python benchmarks/bench_membership.py --sizes 64,128 --timeout 300   # issue 16's swarms
 
 For each N, N real daemons (separate processes on 127.0.0.1) with training disabled (relay
@@ -162,7 +162,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=1, help="swarms started per size")
     parser.add_argument("--timeout", type=float, default=120.0, help="give up on a swarm after this long")
     parser.add_argument("--settle", type=float, default=10.0, help="seconds the training daemon runs before reading RSS")
-    parser.add_argument("--max-connections", type=int, default=24, help="p2p.max_connections of every daemon")
+    parser.add_argument("--max-connections", type=int, default=16, help="p2p.max_connections of every daemon")
     parser.add_argument("--idle-window", type=float, default=30.0, help="seconds of idle CPU measured once views are held")
     parser.add_argument("--no-training-daemon", action="store_true", help="skip the training daemon's memory")
     args = parser.parse_args()

@@ -77,7 +77,7 @@ class P2PConfig(_Section):
     bootstrap: tuple[BootstrapAddr, ...] = ()
     allowlist: tuple[PeerIdStr, ...] = ()
     max_peers: Int = Field(64, ge=1)
-    max_connections: Int = Field(24, ge=1)  # the active view: live connections kept, whatever the swarm's size
+    max_connections: Int = Field(16, ge=1)  # the active view: live connections kept, whatever the swarm's size
 
     @field_validator("listen")
     @classmethod

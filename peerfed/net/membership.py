@@ -56,6 +56,7 @@ RECORD_REFRESH = 600.0       # re-sign our record well before others consider it
 RECORD_MAX_AGE = 3600.0
 UNVERIFIED_GRACE = 10.0      # a connection without a verified record is closed after this
 MAX_PARALLEL_DIALS = 8
+REPLACE_PER_LIST = 2         # new peers a peer list may put in place of stale ones in a full table
 FOREIGN_PEER_FAILURES = 5      # a peer refusing our protocol counts as this many failed dials
 
 
@@ -126,7 +127,7 @@ class Membership:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_rejected: Callable[[str], None] | None = None,
-        max_connections: int = 24,
+        max_connections: int = 16,
     ) -> None:
         self._host = host
         self._us = _Us(signer, network)
@@ -261,6 +262,7 @@ class Membership:
 
     def _absorb(self, records: Sequence[bytes], *, direct_from: str) -> None:
         now = self._clock()
+        room_to_replace = REPLACE_PER_LIST
         for raw in records:
             subject = self._records.subject(raw, now)
             if subject is not None and (held := self.table.get(subject)) is not None and held.record.envelope == raw:
@@ -277,10 +279,12 @@ class Membership:
                 continue
             self._records.add(raw, env.sender, env.timestamp)
             rec: PeerRecord = env.body
+            full_and_new = len(self.table) >= self.table.max_peers and env.sender not in self.table
             if self.table.add_record(env.sender, addrs=rec.addrs, exchange_url=rec.exchange_url,
                                      fingerprint=rec.fingerprint, record=raw, record_time=env.timestamp,
-                                     now=now):
+                                     now=now, may_replace=room_to_replace > 0):
                 self._file.dirty = True
+                room_to_replace -= full_and_new
             self._mark_if_direct(env.sender, direct_from, now)
 
     def _mark_if_direct(self, subject: str, direct_from: str, now: float) -> None:
