@@ -1,17 +1,22 @@
 """Robust merge math (exchange.clip): bound how far one peer can move this node in one merge.
 
 ClippedGossip (He, Karimireddy and Jaggi, 2022, arXiv 2202.01545) merges a neighbour's model
-as x += a * clip(peer - x, tau): whatever a peer sends, it moves us by at most a * tau. Our
-merge is x += a * (received - sent) (averaging.merge_), so clipping the peer's difference is a
-smaller mixing weight: a * min(1, tau / |received - sent|), and the merge itself is unchanged.
+as x += a * clip(peer - x, tau). Our merge is x += a * (received - sent) (averaging.merge_),
+so clipping the peer's difference d = received - sent is a smaller mixing weight, and the merge
+itself is unchanged: a * min(1, tau / |d|). Beyond the radius we shrink further, as
+a * (tau / |d|) ** 2 (a redescending clip): a model far outside the swarm's spread (x50, an
+old replay late in training) moves us by tau * tau / |d|, less than one at the radius does.
 
-The radius is this node's own recent movement: tau = factor * |sent - anchor|, where the
-anchor is where the last merge (or the start, or a state sync) left the weights. So a peer may
-pull us, per merge, about as far as our own training moved us since the last one: an honest
-pair (whose models differ by roughly what their local steps moved them) is rarely clipped,
-while a poisoned model (scaled, noise, an ascent, an old replay) moves us by no more than
-honest training would; and a peer that exchanges 40 times as often gets 40 small radii, not
-40 large ones, because each radius only spans the training since the merge before it.
+The radius: tau = factor x the median of (a) this node's own movement since its last merge
+(|sent - anchor|: the anchor is where the last merge, the start or a state sync left it;
+with exchange.outer = "nesterov", the outer weights) and (b) the peer distances |d| of its
+last RECENT_MERGES merges, each counted at most at the radius it was clipped to. Why not the
+own movement alone, as ClippedGossip's analysis suggests: on non-iid shards (Dirichlet 0.1)
+honest peers differ by far more than a node moves between two merges (a radius of 2x that
+movement left the simulation near local-only accuracy, 27% against 84%; BENCHMARKS.md), so
+the radius has to follow the swarm's honest spread, which the median of recent merges does
+while fewer than half of them come from one attacker. A poisoned peer cannot widen it past
+the factor per merge it wins.
 
 Torch only, no I/O (at the level of averaging.py).
 """
@@ -19,14 +24,17 @@ Torch only, no I/O (at the level of averaging.py).
 from __future__ import annotations
 
 import math
+import statistics
+from collections import deque
 
 import torch
 
 from peerfed.averaging import CHUNK_ELEMENTS, check_flat
 
-# Default exchange.clip: measured with benchmarks/bench_convergence.py --clip and bench_attack.py
-# (BENCHMARKS.md, "Robust merge"): honest-only accuracy within 0.5 points of no clipping.
+# exchange.clip's default (config.py): honest-only accuracy within 0.5 points of no clipping in
+# benchmarks/bench_convergence.py --clip and bench_attack.py (BENCHMARKS.md, "Robust merge").
 CLIP_FACTOR = 2.0
+REDESCEND = 2  # beyond the radius, a difference d moves us by radius x (radius / d) ** (REDESCEND - 1)
 
 
 def distance(a: torch.Tensor, b: torch.Tensor, *, chunk: int = CHUNK_ELEMENTS) -> float:
@@ -45,15 +53,29 @@ def distance(a: torch.Tensor, b: torch.Tensor, *, chunk: int = CHUNK_ELEMENTS) -
     return math.sqrt(total)
 
 
-def clip_radius(sent: torch.Tensor, anchor: torch.Tensor, factor: float) -> float:
-    """How far a peer may pull us in this merge: factor x our own movement since `anchor`."""
-    return factor * distance(sent, anchor)
-
-
 def clipped_weight(alpha: float, difference: float, radius: float) -> float:
-    """The mixing weight that clips a peer's difference of norm `difference` to `radius`."""
+    """The mixing weight for a peer's difference of norm `difference`: `alpha` within the
+    radius, alpha * (radius / difference) ** REDESCEND beyond it (0 for a non-finite one)."""
     if not math.isfinite(difference) or not math.isfinite(radius):
         return 0.0
     if difference <= radius:
         return alpha
-    return alpha * radius / difference
+    return alpha * (radius / difference) ** REDESCEND
+
+
+# How many recent peer distances the radius looks back on.
+RECENT_MERGES = 16
+
+
+class ClipScale:
+    """The radius of the next merge (see the module's docstring)."""
+
+    def __init__(self, window: int = RECENT_MERGES) -> None:
+        self._recent: deque[float] = deque(maxlen=window)
+
+    def radius(self, factor: float, own_movement: float) -> float:
+        return factor * statistics.median([*self._recent, own_movement])
+
+    def observe(self, difference: float, radius: float) -> None:
+        if math.isfinite(difference):
+            self._recent.append(min(difference, radius))

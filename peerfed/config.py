@@ -97,7 +97,7 @@ class ExchangeConfig(_Section):
     outer: Literal["none", "nesterov"] = "none"
     outer_lr: Float = Field(0.7, gt=0, le=2)  # the outer step's learning rate (exchange.outer = "nesterov")
     outer_momentum: Float = Field(0.9, ge=0, lt=1)  # the outer step's momentum
-    clip: Float = Field(2.0, ge=0)  # robust merge: a peer moves us <= clip x our own movement since the last merge; 0 = off
+    clip: Float = Field(2.0, ge=0)  # robust merge: peer differences clipped to clip x the recent spread (clipping.py); 0 = off
 
     @property
     def listen_host(self) -> str:

@@ -190,7 +190,8 @@ class Training(TrainingSide):
                 "peer_id": last.peer_id, "role": last.role, "outcome": last.outcome.value,
                 "duration_s": round(last.duration_s, 4), "at": last.at},
             "exchange_rejected": dict(ex.rejected),
-            "merges": asdict(self._trainer.weights.merge_statistics()),
+            "merges": {**asdict(self._trainer.weights.merge_statistics()),
+                       "outer": self._config.exchange.outer, "clip": self._config.exchange.clip},
         }
 
     async def _poll_trainer(self) -> None:

@@ -9,11 +9,12 @@
 What travels is the same in both: the trainer's current weights x. Outer weights are not sent:
 as averaging.outer_step_ shows, the pair average of x is all NoLoCo's and DiLoCo's updates need.
 
-a' is the mixing weight with the peer's difference clipped (clipping.py): at most
-exchange.clip x our own movement since the last merge. That movement is measured from an
-anchor: phi with the outer step (x restarts from phi at every exchange), else a buffer holding
-where the last merge left us. The anchor (and phi, m) restart at the weights whenever the
-trainer (re)connects or a state sync loads a peer's model.
+a' is the mixing weight with the peer's difference clipped (clipping.py): to exchange.clip x
+the median of our own movement since the last merge and the peer distances of our recent
+merges, shrinking further beyond. Our movement is measured from an anchor: phi with the outer
+step (x restarts from phi at every exchange), else a buffer holding where the last merge left
+us. The anchor (and phi, m) restart at the weights whenever the trainer (re)connects or a
+state sync loads a peer's model.
 
 Outer state is not written into checkpoints: the trainer process writes checkpoints and this
 lives next to the daemon's merge (weights_port.py). After a restart, the outer loop starts
@@ -39,7 +40,7 @@ from peerfed.averaging import (
     outer_step_,
     start_outer_,
 )
-from peerfed.clipping import clip_radius, clipped_weight, distance
+from peerfed.clipping import ClipScale, clipped_weight, distance
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +76,7 @@ class Merger:
         self._outer: tuple[torch.Tensor, torch.Tensor] | None = None  # phi, m (outer = "nesterov")
         self._anchor: torch.Tensor | None = None  # where the last merge left us (clip, outer "none")
         self._stats = MergeStats()
+        self._scale = ClipScale()  # recent distances: the radius's scale (clipping.py)
 
     def statistics(self) -> MergeStats:
         return self._stats
@@ -100,8 +102,10 @@ class Merger:
         anchor = self._outer[0] if self._outer is not None else self._anchor
         if anchor is None:
             raise RuntimeError("Merger.restart must come before the first merge")
-        radius = clip_radius(sent, anchor, self.rule.clip)
-        kept = clipped_weight(1.0, distance(received, sent), radius)
+        radius = self._scale.radius(self.rule.clip, distance(sent, anchor))
+        difference = distance(received, sent)
+        self._scale.observe(difference, radius)
+        kept = clipped_weight(1.0, difference, radius)
         self._stats = MergeStats(stats.merges + 1, stats.clipped + (kept < 1.0), kept, radius)
         return alpha * kept
 
