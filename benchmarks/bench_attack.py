@@ -184,6 +184,17 @@ def real_settings(demo: DemoSettings, index: int, attack: str | None, clip: floa
 
 def run_real_one(demo: DemoSettings, attackers: int, attack: str | None, clip: float, outer: str
                  ) -> tuple[list[float], int, int, float]:
+    """run_real_once, tried again once if a daemon could not start (a port taken meanwhile by
+    another process on this shared machine: free_port() is only a guess)."""
+    try:
+        return run_real_once(demo, attackers, attack, clip, outer)
+    except RuntimeError as exc:
+        print(f"   (a daemon did not start: {str(exc).splitlines()[-1]}; trying once more)", flush=True)
+        return run_real_once(demo, attackers, attack, clip, outer)
+
+
+def run_real_once(demo: DemoSettings, attackers: int, attack: str | None, clip: float, outer: str
+                  ) -> tuple[list[float], int, int, float]:
     """Honest accuracies (each node's own last evaluation), merges and clipped merges of the
     honest nodes, and the seconds the swarm took to come up."""
     from benchutil import local_swarm, start_nodes
@@ -256,15 +267,16 @@ def main() -> None:
     torch.set_num_threads(1)
     from benchutil import print_header
 
+    if args.real_only:
+        print_header("bench_attack --real-only: real daemons (no simulation in this run)", "")
+        run_real(args, attacks)
+        return
     print_header(
         "bench_attack: SIMULATION of 8 honest + 2 attacking nodes (bench_convergence's machinery), not real daemons",
         f"digits-mlp, alpha {args.alpha}, {args.epochs:g} epochs of honest samples, honest exchange every "
         f"{args.interval:g} local steps, fast attacker every {args.interval * args.fast_ratio:g}, lr {args.lr} "
         f"{args.lr_decay}, outer {args.outer}, seeds {args.seeds}",
     )
-    if args.real_only:
-        run_real(args, attacks)
-        return
     print(f"{'outer':>8} {'clip':>4} {'attack':>8} | {'honest mean':>11} {'worst':>6} | {'gap mean':>8} {'gap worst':>9} "
           f"{'verdict':>7} | {'clipped/merges':>15} {'s':>5}")
     for clip in [float(v) for v in args.clip.split(",")]:
