@@ -16,7 +16,9 @@ honest peers differ by far more than a node moves between two merges (a radius o
 movement left the simulation near local-only accuracy, 27% against 84%; BENCHMARKS.md), so
 the radius has to follow the swarm's honest spread, which the median of recent merges does
 while fewer than half of them come from one attacker. A poisoned peer cannot widen it past
-the factor per merge it wins.
+the factor per merge it wins. And whatever sample weight a peer claims (the exchange lets a
+claim raise its mixing weight to 10/11), one merge moves us by at most radius / 2: no more
+than a peer of equal weight at the radius (train/merging.py).
 
 Torch only, no I/O (at the level of averaging.py).
 """

@@ -70,6 +70,19 @@ def test_an_honest_peer_within_the_radius_is_merged_exactly() -> None:
     assert (merger.statistics().merges, merger.statistics().clipped) == (1, 0)
 
 
+def test_an_inflated_claim_moves_us_no_further_than_an_equal_peer_at_the_radius() -> None:
+    start = randn(41)
+    merger = Merger(MergeRule(clip=2.0), N)
+    merger.restart(start)
+    sent = start + randn(42, 0.1)
+    radius = 2.0 * distance(sent, start)
+    peer = sent + randn(43, 0.1) * (0.8 * radius / distance(randn(43, 0.1), torch.zeros(N)))  # inside the radius
+    local = sent.clone()
+    merger.apply_(local, sent, peer, merger.weight(sent, peer, 10 / 11))
+    assert distance(local, sent) == pytest.approx(radius / 2, rel=1e-4)  # not 10/11 x 0.8 radius
+    assert merger.statistics().clipped == 1
+
+
 def test_the_radius_follows_the_swarms_spread_not_one_poisoned_peer() -> None:
     """Honest peers 10 apart (far more than our own movement between merges, as on non-iid
     shards): the radius grows to about 2 x 10 (doubling at most every half window) and honest

@@ -106,6 +106,8 @@ class Merger:
         difference = distance(received, sent)
         self._scale.observe(difference, radius)
         kept = clipped_weight(1.0, difference, radius)
+        if alpha * kept * difference > radius / 2:  # a heavy claim moves us no further than a peer
+            kept = radius / (2 * alpha * difference)  # of equal weight at the radius would
         self._stats = MergeStats(stats.merges + 1, stats.clipped + (kept < 1.0), kept, radius)
         return alpha * kept
 
