@@ -93,6 +93,8 @@ class ExchangeConfig(_Section):
     connect_timeout: Float = Field(5.0, gt=0)
     transfer_timeout: Float = Field(120.0, gt=0)
     max_incoming: Int = Field(1, ge=1)
+    # Weights on the wire (core/encodings.py): "auto" = the smallest both sides accept; float32 always accepted.
+    encoding: Literal["auto", "float32", "float16", "bfloat16", "int8"] = "auto"
 
     @property
     def listen_host(self) -> str:
