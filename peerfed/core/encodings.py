@@ -75,19 +75,21 @@ class EncodingChoice:
     """
 
     def __init__(self, setting: str = AUTO, *, max_peers: int = 1024) -> None:
-        self.preferences: tuple[str, ...] = tuple(expand_preferences([setting, LOSSLESS]))
+        self.accepts: tuple[str, ...] = tuple(expand_preferences([setting, LOSSLESS]))
+        self.preferences = self.accepts  # what we send in, best first (less what we failed to encode)
         self._theirs: OrderedDict[str, tuple[str, ...]] = OrderedDict()
         self._max_peers = max_peers
-
-    @property
-    def accepts(self) -> tuple[str, ...]:
-        return self.preferences
 
     def offer(self, peer_id: str) -> str:
         """The encoding of our next push to `peer_id`."""
         known = self._theirs.get(peer_id)
         chosen = choose_encoding(self.preferences, known) if known is not None else None
         return chosen or self.preferences[0]
+
+    def cannot_send(self, encoding: str) -> None:
+        """Our weights did not fit `encoding` (float16's range): send in the next one from now on."""
+        if encoding != LOSSLESS:
+            self.preferences = tuple(name for name in self.preferences if name != encoding)
 
     def learn(self, peer_id: str, theirs: Sequence[str]) -> None:
         """`peer_id` accepts `theirs` (an empty list: a peer from before encodings, float32)."""

@@ -80,6 +80,7 @@ class Slot:
     numel: int
     send: torch.Tensor | None = None
     recv: torch.Tensor | None = None
+    wire: torch.Tensor | None = None  # encoded bytes being sent (net/wire.py), allocated there
 
     def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self.send is None or self.recv is None:
@@ -139,7 +140,8 @@ def nonce_of(sealed: bytes) -> bytes:
 
 def refusal_response(refusal: Refusal) -> web.Response:
     """The HTTP answer to a refused request: its status, and its detail as the error."""
-    response = web.json_response({"error": refusal.detail}, status=refusal.status)
+    answer = {"error": refusal.detail} | ({"accepts": list(refusal.accepts)} if refusal.accepts else {})
+    response = web.json_response(answer, status=refusal.status)
     # The client may still owe us the body it announced (we refused it before
     # 100-continue): close the connection so those bytes never pose as a next request.
     response.force_close()
@@ -190,12 +192,14 @@ def _bounds(size: int) -> list[tuple[int, int]]:
 
 
 async def send_weights(writer: Any, view: memoryview, fill: Fill, seal_digest: SealDigest, pool: Executor,
-                       before_last_byte: Awaitable[Any] | None = None) -> None:
+                       before_last_byte: Awaitable[Any] | None = None,
+                       bounds: list[tuple[int, int]] | None = None) -> None:
     """Fill, hash and write ``view`` chunk by chunk, then the signed trailer.
 
     ``writer`` is an aiohttp writer or StreamResponse. Chunk i+1 is filled and hashed in
     ``pool`` (the send worker) while chunk i is written. ``before_last_byte``, if given, is awaited
-    before the trailer's last byte goes out (see the responder in exchange.py).
+    before the trailer's last byte goes out (see the responder in exchange.py). ``bounds``: the
+    byte ranges to fill and send in turn, if not the default chunks (net/wire.py's encodings).
     """
     digest = StreamDigest()
 
@@ -203,7 +207,7 @@ async def send_weights(writer: Any, view: memoryview, fill: Fill, seal_digest: S
         fill(start, stop)
         digest.update(view[start:stop])
 
-    bounds = _bounds(view.nbytes)
+    bounds = _bounds(view.nbytes) if bounds is None else bounds
     ready = run_in(pool, prepare, *bounds[0]) if bounds else None
     try:
         for i, (start, stop) in enumerate(bounds):
