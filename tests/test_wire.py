@@ -303,3 +303,62 @@ def test_manifest_wire_form_keeps_old_peers_signatures() -> None:
                     accepts=("int8", "float32"))
     assert Manifest.from_wire(full.to_wire()) == full
     assert Manifest.from_wire(plain.to_wire()) == plain
+
+
+# -- two Exchanges in this process, over HTTP on 127.0.0.1 ----------------------------------------
+
+class MergingWeights(MemoryWeights):
+    def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> None:
+        self.w.add_(alpha * (received - sent))
+
+
+async def _pair(enc_a: str, enc_b: str, numel: int = 50_000) -> dict[str, Any]:
+    from peerfed.net.exchange import Exchange
+
+    a_values, b_values = torch.randn(numel), torch.randn(numel) + 1.0
+    weights = {"A": MergingWeights(a_values), "B": MergingWeights(b_values)}
+    signers = {"A": SENDER, "B": RECEIVER}
+    exchanges = {name: Exchange(signer=signers[name], network=NETWORK, weights=weights[name],
+                                verifier=verifier_of(signers[name]), max_incoming=1, connect_timeout=5.0,
+                                transfer_timeout=30.0, encoding=enc)
+                 for name, enc in (("A", enc_a), ("B", enc_b))}
+    try:
+        port = await exchanges["B"].start_server("127.0.0.1", 0)
+        for exchange in exchanges.values():
+            exchange.set_weights_ready(True)
+        outcome = await exchanges["A"].exchange_with(RECEIVER.peer_id, f"http://127.0.0.1:{port}")
+        for _ in range(100):
+            if exchanges["B"].statistics().last is not None:
+                break
+            await asyncio.sleep(0.05)
+        return {"outcome": outcome, "a": exchanges["A"].statistics(), "b": exchanges["B"].statistics(),
+                "wa": weights["A"].w, "wb": weights["B"].w, "a0": a_values, "b0": b_values}
+    finally:
+        for exchange in exchanges.values():
+            await exchange.close()
+
+
+@pytest.mark.parametrize("encoding", ["int8", "float16", "bfloat16"])
+def test_an_encoded_exchange_merges_what_was_sent_and_counts_wire_bytes(encoding: str) -> None:
+    r = run(_pair(encoding, "auto"))
+    assert r["outcome"] == "ok" and r["b"].ok == 1, r
+    wire = codecs.wire_length(encoding, 50_000)
+    # B replies in the first of its preferences that A accepts: A's own encoding (and float32).
+    assert (r["a"].bytes_sent, r["a"].bytes_received) == (wire, wire)
+    assert (r["b"].bytes_sent, r["b"].bytes_received) == (wire, wire)
+    # Each side merged against the rounded values it sent: the pair keeps its sum exactly...
+    assert torch.allclose(r["wa"] + r["wb"], r["a0"] + r["b0"], atol=1e-5)
+    # ...and both moved halfway, up to the encoding's rounding.
+    average = (r["a0"] + r["b0"]) / 2
+    assert float((r["wa"] - average).abs().max()) < 0.05 and float((r["wb"] - average).abs().max()) < 0.05
+
+
+def test_a_peer_that_does_not_take_our_encoding_answers_415_and_we_retry_in_float32() -> None:
+    r = run(_pair("int8", "float32"))
+    assert r["outcome"] == "ok", r
+    # One exchange, in float32, counted once on each side; B counted the 415 as a rejection.
+    assert (r["a"].ok, r["a"].refused, r["a"].failed) == (1, 0, 0)
+    assert (r["b"].ok, dict(r["b"].rejected)) == (1, {"unsupported_encoding": 1})
+    assert r["a"].bytes_sent == r["b"].bytes_sent == 50_000 * 4
+    average = (r["a0"] + r["b0"]) / 2
+    assert torch.allclose(r["wa"], average, atol=1e-6) and torch.allclose(r["wb"], average, atol=1e-6)

@@ -66,7 +66,7 @@ class Exchange:
         transfer_timeout: float,
         on_rejected: Callable[[str], None] | None = None,  # reason
         on_finished: Callable[[Role, Outcome, float, int, int], None] | None = None,  # seconds, sent, received
-        encoding: str = "auto",  # exchange.encoding
+        encoding: str = "float32",  # exchange.encoding (the daemon passes it; its default is "auto")
     ) -> None:
         self._signer, self._network, self._weights = signer, network, weights
         self._verifier = verifier
