@@ -18,7 +18,7 @@ Exchange's TransferWorkers.
 - Receiving (``receive_checked``): float32 is transfer.receive_checked. Others hand the chunks
   as they land, in batches, to the receive worker, which hashes them and feeds a
   codecs.WireDecoder that writes float32 values straight into the receive buffer (no
-  model-sized copy; at most MAX_PENDING batches in flight), then runs the value check on the
+  model-sized copy; at most MAX_PENDING 1 MiB batches in flight), then runs the value check on the
   elements it finished decoding.
 """
 
@@ -58,7 +58,10 @@ from peerfed.net.transfer import (
     receive_checked as receive_checked_float32,
 )
 
-# A receiver hands at most this many CHUNK batches to its worker before it waits for the oldest.
+# A receiver hands the chunks that landed to its worker in batches of RECEIVE_BATCH wire bytes,
+# at most MAX_PENDING at a time (then it waits for the oldest): the received bytes it holds
+# stay below 3 MiB, where 4 MiB batches held up to 0.75x of a 16 MiB model (bench_exchange).
+RECEIVE_BATCH = 1 << 20
 MAX_PENDING = 2
 
 
@@ -186,7 +189,7 @@ async def receive_decoded(content: StreamReader, dest: torch.Tensor, encoding: s
                 batch.append(chunk[:take])
                 received += take
                 batched += take
-                if batched >= CHUNK or received == length:
+                if batched >= RECEIVE_BATCH or received == length:
                     pending.append(run_in(workers.receive, land, batch))
                     batch, batched = [], 0
                     while len(pending) > MAX_PENDING:  # the worker is behind: stop reading a while
