@@ -10,11 +10,11 @@ Exchange's TransferWorkers.
   (``retry_after_415``).
 - Sending (``send``): float32 is transfer.py's zero-copy path (the snapshot buffer is the wire).
   Any other encoding snapshots chunk by chunk into ``send`` as before and encodes each chunk
-  with ``codecs.encode_rounded_`` into the slot's wire buffer: ``send`` then holds exactly what
-  the peer decodes (the base of our merge), and the digest covers exactly the wire bytes. The
-  wire buffer is the encoded size (int8 0.25x, float16/bfloat16 0.5x the model), allocated on
-  first use and kept: a small ring would be overwritten while the event loop's transport may
-  still hold views of bytes not yet on the socket.
+  with ``codecs.encode_rounded_`` into a buffer of its own: ``send`` then holds exactly what
+  the peer decodes (the base of our merge), and the digest covers exactly the wire bytes. Each
+  chunk's buffer (1-2 MiB) is freed once the transport has sent it: a reused ring could be
+  overwritten while the event loop's transport still holds a view of bytes not yet on the
+  socket, and one wire buffer for the whole payload would cost 0.25-0.5x the model.
 - Receiving (``receive_checked``): float32 is transfer.receive_checked. Others hand the chunks
   as they land, in batches, to the receive worker, which hashes them and feeds a
   codecs.WireDecoder that writes float32 values straight into the receive buffer (no
@@ -107,16 +107,15 @@ class Wire:
         if encoding == LOSSLESS:
             await send_snapshot(writer, weights, send, seal_digest, self.workers, before_last_byte)
             return send.numel() * 4
-        wire = wire_buffer(slot, codecs.wire_length(encoding, send.numel()))
-        bounds, fill = encoded_fill(weights, send, wire, encoding)
+        bounds, fill = encoded_fill(weights, send, encoding)
         await asyncio.to_thread(weights.begin_snapshot)
         try:
-            await send_weights(writer, byte_view(wire), fill, seal_digest, self.workers.send, before_last_byte,
+            await send_weights(writer, memoryview(b""), fill, seal_digest, self.workers.send, before_last_byte,
                                bounds=bounds)
         except CannotEncode:
             self.choice.cannot_send(encoding)
             raise
-        return wire.numel()
+        return bounds[-1][1] if bounds else 0
 
     def receive_checked(self, content: StreamReader, buf: torch.Tensor,
                         manifest: Envelope) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
@@ -129,17 +128,10 @@ class Wire:
         return values, receive_decoded(content, buf, encoding, open_digest, self.workers, landed=values.advance)
 
 
-def wire_buffer(slot: Slot, nbytes: int) -> torch.Tensor:
-    """``nbytes`` of the slot's wire buffer (allocated, or grown, on first use)."""
-    if slot.wire is None or slot.wire.numel() < nbytes:
-        slot.wire = torch.empty(nbytes, dtype=torch.uint8)
-    return slot.wire[:nbytes]
-
-
-def encoded_fill(weights: Weights, send: torch.Tensor, wire: torch.Tensor,
-                 encoding: str) -> tuple[list[tuple[int, int]], Any]:
+def encoded_fill(weights: Weights, send: torch.Tensor, encoding: str) -> tuple[list[tuple[int, int]], Any]:
     """The wire byte ranges send_weights goes through (whole int8 blocks; a small first piece,
-    then CHUNK of float32 at a time), and the fill that snapshots and encodes one of them."""
+    then CHUNK of float32 at a time), and the fill that snapshots one of them into ``send`` and
+    returns its encoded bytes."""
     numel = send.numel()
     step = max(codecs.INT8_BLOCK, CHUNK // 4 // codecs.INT8_BLOCK * codecs.INT8_BLOCK)
     first = min(numel, FIRST_PIECE // 4)
@@ -147,13 +139,15 @@ def encoded_fill(weights: Weights, send: torch.Tensor, wire: torch.Tensor,
     spans = {codecs.wire_offset(encoding, a, numel): (a, b) for a, b in pairwise(edges) if b > a}
     bounds = [(start, codecs.wire_offset(encoding, b, numel)) for start, (_, b) in spans.items()]
 
-    def fill(wire_start: int, wire_stop: int) -> None:  # in the send worker
+    def fill(wire_start: int, wire_stop: int) -> memoryview:  # in the send worker
         a, b = spans[wire_start]
         weights.snapshot_range(send, a, b)
+        wire = torch.empty(wire_stop - wire_start, dtype=torch.uint8)
         try:
-            codecs.encode_rounded_(encoding, send[a:b], wire[wire_start:wire_stop], first_index=a)
+            codecs.encode_rounded_(encoding, send[a:b], wire, first_index=a)
         except codecs.NotEncodable as exc:
             raise CannotEncode(str(exc)) from exc
+        return byte_view(wire)  # keeps `wire` alive as long as the transport holds it
 
     return bounds, fill
 
