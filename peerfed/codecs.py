@@ -67,7 +67,7 @@ from peerfed.core.encodings import (
 
 __all__ = [
     "AUTO", "AUTO_ORDER", "DIRECT_BYTES", "ENCODINGS", "INT8_BLOCK", "INT8_RECORD", "SCALE_BYTES", "SLICE_ELEMENTS",
-    "STAGE_BYTES", "NotEncodable", "Span", "WireDecoder", "WireLengthError", "block_count", "check_encoding",
+    "STAGE_BYTES", "NotEncodable", "OutOfRange", "Span", "WireDecoder", "WireLengthError", "block_count", "check_encoding",
     "choose_encoding", "decodable", "decode_into", "encode_into", "encode_rounded_", "expand_preferences", "spans",
     "wire_length", "wire_offset",
 ]
@@ -85,6 +85,11 @@ DIRECT_BYTES = 64 * 1024
 
 class NotEncodable(ValueError):
     """The values cannot be sent in this encoding (non-finite, or out of its range)."""
+
+
+class OutOfRange(NotEncodable):
+    """Finite values beyond the encoding's largest number (float16's +-65504): another
+    encoding can carry them."""
 
 
 class WireLengthError(ValueError):
@@ -167,9 +172,8 @@ def _refuse(encoding: str, part: torch.Tensor, bad: torch.Tensor, first: int) ->
     if math.isfinite(value):
         limit = torch.finfo(_DTYPE[encoding]).max
         why = f"is outside {encoding}'s range (+-{limit:.6g}); use bfloat16 or float32"
-    else:
-        why = "is not finite"
-    return NotEncodable(f"cannot encode as {encoding}: value {value} at index {first + index} {why}")
+        return OutOfRange(f"cannot encode as {encoding}: value {value} at index {first + index} {why}")
+    return NotEncodable(f"cannot encode as {encoding}: value {value} at index {first + index} is not finite")
 
 
 def encode_into(encoding: str, values: torch.Tensor, out: object, *, first_index: int = 0) -> None:

@@ -165,8 +165,9 @@ def test_every_encoding_round_trips_through_send_and_receive(encoding: str, case
 def test_non_finite_weights_cannot_be_sent_encoded(encoding: str, bad: float) -> None:
     values = torch.randn(5000)
     values[4321] = bad
-    with pytest.raises(CannotEncode, match="4321"):
+    with pytest.raises(CannotEncode, match="4321") as info:
         run(send(values, encoding))
+    assert not info.value.out_of_range
 
 
 def test_float16_out_of_range_is_refused_and_no_longer_offered() -> None:
@@ -178,6 +179,13 @@ def test_float16_out_of_range_is_refused_and_no_longer_offered() -> None:
         run(wire.send(Collect(), weights, slot, "float16", digest_sealer(SENDER, NETWORK, RECEIVER.peer_id,
                                                                           b"\0" * 16)))
     assert wire.choice.offer("peer") == "float32" and "float16" in wire.choice.accepts
+    # Non-finite weights are no reason to give up an encoding.
+    int8 = Wire("int8", verifier_of(SENDER))
+    values[10] = float("nan")
+    with pytest.raises(CannotEncode, match="not finite"):
+        run(int8.send(Collect(), MemoryWeights(values), Slot(3000), "int8",
+                      digest_sealer(SENDER, NETWORK, RECEIVER.peer_id, b"\0" * 16)))
+    assert int8.choice.offer("peer") == "int8"
 
 
 @pytest.mark.parametrize("encoding", codecs.ENCODINGS)

@@ -67,7 +67,11 @@ MAX_PENDING = 2
 
 class CannotEncode(ConnectionAbortedError):
     """Our weights cannot travel in this encoding (out of its range, or not finite): the
-    transfer is abandoned (nothing merged) and we stop offering it."""
+    transfer is abandoned (nothing merged); out of range, we stop sending in it."""
+
+    def __init__(self, message: str, *, out_of_range: bool) -> None:
+        super().__init__(message)
+        self.out_of_range = out_of_range
 
 
 class Wire:
@@ -102,7 +106,7 @@ class Wire:
     async def send(self, writer: Any, weights: Weights, slot: Slot, encoding: str, seal_digest: SealDigest,
                    before_last_byte: asyncio.Future[Any] | None = None) -> int:
         """Snapshot ``weights`` into the slot's send buffer, encode and send it; returns the
-        payload's wire bytes. Raises CannotEncode (and stops offering ``encoding``)."""
+        payload's wire bytes. Raises CannotEncode (out of range: and stops sending in ``encoding``)."""
         send, _ = slot.buffers()
         if encoding == LOSSLESS:
             await send_snapshot(writer, weights, send, seal_digest, self.workers, before_last_byte)
@@ -112,8 +116,9 @@ class Wire:
         try:
             await send_weights(writer, memoryview(b""), fill, seal_digest, self.workers.send, before_last_byte,
                                bounds=bounds)
-        except CannotEncode:
-            self.choice.cannot_send(encoding)
+        except CannotEncode as exc:
+            if exc.out_of_range:  # non-finite weights are the trainer's trouble, not the encoding's
+                self.choice.cannot_send(encoding)
             raise
         return bounds[-1][1] if bounds else 0
 
@@ -146,7 +151,7 @@ def encoded_fill(weights: Weights, send: torch.Tensor, encoding: str) -> tuple[l
         try:
             codecs.encode_rounded_(encoding, send[a:b], wire, first_index=a)
         except codecs.NotEncodable as exc:
-            raise CannotEncode(str(exc)) from exc
+            raise CannotEncode(str(exc), out_of_range=isinstance(exc, codecs.OutOfRange)) from exc
         return byte_view(wire)  # keeps `wire` alive as long as the transport holds it
 
     return bounds, fill
