@@ -2,6 +2,7 @@
 
 Run: python benchmarks/bench_exchange.py [--sizes 1,16,100] [--reps 5] [--train-sleep 0.05]
      python benchmarks/bench_exchange.py --sizes 1,16,100,400      # 400 MiB too (~4 GiB RAM)
+     python benchmarks/bench_exchange.py --sizes 16 --encodings float32,float16,bfloat16,int8
 
 For each model size, two real daemons (separate processes, 127.0.0.1) train the benchmark
 task ``synthetic:sized`` (an embedding table of that flat size; cheap steps throttled by
@@ -16,6 +17,10 @@ medians of the exchange (the daemon's duration_s and the time seen from outside)
 TCP, their ratio (target at 100 MiB: <= 1.5x), the CPU seconds each daemon spent per
 exchange, and the serial CPU work an exchange implies (snapshot copy, BLAKE3 of both
 directions, value check, merge) measured here on a buffer of that size.
+--encodings runs each size once per wire encoding (exchange.encoding of both daemons; default
+float32, what this benchmark measured before encodings) and prints the wire bytes of one
+exchange each way (the daemons' own counters: payload as encoded, without the 2 KiB trailer).
+Raw TCP always moves the float32 size.
 
 --timeline MIB prints instead when each step of one exchange starts and ends on both sides
 (two Exchange objects in two processes, in-memory weights): where the time goes.
@@ -157,14 +162,14 @@ def serial_work(nbytes: int) -> dict[str, float]:
 # ------------------------------------------------------------------ one size
 
 
-def measure_size(size_mib: float, args: argparse.Namespace) -> dict[str, Any]:
+def measure_size(size_mib: float, args: argparse.Namespace, encoding: str = "float32") -> dict[str, Any]:
     nbytes = flat_bytes(size_mib)
     options = {"mib": size_mib, "step_sleep": args.train_sleep}
     settings = settings_for({}, **{"train.task": "synthetic:sized", "train.options": options,
                                    "train.node_count": 2, "exchange.transfer_timeout": 600.0,
-                                   "train.device": args.device})
+                                   "train.device": args.device, "exchange.encoding": encoding})
     raw = RawTCP(nbytes)
-    result: dict[str, Any] = {"mib": size_mib, "nbytes": nbytes}
+    result: dict[str, Any] = {"mib": size_mib, "nbytes": nbytes, "encoding": encoding}
     with local_swarm(f"bench-exchange-{size_mib:g}-") as swarm:
         a = swarm.add_node(settings={**settings, "train.node_index": 0})
         b = swarm.add_node(settings={**settings, "train.node_index": 1})
@@ -199,6 +204,7 @@ def measure_size(size_mib: float, args: argparse.Namespace) -> dict[str, Any]:
             if info["outcome"] != "ok":
                 result.setdefault("not_ok", []).append(info["outcome"])
                 continue
+            result["wire"] = info["wire"]
             exchange_in.append(info["duration_s"])
             exchange_out.append(info["outside_s"])
             raw_times.append(raw_t)
@@ -216,8 +222,11 @@ def measure_size(size_mib: float, args: argparse.Namespace) -> dict[str, Any]:
 def _exchange_with_peaks(a: Any, b: Any, pa: int, pb: int, info: dict[str, Any]) -> dict[str, int]:
     reset_peak_rss(pa)
     reset_peak_rss(pb)
+    before = a.get("/status")
     answer, outside = exchange_now(a, b.peer_id)
-    info.update(outcome=answer.get("outcome"), duration_s=answer.get("duration_s"), outside_s=outside)
+    after = a.get("/status")
+    info.update(outcome=answer.get("outcome"), duration_s=answer.get("duration_s"), outside_s=outside,
+                wire=(after["bytes_sent"] - before["bytes_sent"], after["bytes_received"] - before["bytes_received"]))
     time.sleep(0.3)  # the responder may still be merging when A's answer arrives
     return {"A": proc_status(pa)["VmHWM"], "B": proc_status(pb)["VmHWM"]}
 
@@ -369,11 +378,15 @@ def timeline(size_mib: float, exchanges: int = 3) -> None:
 
 def report(r: dict[str, Any]) -> None:
     size = r["nbytes"]
-    print(f"\n## {r['mib']:g} MiB model ({size} bytes), {len(r['ratios'])} exchanges ok, {r['load']} at end")
+    print(f"\n## {r['mib']:g} MiB model ({size} bytes) in {r['encoding']}, {len(r['ratios'])} exchanges ok, "
+          f"{r['load']} at end")
     if r.get("not_ok"):
         print(f"   NOT ok: {r['not_ok']}")
     if not r["ratios"]:
         return
+    sent, got = r["wire"]
+    print(f"   wire bytes of one exchange (A's counters): sent {sent}, received {got} "
+          f"= {sent / size:.4f}x / {got / size:.4f}x the float32 model")
     ex_in, ex_out, raw = median(r["exchange_in"]), median(r["exchange_out"]), median(r["raw"])
     rate = 2 * size / MIB
     print(f"   raw TCP both ways      median {raw * 1e3:8.1f} ms   ({rate / raw:7.0f} MiB/s both directions together)")
@@ -416,7 +429,7 @@ def verdicts(results: list[dict[str, Any]]) -> None:
     print("\n## verdicts")
     for r in results:
         if not r["ratios"]:
-            print(f"   {r['mib']:g} MiB: no successful exchange")
+            print(f"   {r['mib']:g} MiB {r['encoding']}: no successful exchange")
             continue
         ratio = median(r["exchange_out"]) / median(r["raw"])
         size = r["nbytes"]
@@ -426,7 +439,7 @@ def verdicts(results: list[dict[str, Any]]) -> None:
         cold_ok = all(max(p[n] for p in r["peaks"] + [r["first_peaks"]]) <= r["cold"][n] + size for n in ("A", "B"))
         private_ok = all(max(p[n] for p in r["private_peaks"]) <= r["cold_private"][n] + size for n in ("A", "B"))
         speed = "" if r["mib"] != 100 else f" (target <= {TARGET_RATIO}x: {'MET' if ratio <= TARGET_RATIO else 'MISSED'})"
-        print(f"   {r['mib']:g} MiB: exchange {ratio:.2f}x raw TCP{speed}; peak RSS A/B "
+        print(f"   {r['mib']:g} MiB {r['encoding']}: exchange {ratio:.2f}x raw TCP{speed}; peak RSS A/B "
               f"{peak_a / MIB:.0f}/{peak_b / MIB:.0f} MiB: <= warm idle + 1x model: {'MET' if warm_ok else 'MISSED'}, "
               f"<= cold idle + 1x model: {'MET' if cold_ok else 'MISSED'}; private peak <= private idle + 1x model: "
               f"{'MET' if private_ok else 'MISSED'}")
@@ -438,6 +451,7 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5, help="exchanges (and raw TCP runs) per size")
     parser.add_argument("--train-sleep", type=float, default=0.05, help="seconds each trainer sleeps per step")
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between two timed transfers")
+    parser.add_argument("--encodings", default="float32", help="exchange.encoding values to run, comma-separated")
     parser.add_argument("--device", default="cpu", help="the trainers' train.device (cuda: mirror mode on a GPU)")
     parser.add_argument("--timeline", type=float, default=0.0, metavar="MIB",
                         help="only print the step-by-step timeline of an exchange of this size (profiling aid)")
@@ -460,9 +474,10 @@ def main() -> None:
         if available < need:
             print(f"\n## {size:g} MiB: skipped, needs ~{need / 2**30:.1f} GiB free, {available / 2**30:.1f} GiB available")
             continue
-        r = measure_size(size, args)
-        report(r)
-        results.append(r)
+        for encoding in [e.strip() for e in args.encodings.split(",") if e.strip()]:
+            r = measure_size(size, args, encoding)
+            report(r)
+            results.append(r)
     verdicts(results)
 
 

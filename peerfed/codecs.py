@@ -54,21 +54,24 @@ from peerfed.core.encodings import (
     AUTO,
     AUTO_ORDER,
     ENCODINGS,
+    INT8_BLOCK,
+    INT8_RECORD,
+    ITEMSIZE,
+    SCALE_BYTES,
+    block_count,
     check_encoding,
     choose_encoding,
     expand_preferences,
+    wire_length,
 )
 
 __all__ = [
     "AUTO", "AUTO_ORDER", "DIRECT_BYTES", "ENCODINGS", "INT8_BLOCK", "INT8_RECORD", "SCALE_BYTES", "SLICE_ELEMENTS",
-    "STAGE_BYTES", "NotEncodable", "Span", "WireDecoder", "WireLengthError", "block_count", "check_encoding",
+    "STAGE_BYTES", "NotEncodable", "OutOfRange", "Span", "WireDecoder", "WireLengthError", "block_count", "check_encoding",
     "choose_encoding", "decodable", "decode_into", "encode_into", "encode_rounded_", "expand_preferences", "spans",
     "wire_length", "wire_offset",
 ]
-INT8_BLOCK = 2048
-SCALE_BYTES = 4
-INT8_RECORD = SCALE_BYTES + INT8_BLOCK
-_ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
+_ITEMSIZE = ITEMSIZE
 _DTYPE = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Work in slices of this many elements (512 KiB of float32, a multiple of INT8_BLOCK): the
 # temporaries stay in cache and small.
@@ -84,23 +87,13 @@ class NotEncodable(ValueError):
     """The values cannot be sent in this encoding (non-finite, or out of its range)."""
 
 
+class OutOfRange(NotEncodable):
+    """Finite values beyond the encoding's largest number (float16's +-65504): another
+    encoding can carry them."""
+
+
 class WireLengthError(ValueError):
     """More wire bytes than the encoding of the destination takes, or fewer at the end."""
-
-
-def wire_length(encoding: str, numel: int) -> int:
-    """Bytes on the wire for `numel` float32 values (the payload, no trailer)."""
-    if numel < 0:
-        raise ValueError("numel must be >= 0")
-    if check_encoding(encoding) != "int8":
-        return numel * _ITEMSIZE[encoding]
-    full, rest = divmod(numel, INT8_BLOCK)
-    return full * INT8_RECORD + (SCALE_BYTES + rest if rest else 0)
-
-
-def block_count(encoding: str, numel: int) -> int:
-    """Scales on the wire (int8: one per block, the last one possibly short); 0 otherwise."""
-    return -(-numel // INT8_BLOCK) if check_encoding(encoding) == "int8" else 0
 
 
 def wire_offset(encoding: str, element: int, numel: int) -> int:
@@ -179,9 +172,8 @@ def _refuse(encoding: str, part: torch.Tensor, bad: torch.Tensor, first: int) ->
     if math.isfinite(value):
         limit = torch.finfo(_DTYPE[encoding]).max
         why = f"is outside {encoding}'s range (+-{limit:.6g}); use bfloat16 or float32"
-    else:
-        why = "is not finite"
-    return NotEncodable(f"cannot encode as {encoding}: value {value} at index {first + index} {why}")
+        return OutOfRange(f"cannot encode as {encoding}: value {value} at index {first + index} {why}")
+    return NotEncodable(f"cannot encode as {encoding}: value {value} at index {first + index} is not finite")
 
 
 def encode_into(encoding: str, values: torch.Tensor, out: object, *, first_index: int = 0) -> None:

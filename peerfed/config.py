@@ -99,6 +99,8 @@ class ExchangeConfig(_Section):
     outer_lr: Float = Field(0.7, gt=0, le=2)  # the outer step's learning rate (exchange.outer = "nesterov")
     outer_momentum: Float = Field(0.9, ge=0, lt=1)  # the outer step's momentum
     clip: Float = Field(2.0, ge=0)  # robust merge: peer differences clipped to clip x the recent spread (clipping.py); 0 = off
+    # Weights on the wire (core/encodings.py): "auto" = the smallest both sides accept; float32 always accepted.
+    encoding: Literal["auto", "float32", "float16", "bfloat16", "int8"] = "auto"
 
     @property
     def listen_host(self) -> str:

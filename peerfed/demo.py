@@ -83,6 +83,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=t.seed, help=f"model init and batch order seed (default {t.seed})")
     parser.add_argument("--exchange-interval", type=positive(float), default=d.exchange_interval, metavar="S",
                         help=f"seconds between a node's exchanges (default {d.exchange_interval})")
+    parser.add_argument("--encoding", choices=("auto", "float32", "float16", "bfloat16", "int8"), default=d.encoding,
+                        help=f"every node's exchange.encoding (default {d.encoding})")
     parser.add_argument("--lr", type=positive(float), default=t.lr, help=f"learning rate (default {t.lr})")
     parser.add_argument("--lr-schedule", choices=("cosine", "linear", "constant"), default=t.lr_schedule,
                         help=f"decay of the lr over the duration (default {t.lr_schedule})")
@@ -94,7 +96,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_demo(args: argparse.Namespace) -> int:
     training = DemoTraining(seed=args.seed, lr=args.lr, lr_schedule=args.lr_schedule, device=args.device)
     settings = DemoSettings(nodes=args.nodes, task=args.task, alpha=args.alpha, duration=args.duration,
-                            exchange_interval=args.exchange_interval, training=training)
+                            exchange_interval=args.exchange_interval, training=training, encoding=args.encoding)
     return run_demo(settings, args.out)
 
 

@@ -40,6 +40,7 @@ class DemoSettings:
     exchange_interval: float = 0.5
     local_only_max_steps: int = LOCAL_ONLY_MAX_STEPS
     training: DemoTraining = DemoTraining()
+    encoding: str = "auto"  # every node's exchange.encoding
 
     def task_options(self) -> dict[str, Any]:
         options: dict[str, Any] = {"alpha": "iid" if self.alpha is None else self.alpha}
@@ -57,6 +58,7 @@ class DemoSettings:
             "train.eval_interval": t.eval_interval,
             "train.init": "local",  # same seed, same init everywhere: no state sync wait
             "exchange.interval": self.exchange_interval, "checkpoint.interval": 3600.0,
+            "exchange.encoding": self.encoding,
         }
 
     def as_report(self) -> dict[str, Any]:
@@ -67,7 +69,7 @@ class DemoSettings:
             "lr": t.lr, "batch_size": t.batch_size, "lr_schedule": t.lr_schedule, "lr_min": t.lr_min,
             "exchange_interval": self.exchange_interval, "eval_interval": t.eval_interval, "threads": t.threads,
             "device": t.device, "local_only_max_steps": self.local_only_max_steps,
-            "task_options": self.task_options(),
+            "task_options": self.task_options(), "encoding": self.encoding,
         }
 
 

@@ -95,7 +95,7 @@ class Training(TrainingSide):
             verifier=Verifier(network=cfg.network, own_peer_id=self._peer_id, clock=time.time,
                               allowlist=_allowlist(cfg), max_size=MANIFEST_MAX_BYTES),
             max_incoming=cfg.exchange.max_incoming, connect_timeout=cfg.exchange.connect_timeout,
-            transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=metrics.rejected,
+            transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=metrics.rejected, encoding=cfg.exchange.encoding,
             on_finished=lambda role, outcome, duration, sent, got: metrics.exchange_finished(
                 outcome, duration, sent, got),
         )

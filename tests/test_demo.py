@@ -63,7 +63,7 @@ def test_report_settings_stay_one_flat_table() -> None:
     report = DemoSettings(nodes=3, training=DemoTraining(lr=0.1, device="cuda")).as_report()
     assert list(report) == ["nodes", "task", "alpha", "duration", "seed", "lr", "batch_size", "lr_schedule",
                             "lr_min", "exchange_interval", "eval_interval", "threads", "device",
-                            "local_only_max_steps", "task_options"]
+                            "local_only_max_steps", "task_options", "encoding"]
     assert (report["nodes"], report["lr"], report["device"], report["threads"]) == (3, 0.1, "cuda", 1)
     assert report["task_options"]["alpha"] == 0.1
 

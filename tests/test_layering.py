@@ -175,7 +175,7 @@ def driver_rule(own: str) -> Callable[[str], str | None]:
     def rule(target: str) -> str | None:
         if not _within(target, "peerfed") or target == "peerfed.__version__":
             return None
-        allowed = (own, "peerfed.core", "peerfed.averaging", "peerfed.clipping", *BOTTOM)
+        allowed = (own, "peerfed.core", "peerfed.averaging", "peerfed.clipping", "peerfed.codecs", *BOTTOM)
         if any(_within(target, a) for a in allowed):
             return None
         if any(_within(target, d) for d in DRIVERS):

@@ -12,9 +12,11 @@ the gossip scheduler (core/schedule.py) and the metrics.
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from enum import StrEnum
 
+from peerfed.core import encodings
 from peerfed.core.envelope import Body, Envelope, Verifier
 from peerfed.core.errors import Rejected
 from peerfed.core.manifest import TRAILER_SIZE, Manifest
@@ -44,6 +46,7 @@ class Refusal:
     status: int   # the HTTP status the driver answers with
     reason: str   # stable: counted by reason (like core.errors reasons)
     detail: str   # for the peer (the response body) and the log
+    accepts: tuple[str, ...] = ()  # a 415's answer: the encodings we do accept
 
     @property
     def counted(self) -> bool:
@@ -62,7 +65,11 @@ class ModelShape:
     """What a manifest must match: our model's fingerprint and its size in bytes."""
 
     fingerprint: str
-    nbytes: int
+    nbytes: int  # as float32
+
+    @property
+    def numel(self) -> int:
+        return self.nbytes // 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +87,22 @@ class Room:
 def wire_length(payload_length: int) -> int:
     """Bytes on the wire for a payload: the payload and its trailer."""
     return payload_length + TRAILER_SIZE
+
+
+FLOAT32_ONLY: tuple[str, ...] = (encodings.LOSSLESS,)
+
+
+def check_payload(m: Manifest, *, ours: ModelShape, accepts: Collection[str]) -> Refusal | None:
+    """Is the announced payload our model in an encoding we accept, its length and int8 block
+    count exactly that encoding's? (A manifest that lies is refused before any byte.)"""
+    if m.encoding not in accepts or m.encoding not in encodings.ENCODINGS:
+        return Refusal(415, "unsupported_encoding", f"encoding {m.encoding!r} is not accepted here; "
+                       f"accepted: {', '.join(accepts)}", accepts=tuple(accepts))
+    length, blocks = (f(m.encoding, ours.numel) for f in (encodings.wire_length, encodings.block_count))
+    if m.length != length or m.blocks != blocks:
+        return Refusal(413, "length_mismatch", f"{m.encoding} of our model is {length} bytes in {blocks} blocks, "
+                       f"not {m.length} bytes in {m.blocks}")
+    return None
 
 
 def open_header(verifier: Verifier, raw: bytes | None, kind: type[Body]) -> Envelope | Refusal:
@@ -103,8 +126,10 @@ def check_push_open(room: Room) -> Refusal | None:
     return None
 
 
-def check_push(env: Envelope, *, ours: ModelShape, content_length: int | None, room: Room) -> Refusal | None:
-    """May this verified push manifest start an exchange? ``content_length``: the request's."""
+def check_push(env: Envelope, *, ours: ModelShape, content_length: int | None, room: Room,
+               accepts: Collection[str] = FLOAT32_ONLY) -> Refusal | None:
+    """May this verified push manifest start an exchange? ``content_length``: the request's;
+    ``accepts``: the encodings we take."""
     if (refusal := check_push_open(room)) is not None:
         return refusal
     m: Manifest = env.body
@@ -112,8 +137,10 @@ def check_push(env: Envelope, *, ours: ModelShape, content_length: int | None, r
         return Refusal(400, "malformed", f"manifest purpose {m.purpose!r} is not 'push'")
     if m.fingerprint != ours.fingerprint:
         return Refusal(409, "fingerprint_mismatch", "model fingerprint differs from ours")
-    if m.length != ours.nbytes or content_length != wire_length(m.length):
-        return Refusal(413, "length_mismatch", f"length must be {ours.nbytes} bytes (the model's)")
+    if (refusal := check_payload(m, ours=ours, accepts=accepts)) is not None:
+        return refusal
+    if content_length != wire_length(m.length):
+        return Refusal(413, "length_mismatch", f"Content-Length must be {wire_length(m.length)} (payload and trailer)")
     # Two merges at once would count our own weights twice: one exchange at a time, unless
     # max_incoming allows more incoming ones.
     if room.outgoing or room.incoming >= room.max_incoming or room.free_slots == 0:
@@ -128,16 +155,16 @@ def can_start_push(room: Room) -> bool:
     return room.accepting and not room.outgoing and room.incoming == 0 and room.free_slots > 0
 
 
-def check_reply(env: Envelope, *, peer_id: str, push_nonce: bytes, ours: ModelShape) -> Refusal | None:
-    """Does this verified reply manifest answer our push to ``peer_id``, for our model?"""
+def check_reply(env: Envelope, *, peer_id: str, push_nonce: bytes, ours: ModelShape,
+                accepts: Collection[str] = FLOAT32_ONLY) -> Refusal | None:
+    """Does this verified reply manifest answer our push to ``peer_id``, for our model, in an
+    encoding we accept?"""
     m: Manifest = env.body
     if env.sender != peer_id or m.purpose != "reply" or m.in_reply_to != push_nonce:
         return Refusal(401, "not_an_answer", "reply manifest does not answer our push")
     if m.fingerprint != ours.fingerprint:
         return Refusal(409, "fingerprint_mismatch", "reply is for another model")
-    if m.length != ours.nbytes:
-        return Refusal(413, "length_mismatch", f"reply announces {m.length} bytes, our model has {ours.nbytes}")
-    return None
+    return check_payload(m, ours=ours, accepts=accepts)
 
 
 # -- state sync: GET /v1/model, both sides ---------------------------------------------------
@@ -161,13 +188,12 @@ def check_model_request(env: Envelope, *, ours: ModelShape, room: Room) -> Refus
     return None
 
 
-def check_model_reply(env: Envelope, *, peer_id: str, request_nonce: bytes, ours: ModelShape) -> Refusal | None:
+def check_model_reply(env: Envelope, *, peer_id: str, request_nonce: bytes, ours: ModelShape,
+                      accepts: Collection[str] = FLOAT32_ONLY) -> Refusal | None:
     """Does this verified model manifest answer our request to ``peer_id``, for our model?"""
     m: Manifest = env.body
     if env.sender != peer_id or m.purpose != "model" or m.in_reply_to != request_nonce:
         return Refusal(401, "not_an_answer", "model manifest does not answer our request")
     if m.fingerprint != ours.fingerprint:
         return Refusal(409, "fingerprint_mismatch", "the model sent is another model than ours")
-    if m.length != ours.nbytes:
-        return Refusal(413, "length_mismatch", f"model length {m.length} is not ours")
-    return None
+    return check_payload(m, ours=ours, accepts=accepts)

@@ -3,7 +3,9 @@
 Weights are not signed byte by byte. A body of weights travels as:
 
 - a signed Manifest, before the body (an HTTP header): model fingerprint, length, sample
-  weight, purpose (for a state sync's model, also the sender's lr schedule clock).
+  weight, purpose (for a state sync's model, also the sender's lr schedule clock), the
+  payload's wire encoding (core/encodings.py; length and int8 block count are the encoded
+  ones) and the encodings the sender accepts in an answer.
   Everything a receiver may refuse on comes before a single bulk byte.
 - the payload: ``length`` bytes, which the sender hashes (BLAKE3) as it sends them, so it
   need not read its whole buffer before the first byte leaves;
@@ -30,6 +32,8 @@ NONCE_SIZE = 16
 PURPOSES: tuple[str, ...] = ("push", "reply", "model")
 MAX_LENGTH = (1 << 63) - 1  # msgpack's int64 range; real payloads are far smaller
 MAX_TEXT = 256  # fingerprints and similar short strings
+MAX_ENCODING_NAME = 32
+MAX_ACCEPTS = 16  # encodings a manifest may list as accepted (names we do not know are ignored)
 _MISSING: Any = object()
 
 
@@ -80,6 +84,11 @@ class Manifest:
     # these weights goes on from there instead of warming up again (train/child.py).
     schedule_step: int = 0
     seconds_trained: float = 0.0
+    # The payload's encoding; `length` is its wire length and `blocks` its int8 scale count
+    # (0 otherwise). Any name is carried: the rules answer one they do not accept with 415.
+    encoding: str = "float32"
+    blocks: int = 0
+    accepts: tuple[str, ...] = ()  # encodings the sender takes in an answer (): float32 only
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {
@@ -91,6 +100,10 @@ class Manifest:
         }
         if self.purpose == "model":
             wire.update(schedule_step=int(self.schedule_step), seconds_trained=float(self.seconds_trained))
+        if self.encoding != "float32" or self.blocks:  # absent: what a peer from before encodings signs
+            wire.update(encoding=self.encoding, blocks=int(self.blocks))
+        if self.accepts:
+            wire["accepts"] = list(self.accepts)
         return dict(sorted(wire.items()))  # the signed encoding must not depend on dict order
 
     @classmethod
@@ -114,9 +127,16 @@ class Manifest:
         seconds = read_field(wire, "seconds_trained", (float, int), 0.0)
         if not math.isfinite(seconds) or seconds < 0:
             raise Malformed(f"manifest seconds_trained {seconds!r} must be finite and >= 0")
+        encoding = read_text(wire, "encoding", "float32", max_chars=MAX_ENCODING_NAME)
+        blocks = read_field(wire, "blocks", int, 0)
+        if not 0 <= blocks <= MAX_LENGTH:
+            raise Malformed(f"manifest blocks {blocks} out of range")
+        accepts = read_field(wire, "accepts", list, [])
+        if len(accepts) > MAX_ACCEPTS or not all(isinstance(a, str) and len(a) <= MAX_ENCODING_NAME for a in accepts):
+            raise Malformed(f"manifest accepts must list at most {MAX_ACCEPTS} encoding names")
         return cls(fingerprint=fingerprint, length=length, sample_weight=float(weight),
                    purpose=purpose, in_reply_to=in_reply_to, schedule_step=schedule_step,
-                   seconds_trained=float(seconds))
+                   seconds_trained=float(seconds), encoding=encoding, blocks=blocks, accepts=tuple(accepts))
 
 
 @dataclass(frozen=True)

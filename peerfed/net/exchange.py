@@ -11,7 +11,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -33,20 +33,17 @@ from peerfed.net.transfer import (
     MANIFEST_HEADER,
     REQUEST_HEADER,
     SealDigest,
+    Slot,
     StreamPayload,
-    TransferWorkers,
     Weights,
-    byte_view,
     decode_header,
-    digest_opener,
     digest_sealer,
     encode_header,
     in_receive_worker,
     nonce_of,
-    receive_checked,
     refusal_response,
-    send_snapshot,
 )
+from peerfed.net.wire import Wire
 from peerfed.serving import serve
 
 log = logging.getLogger("peerfed.exchange")
@@ -69,6 +66,7 @@ class Exchange:
         transfer_timeout: float,
         on_rejected: Callable[[str], None] | None = None,  # reason
         on_finished: Callable[[Role, Outcome, float, int, int], None] | None = None,  # seconds, sent, received
+        encoding: str = "float32",  # exchange.encoding (the daemon passes it; its default is "auto")
     ) -> None:
         self._signer, self._network, self._weights = signer, network, weights
         self._verifier = verifier
@@ -77,7 +75,7 @@ class Exchange:
         # The client's timeouts; their total is also the responder's deadline for one exchange.
         self._timeout = aiohttp.ClientTimeout(total=transfer_timeout, sock_connect=connect_timeout)
         self._on_rejected, self._on_finished = on_rejected, on_finished
-        self._workers = TransferWorkers()
+        self._wire = Wire(encoding, verifier)  # encodings and the transfer workers
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -105,7 +103,7 @@ class Exchange:
             self._runner = None
         if self._session is not None:
             await self._session.close()
-        self._workers.shutdown()
+        self._wire.workers.shutdown()
 
     def stop_accepting(self) -> None:
         """Refuse new exchanges from now on (shutting down)."""
@@ -132,7 +130,7 @@ class Exchange:
         if isinstance(env, Refusal):
             return env
         refusal = rules.check_push(env, ours=self._model(), content_length=request.content_length,
-                                   room=self._occupancy.room())
+                                   room=self._occupancy.room(), accepts=self._wire.choice.accepts)
         return env if refusal is None else self._counted(refusal)
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -158,14 +156,13 @@ class Exchange:
         response = web.StreamResponse()
         try:
             send, recv = slot.buffers()
-            send_view = byte_view(send)
-            values, receive = self._receive_checked(request.content, recv, env)
+            values, receive = self._wire.receive_checked(request.content, recv, env)
             receiving = asyncio.create_task(receive)
             # One deadline for the whole exchange: a peer that neither reads nor sends holds
             # our incoming slot for transfer_timeout at most.
             try:
                 async with asyncio.timeout(self._timeout.total):
-                    got, sent = await self._reply(request, response, env, receiving, send, send_view)
+                    got, sent = await self._reply(request, response, env, receiving, slot)
             finally:
                 receiving.cancel()
             outcome = await self._merge(recv, send, theirs, env.sender, values)
@@ -189,20 +186,20 @@ class Exchange:
         return response
 
     async def _reply(self, request: web.Request, response: web.StreamResponse, env: Envelope,
-                     receiving: asyncio.Task[int], send: torch.Tensor, send_view: memoryview) -> tuple[int, int]:
-        """Stream our snapshot back while theirs arrives; returns (bytes received, bytes sent)."""
-        ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
-                        sample_weight=self._weights.num_samples, purpose="reply", in_reply_to=env.nonce)
+                     receiving: asyncio.Task[int], slot: Slot) -> tuple[int, int]:
+        """Stream our snapshot back while theirs arrives; returns (wire bytes received, sent)."""
+        encoding = self._wire.reply_encoding(env.sender, env.body)
+        ours = self._wire.manifest(self._weights, encoding, "reply", in_reply_to=env.nonce)
         sealed = seal(self._signer, network=self._network, recipient=env.sender, body=ours, now=time.time())
         response.headers[MANIFEST_HEADER] = encode_header(sealed)
-        response.content_length = wire_length(send_view.nbytes)
+        response.content_length = wire_length(ours.length)
         await response.prepare(request)
         # Hold back our last byte until all of theirs is here: aiohttp's client cancels its
         # upload the moment our response is complete, so finishing first would cut off the
         # initiator's snapshot (it would merge ours, we would merge nothing).
-        await send_snapshot(response, self._weights, send, self._digest_sealer(env.sender, nonce_of(sealed)),
-                            self._workers, before_last_byte=receiving)
-        return receiving.result(), send_view.nbytes
+        sent = await self._wire.send(response, self._weights, slot, encoding,
+                                     self._digest_sealer(env.sender, nonce_of(sealed)), before_last_byte=receiving)
+        return receiving.result(), sent
 
     async def _serve_model(self, request: web.Request) -> web.StreamResponse:
         """State sync: our current weights for a node of our network that asked, signed."""
@@ -216,22 +213,18 @@ class Exchange:
         slot = self._occupancy.take()
         response = web.StreamResponse()
         try:
-            send, _ = slot.buffers()
-            view = byte_view(send)
             schedule_step, seconds_trained = self._weights.lr_clock()
-            manifest = Manifest(fingerprint=self._weights.fingerprint, length=view.nbytes,
-                                sample_weight=self._weights.num_samples, purpose="model",
-                                in_reply_to=env.nonce, schedule_step=schedule_step,
-                                seconds_trained=seconds_trained)
+            # State sync stays float32: a newcomer starts from exactly the donor's weights, once.
+            manifest = self._wire.manifest(self._weights, "float32", "model", in_reply_to=env.nonce,
+                                           schedule_step=schedule_step, seconds_trained=seconds_trained)
             sealed = seal(self._signer, network=self._network, recipient=env.sender, body=manifest, now=time.time())
             response.headers[MANIFEST_HEADER] = encode_header(sealed)
-            response.content_length = wire_length(view.nbytes)
+            response.content_length = wire_length(manifest.length)
             await response.prepare(request)
             sealer = self._digest_sealer(env.sender, nonce_of(sealed))
-            await asyncio.wait_for(send_snapshot(response, self._weights, send, sealer, self._workers),
-                                   self._timeout.total)
+            await asyncio.wait_for(self._wire.send(response, self._weights, slot, "float32", sealer), self._timeout.total)
             await response.write_eof()
-            self._stats = self._stats.moved(sent=view.nbytes)
+            self._stats = self._stats.moved(sent=manifest.length)
             return response
         except (ConnectionError, asyncio.TimeoutError, OSError, TrainerUnavailable) as exc:
             # The downloader hung up or stalled, or our trainer is restarting: not a bug of ours.
@@ -246,19 +239,26 @@ class Exchange:
     # -- initiator ------------------------------------------------------------------------
 
     async def exchange_with(self, peer_id: str, url: str) -> Outcome:
-        """One push-pull with ``peer_id``; returns its outcome: ok, busy, refused or failed."""
+        """One push-pull with ``peer_id``; returns its outcome: ok, busy, refused or failed.
+        A peer that does not take our encoding answers 415: we ask once more in one both take."""
+        outcome = await self._push(peer_id, url, self._wire.choice.offer(peer_id), may_retry=True)
+        if not isinstance(outcome, Outcome):
+            outcome = await self._push(peer_id, url, outcome, may_retry=False)
+        return outcome if isinstance(outcome, Outcome) else Outcome.REFUSED
+
+    async def _push(self, peer_id: str, url: str, encoding: str, may_retry: bool) -> Outcome | str:
+        """exchange_with in ``encoding``; or, refused for it (415), the encoding to retry in."""
         if not rules.can_start_push(self._occupancy.room()):
             return Outcome.BUSY
         slot = self._occupancy.take(outgoing=True)
         self._publish()
         started = time.monotonic()
-        outcome, sent, got = Outcome.FAILED, 0, 0
+        outcome: Outcome | str = Outcome.FAILED
+        sent = got = 0
         filled = False  # every chunk of `send` holds what we sent (the digest is sealed)
         try:
             send, recv = slot.buffers()
-            send_view = byte_view(send)
-            ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
-                            sample_weight=self._weights.num_samples, purpose="push")
+            ours = self._wire.manifest(self._weights, encoding, "push")
             sealed = seal(self._signer, network=self._network, recipient=peer_id, body=ours, now=time.time())
             push_nonce = nonce_of(sealed)
             seal_push_digest = self._digest_sealer(peer_id, push_nonce)
@@ -269,34 +269,36 @@ class Exchange:
                 return seal_push_digest(length, digest)
 
             async def produce(writer: Any) -> None:  # runs once the peer said 100 Continue
-                await send_snapshot(writer, self._weights, send, seal_digest, self._workers)
+                await self._wire.send(writer, self._weights, slot, encoding, seal_digest)
 
-            size = wire_length(send_view.nbytes)
+            size = wire_length(ours.length)
             async with self._http().post(
                 url.rstrip("/") + "/v1/exchange", data=StreamPayload(size, produce), expect100=True,
                 headers={MANIFEST_HEADER: encode_header(sealed), "Content-Length": str(size)},
                 timeout=self._timeout,
             ) as response:
                 if response.status != 200:
-                    reason = (await response.text())[:200].strip()
+                    answer = await response.text()
                     response.close()  # never reuse: the body we announced was not sent
                     outcome = Outcome.BUSY if response.status == 429 else Outcome.REFUSED
-                    log.info("exchange with %s: %s %s", peer_id, response.status, reason)
+                    log.info("exchange with %s: %s %s", peer_id, response.status, answer[:200].strip())
+                    if response.status == 415 and may_retry:
+                        outcome = self._wire.retry_after_415(peer_id, encoding, answer) or outcome
                     return outcome
                 env = self._open_header(response.headers.get(MANIFEST_HEADER), Manifest)
                 # (a reply that is no answer to us is logged, not counted: only the verifier's refusals are)
                 refusal = env if isinstance(env, Refusal) else rules.check_reply(
-                    env, peer_id=peer_id, push_nonce=push_nonce, ours=self._model())
+                    env, peer_id=peer_id, push_nonce=push_nonce, ours=self._model(), accepts=self._wire.choice.accepts)
                 if refusal is not None:
                     log.info("exchange with %s: refused its reply: %s", peer_id, refusal.detail)
                     outcome = Outcome.REFUSED
                     return outcome
-                values, receive = self._receive_checked(response.content, recv, env)
+                values, receive = self._wire.receive_checked(response.content, recv, env)
                 got = await receive
             if not filled:  # an honest peer ends its reply only after all of our push
                 log.info("exchange with %s: its reply ended before our push was sent; nothing merged", peer_id)
                 return Outcome.FAILED
-            sent = send_view.nbytes
+            sent = ours.length
             outcome = await self._merge(recv, send, env.body, peer_id, values)
             return outcome
         except Rejected as exc:
@@ -310,7 +312,8 @@ class Exchange:
             return Outcome.FAILED
         finally:
             self._occupancy.give_back(slot, outgoing=True)
-            self._finished("initiator", peer_id, outcome, started, sent, got)
+            if isinstance(outcome, Outcome):  # else it goes on in another encoding
+                self._finished("initiator", peer_id, outcome, started, sent, got)
 
     async def fetch_model(self, peer_id: str, url: str, dst: torch.Tensor) -> Manifest | None:
         """State sync: download ``peer_id``'s weights into ``dst`` and verify them; their
@@ -329,17 +332,17 @@ class Exchange:
                     return None
                 env = self._open_header(response.headers.get(MANIFEST_HEADER), Manifest)
                 refusal = env if isinstance(env, Refusal) else rules.check_model_reply(
-                    env, peer_id=peer_id, request_nonce=request_nonce, ours=ours)
+                    env, peer_id=peer_id, request_nonce=request_nonce, ours=ours, accepts=self._wire.choice.accepts)
                 if refusal is not None:
                     log.info("state sync from %s failed: %s", peer_id, refusal.detail)
                     return None
-                values, receive = self._receive_checked(response.content, dst, env)
+                values, receive = self._wire.receive_checked(response.content, dst, env)
                 await receive
-                self._stats = self._stats.moved(received=ours.nbytes)
+                self._stats = self._stats.moved(received=env.body.length)
         except (ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
             log.info("state sync from %s failed: %s", peer_id, describe(exc))
             return None
-        problem = await in_receive_worker(self._workers, values.problem)  # checked as it arrived: little left
+        problem = await in_receive_worker(self._wire.workers, values.problem)  # checked as it arrived: little left
         if problem:
             log.warning("state sync from %s: refusing its weights: %s", peer_id, problem)
             return None
@@ -349,10 +352,6 @@ class Exchange:
 
     def _model(self) -> ModelShape:
         return ModelShape(self._weights.fingerprint, self._weights.nbytes)
-
-    def _receive_checked(self, content: aiohttp.StreamReader, buf: torch.Tensor,
-                         manifest: Envelope) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
-        return receive_checked(content, buf, digest_opener(self._verifier, manifest), self._workers)
 
     def _digest_sealer(self, recipient: str, manifest_nonce: bytes) -> SealDigest:
         return digest_sealer(self._signer, self._network, recipient, manifest_nonce)
@@ -369,13 +368,13 @@ class Exchange:
 
     async def _merge(self, received: torch.Tensor, sent: torch.Tensor, theirs: Manifest, peer_id: str,
                      values: ValueCheck) -> Outcome:
-        problem = await in_receive_worker(self._workers, values.problem)  # checked as it arrived: little left
+        problem = await in_receive_worker(self._wire.workers, values.problem)  # checked as it arrived: little left
         if problem:
             self._count_rejected("bad_values")
             quiet.warning(f"peer {peer_id}", "not merging weights from %s: %s", peer_id, problem)
             return Outcome.REFUSED
         alpha = bounded_mixing_weight(self._weights.num_samples, theirs.sample_weight)
-        await in_receive_worker(self._workers, self._weights.merge, received, sent, alpha)
+        await in_receive_worker(self._wire.workers, self._weights.merge, received, sent, alpha)
         return Outcome.OK
 
     def _counted(self, refusal: Refusal) -> Refusal:

@@ -54,7 +54,9 @@ FIRST_PIECE = 64 * 1024
 CHUNK = 4 << 20  # send and hash in 4 MiB steps: few thread hops, little lag behind the socket
 
 T = TypeVar("T")
-Fill = Callable[[int, int], None]  # copy the weights' bytes [start, stop) into the send buffer
+# Copy the weights' bytes [start, stop) into the send buffer; or return a buffer of its own
+# holding the bytes to send for that range (net/wire.py's encodings).
+Fill = Callable[[int, int], Any]
 SealDigest = Callable[[int, bytes], bytes]  # (length, digest) -> sealed PayloadDigest
 OpenDigest = Callable[[bytes], PayloadDigest]  # sealed trailer -> verified PayloadDigest
 
@@ -139,7 +141,8 @@ def nonce_of(sealed: bytes) -> bytes:
 
 def refusal_response(refusal: Refusal) -> web.Response:
     """The HTTP answer to a refused request: its status, and its detail as the error."""
-    response = web.json_response({"error": refusal.detail}, status=refusal.status)
+    answer = {"error": refusal.detail} | ({"accepts": list(refusal.accepts)} if refusal.accepts else {})
+    response = web.json_response(answer, status=refusal.status)
     # The client may still owe us the body it announced (we refused it before
     # 100-continue): close the connection so those bytes never pose as a next request.
     response.force_close()
@@ -190,31 +193,36 @@ def _bounds(size: int) -> list[tuple[int, int]]:
 
 
 async def send_weights(writer: Any, view: memoryview, fill: Fill, seal_digest: SealDigest, pool: Executor,
-                       before_last_byte: Awaitable[Any] | None = None) -> None:
+                       before_last_byte: Awaitable[Any] | None = None,
+                       bounds: list[tuple[int, int]] | None = None) -> None:
     """Fill, hash and write ``view`` chunk by chunk, then the signed trailer.
 
     ``writer`` is an aiohttp writer or StreamResponse. Chunk i+1 is filled and hashed in
     ``pool`` (the send worker) while chunk i is written. ``before_last_byte``, if given, is awaited
-    before the trailer's last byte goes out (see the responder in exchange.py).
+    before the trailer's last byte goes out (see the responder in exchange.py). ``bounds``: the
+    byte ranges to fill and send in turn, if not ``view``'s chunks; where ``fill`` returns a
+    buffer, that buffer is hashed and sent for its range (net/wire.py's encodings).
     """
     digest = StreamDigest()
 
-    def prepare(start: int, stop: int) -> None:
-        fill(start, stop)
-        digest.update(view[start:stop])
+    def prepare(start: int, stop: int) -> Any:
+        piece = fill(start, stop)
+        piece = view[start:stop] if piece is None else piece
+        digest.update(piece)
+        return piece
 
-    bounds = _bounds(view.nbytes)
+    bounds = _bounds(view.nbytes) if bounds is None else bounds
     ready = run_in(pool, prepare, *bounds[0]) if bounds else None
     try:
-        for i, (start, stop) in enumerate(bounds):
+        for i in range(len(bounds)):
             assert ready is not None
-            await ready
+            piece = await ready
             ready = run_in(pool, prepare, *bounds[i + 1]) if i + 1 < len(bounds) else None
-            await writer.write(view[start:stop])
+            await writer.write(piece)
     finally:
         if ready is not None:  # cancelled mid-stream: let the thread finish with the buffer
             await asyncio.shield(ready)
-    trailer = pack_trailer(seal_digest(view.nbytes, digest.digest()))
+    trailer = pack_trailer(seal_digest(bounds[-1][1] if bounds else 0, digest.digest()))
     await writer.write(trailer[:-1])
     if before_last_byte is not None:
         await before_last_byte

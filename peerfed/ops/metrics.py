@@ -73,7 +73,7 @@ class _ExchangeMetrics:
             "peerfed_exchanges", "Weight exchanges by outcome.", ["outcome"], registry=r
         )
         self.exchange_bytes = Counter(
-            "peerfed_exchange_bytes", "Exchange payload bytes moved.", ["direction"], registry=r
+            "peerfed_exchange_bytes", "Exchange payload bytes moved, as sent on the wire (encoded).", ["direction"], registry=r
         )
         self.exchange_duration = Histogram(
             "peerfed_exchange_duration_seconds",
