@@ -77,6 +77,7 @@ class P2PConfig(_Section):
     bootstrap: tuple[BootstrapAddr, ...] = ()
     allowlist: tuple[PeerIdStr, ...] = ()
     max_peers: Int = Field(64, ge=1)
+    port_mapping: Bool = True  # ask the home router (UPnP IGD) to forward our p2p and exchange ports
 
     @field_validator("listen")
     @classmethod

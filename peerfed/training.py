@@ -151,7 +151,9 @@ class Training(TrainingSide):
         found = {}
         for peer_id in table.exchange_candidates(self.fingerprint):
             info = table.get(peer_id)
-            if peer_id in live and info is not None and info.exchange_url:
+            # Pairing: a peer behind a NAT with no path to it initiates to us instead.
+            if peer_id in live and info is not None and info.exchange_url and \
+                    self._membership.worth_initiating(peer_id):
                 found[peer_id] = info.exchange_url
         return found
 

@@ -37,9 +37,12 @@ from peerfed.core.envelope import (
 from peerfed.core.errors import Rejected
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
+from peerfed.core.reachability import is_lan_addr, stored_record, worth_initiating
+from peerfed.net.addrs import local_ipv4_addresses
 from peerfed.net.p2p import DialError, ForeignPeer, HostStats, P2PHost
 from peerfed.net.peer_file import PeerTableFile, load_peer_table
 from peerfed.net.quiet import QuietLog, describe
+from peerfed.net.reachability import ReachabilityService
 
 __all__ = ["Membership", "MembershipStats", "load_peer_table"]
 
@@ -121,8 +124,10 @@ class Membership:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_rejected: Callable[[str], None] | None = None,
+        reachability: ReachabilityService | None = None,
     ) -> None:
         self._host = host
+        self.reachability = reachability  # what our record says about our addresses
         self._us = _Us(signer, network)
         self.table = table
         self._bootstrap = list(bootstrap)
@@ -142,8 +147,13 @@ class Membership:
             self._add_bootstrap(addr)
         for loop in (self._dial_loop, self._gossip_loop, self._ping_loop, self._save_loop):
             self._spawn(loop(), name=loop.__name__)
+        if self.reachability is not None:
+            await self.reachability.start(connected_peers=self.connected_peers, publish=self.set_own_fields,
+                                          exchange_url=self._us.fields["exchange_url"])
 
     async def stop(self) -> None:
+        if self.reachability is not None:
+            await self.reachability.stop()  # removes our port mappings
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -204,6 +214,22 @@ class Membership:
 
     # -- views ----------------------------------------------------------------------------
 
+    def worth_initiating(self, peer_id: str) -> bool:
+        """Pairing (core/reachability.py): False for a peer behind a NAT with no address we
+        can reach; it initiates to us instead."""
+        info = self.table.get(peer_id)
+        rec = stored_record(info.record.envelope) if info is not None else None
+        if rec is None:
+            return True
+        return worth_initiating(rec.reachability, rec.addrs, rec.private_addrs, our_lan_ips=local_ipv4_addresses())
+
+    def _dial_order(self, peer_id: str, addrs: Sequence[str]) -> list[str]:
+        """The peer's addresses in its record's order, less the LAN ones of a peer that says
+        it is behind a NAT and is not on our LAN: dialing those only times out."""
+        if self.worth_initiating(peer_id):
+            return list(addrs)
+        return [a for a in addrs if not is_lan_addr(a)]
+
     def connected_peers(self) -> list[str]:
         return [p for p in self.table.connected() if p in self._links.live]
 
@@ -230,7 +256,9 @@ class Membership:
     def _own_peer_record(self) -> bytes:
         now, us = self._clock(), self._us
         if not us.record or now - us.record_time > RECORD_REFRESH:
-            us.record = us.seal(PeerRecord(addrs=tuple(self._host.addrs()), version=_version(), **us.fields), now)
+            # net/reachability.py sets "addrs" (dialable first) once it knows; until then, ours
+            fields = {"addrs": tuple(self._host.addrs()), **us.fields}
+            us.record = us.seal(PeerRecord(version=_version(), **fields), now)
             us.record_time = now
         return us.record
 
@@ -297,7 +325,7 @@ class Membership:
             return
         self._links.dialing.add(peer_id)
         try:
-            for addr in info.addrs:
+            for addr in self._dial_order(peer_id, info.addrs):
                 try:
                     got = await self._host.dial(addr)
                 except DialError as exc:

@@ -53,6 +53,7 @@ from peerfed import __version__
 from peerfed.core.framing import FrameDecoder, encode_frame
 from peerfed.errors import AddressInUseError
 from peerfed.net.addrs import check_listen_addrs, expand_unspecified
+from peerfed.net.autonat import FreshDialAutoNAT, ask_dial_back
 
 # re-exported: daemon.py imports it from here
 from peerfed.net.bridge import Bridge
@@ -165,13 +166,15 @@ class P2PHost:
         self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
         self._key_pair = key_pair
         self._protocol = peers_protocol(network)
-        self._listen = [multiaddr.Multiaddr(a) for a in listen]
-        self._announce = [multiaddr.Multiaddr(a) for a in announce]
+        # announce addresses ride along: py-libp2p advertises them instead of the listen ones
+        self._listen_announce = ([multiaddr.Multiaddr(a) for a in listen],
+                                 [multiaddr.Multiaddr(a) for a in announce])
         self._bridge = bridge
         self._on_request = on_request
         self._on_connection_change = on_connection_change
         self._max_connected = max_connected
         self._host: Any = None
+        self._autonat: FreshDialAutoNAT | None = None  # serves dial-backs, asks for ours
         self._stop: trio.Event | None = None
         self._stats = HostStats()  # published by the trio side: replaced, never changed
 
@@ -179,7 +182,7 @@ class P2PHost:
 
     async def start(self) -> list[str]:
         """Listen and return our full addresses (each ending in /p2p/<PeerID>)."""
-        check_listen_addrs([str(a) for a in self._listen])
+        check_listen_addrs([str(a) for a in self._listen_announce[0]])
         return await self._bridge.run_trio(self._trio_start)
 
     async def stop(self) -> None:
@@ -200,6 +203,25 @@ class P2PHost:
 
     async def disconnect(self, peer_id: str) -> None:
         await self._bridge.run_trio(self._trio_disconnect, peer_id)
+
+    async def dial_back(self, server: str, addrs: Sequence[str]) -> tuple[str, str | None]:
+        """AutoNAT: ask the connected peer ``server`` to dial us at ``addrs`` on a fresh
+        connection: ("ok" | "failed" | "refused", the address it reached). Raises if it
+        could not be asked."""
+        assert self._autonat is not None
+        return await self._bridge.run_trio(ask_dial_back, self._autonat, server, list(addrs))
+
+    async def observations(self) -> tuple[list[str], dict[str, str]]:
+        """What identify told us: the addresses peers see our connections come from, and
+        the IP each connected peer is at as we see it (PeerID -> IP)."""
+        return await self._bridge.run_trio(self._trio_observations)
+
+    def transport_addrs(self, announced: bool = False) -> list[str]:
+        """Our listen addresses without /p2p/ (0.0.0.0 expanded); with ``announced``, the
+        announce addresses instead when the config has some."""
+        if announced and self._listen_announce[1]:
+            return [str(a) for a in self._listen_announce[1]]
+        return expand_unspecified([str(a) for a in self._host.get_transport_addrs()]) if self._host else []
 
     def addrs(self) -> list[str]:
         """Our dialable addresses (announce ones if configured), each ending in /p2p/<PeerID>."""
@@ -224,8 +246,8 @@ class P2PHost:
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
             connection_config=ConnectionConfig(max_connections=1_000_000, max_connections_per_peer=1),
-            listen_addrs=self._listen,
-            announce_addrs=self._announce or None,
+            listen_addrs=self._listen_announce[0],
+            announce_addrs=self._listen_announce[1] or None,
         )
 
     async def _trio_start(self) -> list[str]:
@@ -235,14 +257,16 @@ class P2PHost:
     async def _trio_serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._host = self._new_host()
         self._host.set_stream_handler(self._protocol, self._trio_handle_stream)
+        self._autonat = FreshDialAutoNAT(self._host)
         self._host.get_network().register_notifee(_Notifee(self))
         self._stop = trio.Event()
-        async with self._host.run(listen_addrs=self._listen):
+        async with self._host.run(listen_addrs=self._listen_announce[0]):
             # Its auto-connector redials anything in the peerstore (strangers we closed
             # included) towards 150 connections; whom we dial is membership's decision.
             await self._host.get_network().auto_connector.stop()
             if not self._host.get_transport_addrs():
-                raise AddressInUseError("p2p.listen: could not listen on " + ", ".join(map(str, self._listen)))
+                raise AddressInUseError("p2p.listen: could not listen on "
+                                        + ", ".join(map(str, self._listen_announce[0])))
             task_status.started(self.addrs())
             await self._stop.wait()
 
@@ -307,6 +331,18 @@ class P2PHost:
             return
         with trio.move_on_after(1):
             await stream.close()
+
+    async def _trio_observations(self) -> tuple[list[str], dict[str, str]]:
+        manager = getattr(self._host, "_observed_addr_manager", None)  # py-libp2p 0.8.1
+        observed = [str(a) for a in manager.addrs(min_observers=1)] if manager is not None else []
+        seen_at: dict[str, str] = {}
+        for peer, conns in self._host.get_network().get_connections_map().items():
+            for conn in conns:
+                for addr in conn.get_transport_addresses():
+                    ip = addr.value_for_protocol("ip4") if "/ip4/" in str(addr) else None
+                    if ip:
+                        seen_at[peer.to_base58()] = ip
+        return observed, seen_at
 
     async def _trio_ping(self, peer_id: str) -> float:
         started = time.monotonic()
