@@ -74,3 +74,17 @@ async def ask_dial_back(service: FreshDialAutoNAT, server: str, addrs: list[str]
     if status == int(Message.E_DIAL_ERROR):
         return "failed", None
     return "refused", None
+
+
+async def observations(host: Any) -> tuple[list[str], dict[str, str]]:
+    """What identify told ``host`` about our addresses (each observation counts, not only
+    those four peers agree on), and the IPv4 each connected peer is at as we see it."""
+    manager = getattr(host, "_observed_addr_manager", None)  # py-libp2p 0.8.1
+    observed = [str(a) for a in manager.addrs(min_observers=1)] if manager is not None else []
+    seen_at: dict[str, str] = {}
+    for peer, conns in host.get_network().get_connections_map().items():
+        for conn in conns:
+            for addr in conn.get_transport_addresses():
+                if "/ip4/" in str(addr):
+                    seen_at[peer.to_base58()] = addr.value_for_protocol("ip4")
+    return observed, seen_at

@@ -53,7 +53,7 @@ from peerfed import __version__
 from peerfed.core.framing import FrameDecoder, encode_frame
 from peerfed.errors import AddressInUseError
 from peerfed.net.addrs import check_listen_addrs, expand_unspecified
-from peerfed.net.autonat import FreshDialAutoNAT, ask_dial_back
+from peerfed.net.autonat import FreshDialAutoNAT, ask_dial_back, observations
 
 # re-exported: daemon.py imports it from here
 from peerfed.net.bridge import Bridge
@@ -78,9 +78,10 @@ def adopt_libp2p_logger() -> None:
     # membership service logs each failed attempt once, with its reason.
     logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
     logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)  # we stop it
-    stream_log = logging.getLogger("libp2p.host.basic_host")
-    if not any(isinstance(f, _RefusedProtocolFilter) for f in stream_log.filters):
-        stream_log.addFilter(_RefusedProtocolFilter())
+    for name in ("libp2p.host.basic_host", "libp2p.network.swarm"):
+        stream_log = logging.getLogger(name)
+        if not any(isinstance(f, _RefusedProtocolFilter) for f in stream_log.filters):
+            stream_log.addFilter(_RefusedProtocolFilter())
 
 
 class _RefusedProtocolFilter(logging.Filter):
@@ -89,7 +90,9 @@ class _RefusedProtocolFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = str(record.msg)
-        return not (text.startswith("Failed to open stream") and "not supported" in text)
+        return not (text.startswith("Failed to open stream") and "not supported" in text
+                    # a peer's AutoNAT dial-back (net/autonat.py) hangs up after the handshake
+                    or text.startswith("fail to upgrade mux"))
 
 
 adopt_libp2p_logger()
@@ -214,7 +217,7 @@ class P2PHost:
     async def observations(self) -> tuple[list[str], dict[str, str]]:
         """What identify told us: the addresses peers see our connections come from, and
         the IP each connected peer is at as we see it (PeerID -> IP)."""
-        return await self._bridge.run_trio(self._trio_observations)
+        return await self._bridge.run_trio(observations, self._host)
 
     def transport_addrs(self, announced: bool = False) -> list[str]:
         """Our listen addresses without /p2p/ (0.0.0.0 expanded); with ``announced``, the
@@ -283,6 +286,9 @@ class P2PHost:
         except Exception as exc:  # noqa: BLE001
             raise DialError(f"bad address {addr}: {exc}") from exc
         self._host.get_network().unblock_peer(info.peer_id)
+        # connect() dials every address the peerstore holds for the peer, in its order (a
+        # dead LAN address first can eat the whole timeout): ours is the one to try now.
+        self._host.get_peerstore().clear_addrs(info.peer_id)
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 await self._host.connect(info)
@@ -331,18 +337,6 @@ class P2PHost:
             return
         with trio.move_on_after(1):
             await stream.close()
-
-    async def _trio_observations(self) -> tuple[list[str], dict[str, str]]:
-        manager = getattr(self._host, "_observed_addr_manager", None)  # py-libp2p 0.8.1
-        observed = [str(a) for a in manager.addrs(min_observers=1)] if manager is not None else []
-        seen_at: dict[str, str] = {}
-        for peer, conns in self._host.get_network().get_connections_map().items():
-            for conn in conns:
-                for addr in conn.get_transport_addresses():
-                    ip = addr.value_for_protocol("ip4") if "/ip4/" in str(addr) else None
-                    if ip:
-                        seen_at[peer.to_base58()] = ip
-        return observed, seen_at
 
     async def _trio_ping(self, peer_id: str) -> float:
         started = time.monotonic()

@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -51,9 +51,12 @@ class PortMapStats:
 
 
 class PortMapper:
-    def __init__(self, ports: Sequence[int], *, enabled: bool = True, description: str = "peerfed") -> None:
+    def __init__(self, ports: Sequence[int], *, enabled: bool = True, description: str = "peerfed",
+                 lease: int = LEASE, client: Callable[[], Any] | None = None) -> None:
         self._ports = [p for p in dict.fromkeys(ports) if p]
         self._description = description
+        self._lease = lease
+        self._client = client  # makes a miniupnpc.UPnP-like object; tests pass a fake router
         self._upnp: Any = None  # the miniupnpc client, used by one worker call at a time
         self._control_url = ""
         self._stats = PortMapStats(enabled=enabled and bool(self._ports))
@@ -101,19 +104,24 @@ class PortMapper:
                          ", ".join(f"{m.external_ip}:{m.external_port} -> {m.internal_port}" for m in mapped))
             self._stats = replace(self._stats, gateway=gateway, mapped=mapped,
                                   renewals=self._stats.renewals + renewed)
-            await asyncio.sleep(LEASE / 2)
+            await asyncio.sleep(self._lease / 2)
 
     # -- in the worker thread -------------------------------------------------------------
 
     def _map_all(self) -> tuple[str, tuple[Mapped, ...]]:
-        import miniupnpc  # imported here: only nodes that map ports load it
-
         if self._upnp is None:
-            upnp = miniupnpc.UPnP()
+            if self._client is None:
+                import miniupnpc  # imported here: only nodes that map ports load it
+
+                self._client = miniupnpc.UPnP
+            upnp = self._client()
             upnp.discoverdelay = DISCOVER_MS
             if upnp.discover() == 0:
                 raise OSError("no UPnP device answered on the LAN")
-            self._control_url = str(upnp.selectigd())  # raises if none is an internet gateway
+            try:
+                self._control_url = str(upnp.selectigd())
+            except Exception as exc:  # its message is often just "Success"
+                raise OSError("no internet gateway among the UPnP devices on the LAN") from exc
             self._upnp = upnp
         upnp = self._upnp
         external_ip = str(upnp.externalipaddress())
@@ -125,10 +133,10 @@ class PortMapper:
 
     def _map_one(self, upnp: Any, port: int, wanted: int) -> int:
         try:
-            upnp.addportmapping(wanted, "TCP", upnp.lanaddr, port, self._description, "", LEASE)
+            upnp.addportmapping(wanted, "TCP", upnp.lanaddr, port, self._description, "", self._lease)
             return wanted
         except Exception:  # noqa: BLE001 - taken by another host (ConflictInMappingEntry) or refused
-            got = upnp.addanyportmapping(wanted, "TCP", upnp.lanaddr, port, self._description, "", LEASE)
+            got = upnp.addanyportmapping(wanted, "TCP", upnp.lanaddr, port, self._description, "", self._lease)
             return int(got)
 
     def _unmap_all(self, mapped: Sequence[Mapped]) -> None:

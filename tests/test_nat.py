@@ -1,0 +1,76 @@
+"""Rigs behind home NAT routers, in network namespaces (tests/netlab.py; root, slow).
+
+Case (a) of issue 11: router a runs miniupnpd, router b does not. The rig behind a maps its
+p2p and exchange ports, learns it is public once a peer dials the mapping back (AutoNAT),
+and puts the mapped address first in its record; the rig behind b learns it is private.
+b1 dials a1's mapping and they exchange weights; a1 never opens an exchange to b1 (it has
+no path to it) and the public node (training off) wastes no dial on b1's LAN address.
+Stopping a1 removes its mappings from the router.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from natswarm import NsNode, NsSwarm
+from netlab import NetLab, missing_requirements
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(missing_requirements(upnp=True) is not None, reason=missing_requirements(upnp=True) or ""),
+]
+
+RIG = {"exchange.interval": 2.0, "p2p.port_mapping": True}
+
+
+def _exchanged(n: NsNode) -> int:
+    return int((n.status().get("exchanges") or {}).get("ok", 0))
+
+
+def test_a_rig_behind_a_upnp_router_maps_its_ports_and_exchanges_with_a_rig_behind_another(
+        tmp_path: Path) -> None:
+    with NetLab() as lab:
+        t = lab.home_topology({"a": 1, "b": 1}, upnp=["a"])
+        router_a = t.routers["a"].machine
+        swarm = NsSwarm(lab, tmp_path)
+        public = swarm.add(t.public, settings={"train.enabled": False})
+        a1 = swarm.add(t.rig("a1"), bootstrap=public, settings=RIG)
+        b1 = swarm.add(t.rig("b1"), bootstrap=public, settings=RIG)
+        started = time.monotonic()
+        swarm.start_all()
+        up = time.monotonic() - started
+
+        mapped = f"/ip4/{router_a.ip}/tcp/{a1.node.p2p_port}"
+        swarm.wait(lambda: a1.status()["reachability"] == "public", 60, "a1 public through its mapping")
+        nat = a1.status()["nat"]
+        assert nat["record_addrs"][0] == mapped                      # dialable first
+        assert nat["record_addrs"][-nat["private_addrs"]:] == [f"/ip4/{a1.machine.ip}/tcp/{a1.node.p2p_port}"]
+        assert nat["exchange_url"] == f"http://{router_a.ip}:{a1.node.exchange_port}"
+        assert {m["internal_port"] for m in nat["port_mapping"]["mapped"]} == {a1.node.p2p_port,
+                                                                                a1.node.exchange_port}
+        swarm.wait(lambda: b1.status()["reachability"] == "private", 60, "b1 private")
+        assert b1.status()["observed_addrs"][0].startswith(f"/ip4/{t.routers['b'].machine.ip}/tcp/")
+        assert public.status()["reachability"] == "public"
+
+        took = swarm.wait(lambda: _exchanged(a1) >= 1 and _exchanged(b1) >= 1, 60, "a1 and b1 exchange")
+        everyone = {n.peer_id for n in (public, a1, b1)}
+        swarm.wait(lambda: all(n.connected() == everyone - {n.peer_id} for n in (public, a1, b1)), 30,
+                   "full membership")
+        a_last, b_last = a1.status()["last_exchange"], b1.status()["last_exchange"]
+        assert b_last["peer_id"] == a1.peer_id and b_last["role"] == "initiator"
+        assert a_last["peer_id"] == b1.peer_id and a_last["role"] == "responder"
+        assert a1.status()["exchanges"]["failed"] == 0  # it never tried b1's private URL
+        print(f"\ncase (a): daemons up in {up:.1f} s; a1 public, first a1-b1 exchange "
+              f"{took:.1f} s after that; exchanges a1={_exchanged(a1)} b1={_exchanged(b1)}")
+        # The public node never dialed b1's LAN address (no path; b1 dials it).
+        assert f"could not connect to /ip4/{b1.machine.ip}" not in public.node.log_path.read_text()
+
+        rules = lab.sh(router_a.ns, "nft list chain inet home prerouting_miniupnpd")
+        assert f"dport {a1.node.p2p_port}" in rules
+        a1.node.process.send_signal(signal.SIGTERM)  # type: ignore[union-attr]
+        a1.node.process.wait(30)  # type: ignore[union-attr]
+        rules = lab.sh(router_a.ns, "nft list chain inet home prerouting_miniupnpd")
+        assert f"dport {a1.node.p2p_port}" not in rules and f"dport {a1.node.exchange_port}" not in rules
