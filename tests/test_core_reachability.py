@@ -89,3 +89,13 @@ def test_the_record_carries_reachability_and_reads_back() -> None:
     assert stored_record(b"junk") is None
     # Without the new fields the wire form is what older nodes sign and read.
     assert set(PeerRecord(addrs=(addr,)).to_wire()) == {"addrs", "exchange_url", "fingerprint", "version"}
+
+
+def test_status_text_says_reachability_and_the_mapping() -> None:
+    from peerfed.cli import status_lines
+
+    status = {"peer_id": "x", "reachability": "public", "observed_addrs": ["/ip4/11.18.0.1/tcp/40000"],
+              "nat": {"port_mapping": {"mapped": [{"external_ip": "11.18.0.1", "external_port": 7401,
+                                                   "internal_port": 7401}]}}}
+    line = [x for x in status_lines(status) if x.startswith("reachability")]
+    assert line == ["reachability     public (seen at: /ip4/11.18.0.1/tcp/40000; mapped 11.18.0.1:7401->7401)"]

@@ -10,7 +10,9 @@ Stopping a1 removes its mappings from the router.
 
 from __future__ import annotations
 
+import json
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -51,6 +53,12 @@ def test_a_rig_behind_a_upnp_router_maps_its_ports_and_exchanges_with_a_rig_behi
         assert nat["exchange_url"] == f"http://{router_a.ip}:{a1.node.exchange_port}"
         assert {m["internal_port"] for m in nat["port_mapping"]["mapped"]} == {a1.node.p2p_port,
                                                                                 a1.node.exchange_port}
+        # As a user sees it: `peerfed status` and `--json` inside a1's namespace.
+        cli = f"{sys.executable} -m peerfed status --home {a1.node.home}"
+        as_json = json.loads(lab.sh(a1.machine.ns, cli + " --json"))
+        assert as_json["reachability"] == "public" and as_json["observed_addrs"]
+        text = lab.sh(a1.machine.ns, cli)
+        assert "reachability     public" in text and f"{router_a.ip}:{a1.node.p2p_port}->" in text
         swarm.wait(lambda: b1.status()["reachability"] == "private", 60, "b1 private")
         assert b1.status()["observed_addrs"][0].startswith(f"/ip4/{t.routers['b'].machine.ip}/tcp/")
         assert public.status()["reachability"] == "public"
