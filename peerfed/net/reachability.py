@@ -133,11 +133,11 @@ class ReachabilityService:
         return ""
 
     async def _ask_peers(self, seen_at: dict[str, str], now: float) -> None:
-        asked = self._book.to_check()
         peers = self._connected_peers()
-        if not asked or not peers:
-            return
         for server in self._rng.sample(peers, min(SERVERS_PER_CHECK, len(peers))):
+            asked = self._book.to_check()
+            if not asked:
+                break  # nothing left worth a dial-back (LAN only, or every guess disproved)
             try:
                 verdict, reached = await self._host.dial_back(server, asked)
             except Exception as exc:  # noqa: BLE001 - an old peer without AutoNAT, a lost connection
