@@ -286,7 +286,9 @@ def _libc() -> Any:
 
 def _router_rules(upnp: bool) -> str:
     """A home router: masquerade LAN -> WAN, forward only LAN-initiated connections (and, with
-    miniupnpd, what its chains let in). One inet table, which miniupnpd is told to use."""
+    miniupnpd, what its chains let in), drop (not refuse) what comes from the internet
+    unasked: a refused SYN would end TCP hole punching. One inet table, which miniupnpd is
+    told to use."""
     jump_forward = "jump miniupnpd" if upnp else ""
     jump_pre = "jump prerouting_miniupnpd" if upnp else ""
     jump_post = "jump postrouting_miniupnpd" if upnp else ""
@@ -301,6 +303,11 @@ table inet home {{
         iifname "lan" oifname "wan" accept
         iifname "lan" oifname "lan" accept
         {jump_forward}
+    }}
+    chain input {{
+        type filter hook input priority 0; policy accept;
+        iifname "wan" ct state established,related accept
+        iifname "wan" drop comment "like a home router: nothing answers from the internet side"
     }}
     chain prerouting {{
         type nat hook prerouting priority -100; policy accept;
