@@ -30,6 +30,7 @@ from peerfed.net.bridge import Bridge
 from peerfed.net.membership import Membership, load_peer_table
 from peerfed.net.p2p import P2PHost
 from peerfed.net.reachability import ReachabilityService
+from peerfed.net.relay import RelayService
 from peerfed.ops.api import LocalAPI
 from peerfed.ops.logs import set_level
 from peerfed.ops.metrics import CONTENT_TYPE, Metrics
@@ -65,6 +66,7 @@ class Daemon:
             key_pair, network=config.network, listen=config.p2p.listen, announce=config.p2p.announce,
             bridge=self.bridge, on_request=self._on_p2p_request,
             on_connection_change=self._on_connection_change, max_connected=config.p2p.max_peers,
+            relay=RelayService(config.p2p.relay_service, config.p2p.relay_max_bytes, config.p2p.relay_max_seconds),
         )
         # Membership exists before the host listens, so early peers get answers; its loops
         # (dialing, gossip, pings) start once we are fully up.

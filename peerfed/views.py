@@ -40,9 +40,9 @@ def reachability_status(membership: Membership) -> dict[str, Any]:
     if service is None:
         return {"reachability": "unknown", "observed_addrs": [], "nat": {}}
     stats = service.statistics()
-    mapping = service.port_mapping()
     nat = dataclasses.asdict(stats)
-    nat["port_mapping"] = dataclasses.asdict(mapping) if mapping is not None else {"enabled": False}
+    nat["port_mapping"] = dataclasses.asdict(service.port_mapping())
+    nat["tunnels"] = service.routes.tunnels()  # PeerID -> local URL of its exchange over libp2p
     return {"reachability": stats.reachability, "observed_addrs": list(stats.observed_addrs), "nat": nat}
 
 

@@ -82,3 +82,29 @@ def test_a_rig_behind_a_upnp_router_maps_its_ports_and_exchanges_with_a_rig_behi
         a1.node.process.wait(30)  # type: ignore[union-attr]
         rules = lab.sh(router_a.ns, "nft list chain inet home prerouting_miniupnpd")
         assert f"dport {a1.node.p2p_port}" not in rules and f"dport {a1.node.exchange_port}" not in rules
+
+
+def test_two_rigs_behind_plain_nats_exchange_through_a_hole_punched_or_relayed_connection(
+        tmp_path: Path) -> None:
+    """Case (b): no port mapping anywhere; the public node (training off) relays."""
+    with NetLab() as lab:
+        t = lab.home_topology({"a": 1, "b": 1})
+        swarm = NsSwarm(lab, tmp_path)
+        public = swarm.add(t.public, settings={"train.enabled": False, "p2p.relay_service": True})
+        a1 = swarm.add(t.rig("a1"), bootstrap=public, settings=RIG)
+        b1 = swarm.add(t.rig("b1"), bootstrap=public, settings=RIG)
+        started = time.monotonic()
+        swarm.start_all()
+        up = time.monotonic() - started
+        took = swarm.wait(lambda: _exchanged(a1) >= 1 and _exchanged(b1) >= 1, 60, "a1 and b1 exchange")
+        since_start = time.monotonic() - started
+        everyone = {n.peer_id for n in (public, a1, b1)}
+        swarm.wait(lambda: all(n.connected() == everyone - {n.peer_id} for n in (public, a1, b1)), 30,
+                   "full membership")
+        for rig, other in ((a1, b1), (b1, a1)):
+            status = rig.status()
+            assert status["reachability"] == "private"
+            assert status["nat"]["relay"].startswith(f"/ip4/{t.public.ip}/tcp/{public.node.p2p_port}/p2p/")
+            assert status["exchanges"]["ok"] >= 1 and status["last_exchange"]["peer_id"] == other.peer_id
+        print(f"\ncase (b): daemons up in {up:.1f} s; first a1-b1 exchange {took:.1f} s after that, "
+              f"{since_start:.1f} s after start; exchanges a1={_exchanged(a1)} b1={_exchanged(b1)}")

@@ -59,8 +59,8 @@ def test_maps_both_ports_renews_at_half_the_lease_and_unmaps_on_stop() -> None:
     router = FakeRouter(taken=frozenset({7402}))
 
     async def scenario() -> tuple[Any, int, dict[int, tuple[str, int, int]]]:
-        mapper = PortMapper([7401, 7402], lease=1, client=router)
-        await mapper.start()
+        mapper = PortMapper(lease=1, client=router)
+        await mapper.start([7401, 7402])
         await asyncio.sleep(0.2)
         first = mapper.statistics()
         await asyncio.sleep(1.1)  # two more rounds at lease/2 = 0.5 s
@@ -79,8 +79,8 @@ def test_maps_both_ports_renews_at_half_the_lease_and_unmaps_on_stop() -> None:
 
 def test_no_router_leaves_the_node_as_it_was() -> None:
     async def scenario() -> Any:
-        mapper = PortMapper([7401], client=FakeRouter(devices=0))
-        await mapper.start()
+        mapper = PortMapper(client=FakeRouter(devices=0))
+        await mapper.start([7401])
         await asyncio.sleep(0.2)
         stats = mapper.statistics()
         await mapper.stop()
@@ -94,8 +94,8 @@ def test_disabled_mapper_does_nothing() -> None:
     router = FakeRouter()
 
     async def scenario() -> None:
-        mapper = PortMapper([7401], enabled=False, client=router)
-        await mapper.start()
+        mapper = PortMapper(enabled=False, client=router)
+        await mapper.start([7401])
         await asyncio.sleep(0.1)
         await mapper.stop()
 

@@ -36,14 +36,30 @@ class FakeHost:
         return ("ok", hit) if hit else ("failed", None)
 
 
+class FakeMembership:
+    def __init__(self, peers: list[str], published: list[dict[str, Any]]) -> None:
+        self.peers, self.published = peers, published
+
+    def connected_peers(self) -> list[str]:
+        return self.peers
+
+    def set_own_fields(self, **fields: Any) -> None:
+        self.published.append(fields)
+
+    def relay_candidates(self) -> list[tuple[str, str]]:
+        return []
+
+    def needs_tunnel(self) -> set[str]:
+        return set()
+
+
 def run_checks(host: FakeHost, peers: list[str], rounds: int) -> tuple[ReachabilityService, list[dict[str, Any]]]:
     published: list[dict[str, Any]] = []
 
     async def scenario() -> ReachabilityService:
         service = ReachabilityService(host, port_mapping=False, clock=lambda: 1000.0,  # type: ignore[arg-type]
                                       rng=random.Random(1))
-        service._connected_peers = lambda: peers
-        service._publish = lambda **fields: published.append(fields)
+        service._membership = FakeMembership(peers, published)
         for _ in range(rounds):
             await service.check_once()
         return service

@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 from peerfed.core.envelope import decode
 from peerfed.core.errors import Rejected
+from peerfed.core.peerinfo import PeerInfo
+from peerfed.core.peers import PeerTable
 from peerfed.core.records import PeerRecord
 
 GIVE_UP_AFTER = 3           # failed dial-backs, never a success: stop passing it on
@@ -212,3 +214,31 @@ def stored_record(envelope: bytes) -> PeerRecord | None:
     except Rejected:
         return None
     return body if isinstance(body, PeerRecord) else None
+
+
+def relay_candidates(table: PeerTable, connected: Sequence[str]) -> list[tuple[str, str]]:
+    """Connected peers that say they are public, with the address to reach them at (the
+    first of their record that is not LAN-only): where to ask for a relay slot."""
+    out = []
+    for peer_id in connected:
+        info = table.get(peer_id)
+        rec = stored_record(info.record.envelope) if info is not None else None
+        if rec is not None and rec.reachability == Reachability.PUBLIC.value:
+            addr = next((a for a in rec.addrs if not is_lan_addr(a) and "/p2p-circuit" not in a), "")
+            if addr:
+                out.append((peer_id, addr))
+    return out
+
+
+def worth_initiating_to(info: PeerInfo | None, our_lan_ips: Sequence[str]) -> bool:
+    """worth_initiating() for a peer as the table holds it (its stored signed record)."""
+    rec = stored_record(info.record.envelope) if info is not None else None
+    return rec is None or worth_initiating(rec.reachability, rec.addrs, rec.private_addrs, our_lan_ips=our_lan_ips)
+
+
+def dial_order(info: PeerInfo, our_lan_ips: Sequence[str]) -> list[str]:
+    """The peer's addresses in its record's order, less the LAN ones of a peer that says it is
+    behind a NAT and is not on our LAN: dialing those only times out."""
+    if worth_initiating_to(info, our_lan_ips):
+        return list(info.addrs)
+    return [a for a in info.addrs if not is_lan_addr(a)]

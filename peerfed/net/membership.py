@@ -37,7 +37,7 @@ from peerfed.core.envelope import (
 from peerfed.core.errors import Rejected
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
-from peerfed.core.reachability import is_lan_addr, stored_record, worth_initiating
+from peerfed.core.reachability import dial_order, relay_candidates, worth_initiating_to
 from peerfed.net.addrs import local_ipv4_addresses
 from peerfed.net.p2p import DialError, ForeignPeer, HostStats, P2PHost
 from peerfed.net.peer_file import PeerTableFile, load_peer_table
@@ -148,8 +148,7 @@ class Membership:
         for loop in (self._dial_loop, self._gossip_loop, self._ping_loop, self._save_loop):
             self._spawn(loop(), name=loop.__name__)
         if self.reachability is not None:
-            await self.reachability.start(connected_peers=self.connected_peers, publish=self.set_own_fields,
-                                          exchange_url=self._us.fields["exchange_url"])
+            await self.reachability.start(self, exchange_url=self._us.fields["exchange_url"])
 
     async def stop(self) -> None:
         if self.reachability is not None:
@@ -215,20 +214,22 @@ class Membership:
     # -- views ----------------------------------------------------------------------------
 
     def worth_initiating(self, peer_id: str) -> bool:
-        """Pairing (core/reachability.py): False for a peer behind a NAT with no address we
-        can reach; it initiates to us instead."""
-        info = self.table.get(peer_id)
-        rec = stored_record(info.record.envelope) if info is not None else None
-        if rec is None:
-            return True
-        return worth_initiating(rec.reachability, rec.addrs, rec.private_addrs, our_lan_ips=local_ipv4_addresses())
+        """Pairing (core/reachability.py): False for a peer behind a NAT with no path to it."""
+        return worth_initiating_to(self.table.get(peer_id), local_ipv4_addresses())
 
-    def _dial_order(self, peer_id: str, addrs: Sequence[str]) -> list[str]:
-        """The peer's addresses in its record's order, less the LAN ones of a peer that says
-        it is behind a NAT and is not on our LAN: dialing those only times out."""
-        if self.worth_initiating(peer_id):
-            return list(addrs)
-        return [a for a in addrs if not is_lan_addr(a)]
+    def relay_candidates(self) -> list[tuple[str, str]]:
+        return relay_candidates(self.table, self.connected_peers())
+
+    def needs_tunnel(self) -> set[str]:
+        """Connected peers with an exchange URL we cannot open (net/routes.py)."""
+        if not self._us.fields["exchange_url"]:
+            return set()  # we do not train: nothing to exchange
+        return {p for p in self.connected_peers() if not self.worth_initiating(p) and self.table.get(p).exchange_url}
+
+    def exchange_route(self, peer_id: str, url: str) -> str:
+        """The URL to exchange with ``peer_id`` at: its own, a tunnel over libp2p, or ""."""
+        return self.reachability.routes.route(peer_id, url, self.worth_initiating(peer_id)) if self.reachability \
+            else url
 
     def connected_peers(self) -> list[str]:
         return [p for p in self.table.connected() if p in self._links.live]
@@ -325,7 +326,7 @@ class Membership:
             return
         self._links.dialing.add(peer_id)
         try:
-            for addr in self._dial_order(peer_id, info.addrs):
+            for addr in dial_order(info, local_ipv4_addresses()):
                 try:
                     got = await self._host.dial(addr)
                 except DialError as exc:

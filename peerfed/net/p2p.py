@@ -53,46 +53,16 @@ from peerfed import __version__
 from peerfed.core.framing import FrameDecoder, encode_frame
 from peerfed.errors import AddressInUseError
 from peerfed.net.addrs import check_listen_addrs, expand_unspecified
-from peerfed.net.autonat import FreshDialAutoNAT, ask_dial_back, observations
+from peerfed.net.autonat import ask_dial_back, observations
 
 # re-exported: daemon.py imports it from here
 from peerfed.net.bridge import Bridge
-from peerfed.net.quiet import OneLineRelay, QuietLog, describe
+from peerfed.net.libp2p_logs import adopt_libp2p_logger
+from peerfed.net.quiet import QuietLog, describe
+from peerfed.net.relay import NatTraversal, RelayService
 
 log = logging.getLogger("peerfed.p2p")
 quiet = QuietLog(log)  # lines about what a peer sent: once a minute per peer
-
-
-def adopt_libp2p_logger() -> None:
-    """py-libp2p cuts its logger off from ours when imported (unless LIBP2P_DEBUG is set),
-    which would hide its warnings; call again after importing it. Its records go to our
-    handlers through OneLineRelay (one line each, rate-limited), not by propagation."""
-    libp2p_logger = logging.getLogger("libp2p")
-    libp2p_logger.propagate = False
-    libp2p_logger.setLevel(logging.NOTSET)
-    if not any(isinstance(h, OneLineRelay) for h in libp2p_logger.handlers):
-        # Its errors are about a connection or a peer (often the peer's doing), not our node's
-        # health: at most WARNING, like our own lines about a peer's bad input.
-        libp2p_logger.addHandler(OneLineRelay(max_level=logging.WARNING))
-    # Every failed dial to a peer that is down logs an ERROR here, several a second; the
-    # membership service logs each failed attempt once, with its reason.
-    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
-    logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)  # we stop it
-    for name in ("libp2p.host.basic_host", "libp2p.network.swarm"):
-        stream_log = logging.getLogger(name)
-        if not any(isinstance(f, _RefusedProtocolFilter) for f in stream_log.filters):
-            stream_log.addFilter(_RefusedProtocolFilter())
-
-
-class _RefusedProtocolFilter(logging.Filter):
-    """Drops py-libp2p's multi-line ERROR for a stream the peer refused: _trio_request raises
-    ForeignPeer for it and membership logs it once, in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
-        return not (text.startswith("Failed to open stream") and "not supported" in text
-                    # a peer's AutoNAT dial-back (net/autonat.py) hangs up after the handshake
-                    or text.startswith("fail to upgrade mux"))
 
 
 adopt_libp2p_logger()
@@ -143,6 +113,16 @@ class _Notifee(INotifee):
 
 
 @dataclass(frozen=True, slots=True)
+class _Setup:
+    """What the host is built with (announce addresses replace the listen ones in identify)."""
+
+    listen: list[multiaddr.Multiaddr]
+    announce: list[multiaddr.Multiaddr]
+    relay: RelayService
+    network: str
+
+
+@dataclass(frozen=True, slots=True)
 class HostStats:
     dials_ok: int = 0
     dials_failed: int = 0
@@ -165,19 +145,19 @@ class P2PHost:
         on_request: RequestHandler,
         on_connection_change: Callable[[str, bool], None],
         max_connected: int = 64,
+        relay: RelayService | None = None,
     ) -> None:
         self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
         self._key_pair = key_pair
         self._protocol = peers_protocol(network)
-        # announce addresses ride along: py-libp2p advertises them instead of the listen ones
-        self._listen_announce = ([multiaddr.Multiaddr(a) for a in listen],
-                                 [multiaddr.Multiaddr(a) for a in announce])
+        self._setup = _Setup([multiaddr.Multiaddr(a) for a in listen], [multiaddr.Multiaddr(a) for a in announce],
+                             relay or RelayService(), network)
         self._bridge = bridge
         self._on_request = on_request
         self._on_connection_change = on_connection_change
         self._max_connected = max_connected
         self._host: Any = None
-        self._autonat: FreshDialAutoNAT | None = None  # serves dial-backs, asks for ours
+        self._nat: NatTraversal | None = None  # AutoNAT, relay, hole punching, exchange tunnels
         self._stop: trio.Event | None = None
         self._stats = HostStats()  # published by the trio side: replaced, never changed
 
@@ -185,7 +165,7 @@ class P2PHost:
 
     async def start(self) -> list[str]:
         """Listen and return our full addresses (each ending in /p2p/<PeerID>)."""
-        check_listen_addrs([str(a) for a in self._listen_announce[0]])
+        check_listen_addrs([str(a) for a in self._setup.listen])
         return await self._bridge.run_trio(self._trio_start)
 
     async def stop(self) -> None:
@@ -209,10 +189,23 @@ class P2PHost:
 
     async def dial_back(self, server: str, addrs: Sequence[str]) -> tuple[str, str | None]:
         """AutoNAT: ask the connected peer ``server`` to dial us at ``addrs`` on a fresh
-        connection: ("ok" | "failed" | "refused", the address it reached). Raises if it
-        could not be asked."""
-        assert self._autonat is not None
-        return await self._bridge.run_trio(ask_dial_back, self._autonat, server, list(addrs))
+        connection: ("ok" | "failed" | "refused", the address it reached)."""
+        assert self._nat is not None
+        return await self._bridge.run_trio(ask_dial_back, self._nat.autonat, server, list(addrs))
+
+    async def reserve_relay(self, relay: str) -> bool:
+        """Ask the connected peer ``relay`` for a circuit relay slot (False: none given)."""
+        assert self._nat is not None
+        return await self._bridge.run_trio(self._nat.reserve, relay)
+
+    async def exchange_tunnel(self, peer_id: str, open_it: bool = True) -> tuple[str, str]:
+        """(local URL whose exchange requests reach ``peer_id`` over libp2p, "direct" | "relayed")
+        (net/tunnel.py); ``open_it`` False closes it. ``set_tunnel_target``: where tunnels lead."""
+        assert self._nat is not None
+        return await self._bridge.run_trio(self._nat.tunnel_url, peer_id, open_it)
+
+    async def set_tunnel_target(self, port: int | None) -> None:
+        await self._bridge.run_trio(self._nat.set_tunnel_target, port)  # type: ignore[union-attr]
 
     async def observations(self) -> tuple[list[str], dict[str, str]]:
         """What identify told us: the addresses peers see our connections come from, and
@@ -222,8 +215,8 @@ class P2PHost:
     def transport_addrs(self, announced: bool = False) -> list[str]:
         """Our listen addresses without /p2p/ (0.0.0.0 expanded); with ``announced``, the
         announce addresses instead when the config has some."""
-        if announced and self._listen_announce[1]:
-            return [str(a) for a in self._listen_announce[1]]
+        if announced and self._setup.announce:
+            return [str(a) for a in self._setup.announce]
         return expand_unspecified([str(a) for a in self._host.get_transport_addrs()]) if self._host else []
 
     def addrs(self) -> list[str]:
@@ -249,8 +242,8 @@ class P2PHost:
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
             connection_config=ConnectionConfig(max_connections=1_000_000, max_connections_per_peer=1),
-            listen_addrs=self._listen_announce[0],
-            announce_addrs=self._listen_announce[1] or None,
+            listen_addrs=self._setup.listen,
+            announce_addrs=self._setup.announce or None,
         )
 
     async def _trio_start(self) -> list[str]:
@@ -260,18 +253,19 @@ class P2PHost:
     async def _trio_serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._host = self._new_host()
         self._host.set_stream_handler(self._protocol, self._trio_handle_stream)
-        self._autonat = FreshDialAutoNAT(self._host)
+        self._nat = NatTraversal(self._host, network=self._setup.network, relay=self._setup.relay)
         self._host.get_network().register_notifee(_Notifee(self))
         self._stop = trio.Event()
-        async with self._host.run(listen_addrs=self._listen_announce[0]):
+        async with self._host.run(listen_addrs=self._setup.listen):
             # Its auto-connector redials anything in the peerstore (strangers we closed
             # included) towards 150 connections; whom we dial is membership's decision.
             await self._host.get_network().auto_connector.stop()
             if not self._host.get_transport_addrs():
                 raise AddressInUseError("p2p.listen: could not listen on "
-                                        + ", ".join(map(str, self._listen_announce[0])))
-            task_status.started(self.addrs())
-            await self._stop.wait()
+                                        + ", ".join(map(str, self._setup.listen)))
+            async with self._nat.services():
+                task_status.started(self.addrs())
+                await self._stop.wait()
 
     async def _trio_stop(self) -> None:
         assert self._stop is not None
@@ -286,6 +280,8 @@ class P2PHost:
         except Exception as exc:  # noqa: BLE001
             raise DialError(f"bad address {addr}: {exc}") from exc
         self._host.get_network().unblock_peer(info.peer_id)
+        if "/p2p-circuit/" in addr:  # through a relay (net/relay.py), which DCUtR then upgrades
+            return await self._trio_dial_circuit(addr, info.peer_id.to_base58())
         # connect() dials every address the peerstore holds for the peer, in its order (a
         # dead LAN address first can eat the whole timeout): ours is the one to try now.
         self._host.get_peerstore().clear_addrs(info.peer_id)
@@ -299,6 +295,16 @@ class P2PHost:
             raise DialError(f"could not connect to {addr}: {_reason(exc)}") from exc
         self._count("dials_ok")
         return info.peer_id.to_base58()
+
+    async def _trio_dial_circuit(self, addr: str, peer_id: str) -> str:
+        assert self._nat is not None
+        try:
+            await self._nat.dial_circuit(addr)
+        except Exception as exc:  # noqa: BLE001 - relay refused, no reservation, timed out
+            self._count("dials_failed")
+            raise DialError(f"could not connect to {addr}: {_reason(exc)}") from exc
+        self._count("dials_ok")
+        return peer_id
 
     async def _trio_request(self, peer_id: str, payload: bytes) -> bytes:
         self._count("requests_out")

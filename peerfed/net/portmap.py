@@ -51,15 +51,15 @@ class PortMapStats:
 
 
 class PortMapper:
-    def __init__(self, ports: Sequence[int], *, enabled: bool = True, description: str = "peerfed",
-                 lease: int = LEASE, client: Callable[[], Any] | None = None) -> None:
-        self._ports = [p for p in dict.fromkeys(ports) if p]
+    def __init__(self, *, enabled: bool = True, description: str = "peerfed", lease: int = LEASE,
+                 client: Callable[[], Any] | None = None) -> None:
+        self._ports: list[int] = []
         self._description = description
         self._lease = lease
         self._client = client  # makes a miniupnpc.UPnP-like object; tests pass a fake router
         self._upnp: Any = None  # the miniupnpc client, used by one worker call at a time
         self._control_url = ""
-        self._stats = PortMapStats(enabled=enabled and bool(self._ports))
+        self._stats = PortMapStats(enabled=enabled)
         self._task: asyncio.Task[None] | None = None
 
     def statistics(self) -> PortMapStats:
@@ -68,8 +68,10 @@ class PortMapper:
     def external(self, internal_port: int) -> Mapped | None:
         return next((m for m in self._stats.mapped if m.internal_port == internal_port), None)
 
-    async def start(self) -> None:
-        if self._stats.enabled:
+    async def start(self, ports: Sequence[int]) -> None:
+        """Map ``ports`` (TCP, same number outside if free) until stop()."""
+        self._ports = [p for p in dict.fromkeys(ports) if p]
+        if self._stats.enabled and self._ports:
             self._task = asyncio.create_task(self._keep_mapped(), name="portmap")
 
     async def stop(self) -> None:

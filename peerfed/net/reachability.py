@@ -23,7 +23,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Protocol
 
 from peerfed.core.reachability import (
     AddressBook,
@@ -35,12 +35,36 @@ from peerfed.core.reachability import (
 )
 from peerfed.net.p2p import P2PHost
 from peerfed.net.portmap import PortMapper, PortMapStats
+from peerfed.net.routes import ExchangeRoutes
 
 log = logging.getLogger("peerfed.reachability")
 
 FIRST_CHECKS = 5.0       # seconds between checks while reachability is unknown
 CHECK_INTERVAL = 60.0
 SERVERS_PER_CHECK = 3
+
+
+class MembershipView(Protocol):
+    """What this service needs of membership (net/membership.py)."""
+
+    def connected_peers(self) -> list[str]: ...
+    def set_own_fields(self, **fields: Any) -> None: ...
+    def relay_candidates(self) -> list[tuple[str, str]]: ...  # (PeerID, address ending /p2p/<it>)
+    def needs_tunnel(self) -> set[str]: ...
+
+
+class _Alone:
+    def connected_peers(self) -> list[str]:
+        return []
+
+    def set_own_fields(self, **fields: Any) -> None:
+        pass
+
+    def relay_candidates(self) -> list[tuple[str, str]]:
+        return []
+
+    def needs_tunnel(self) -> set[str]:
+        return set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,49 +76,49 @@ class ReachabilityStats:
     private_addrs: int = 0
     checks: int = 0
     exchange_url: str = ""                 # the URL our record advertises ("" = the local one)
+    relay: str = ""                        # our address through a relay ("" = none)
 
 
 class ReachabilityService:
     def __init__(self, host: P2PHost, *, port_mapping: bool, clock: Callable[[], float] = time.time,
                  rng: random.Random | None = None) -> None:
         self._host = host
-        self._port_mapping = port_mapping
+        self.routes = ExchangeRoutes(host)   # our own URL or a tunnel, per peer
         self._clock = clock
         self._rng = rng or random.Random()
         self._book = AddressBook()
         self._published: dict[str, Any] = {}
         self._stats = ReachabilityStats()
         self._task: asyncio.Task[None] | None = None
-        # set by start(): who we can ask, where our record goes, the router's port mapper
-        self._connected_peers: Callable[[], list[str]] = list
-        self._publish: Callable[..., None] = lambda **_: None
-        self._mapper: PortMapper | None = None
+        # set by start(): who we can ask and where our record goes, the router's port mapper
+        self._membership: MembershipView = _Alone()
+        self._mapper = PortMapper(enabled=port_mapping)
+        self._relay = ""  # our address through the relay that holds a slot for us, or ""
         self._exchange_port: int | None = None
 
     def statistics(self) -> ReachabilityStats:
         return self._stats
 
-    def port_mapping(self) -> PortMapStats | None:
-        return self._mapper.statistics() if self._mapper is not None else None
+    def port_mapping(self) -> PortMapStats:
+        return self._mapper.statistics()
 
-    async def start(self, *, connected_peers: Callable[[], list[str]], publish: Callable[..., None],
-                    exchange_url: str) -> None:
-        """Begin checking; ``publish(**fields)`` re-signs our record (membership's
-        set_own_fields); ``exchange_url`` is the local one, whose port we map."""
-        self._connected_peers, self._publish = connected_peers, publish
+    async def start(self, membership: MembershipView, *, exchange_url: str) -> None:
+        """Begin checking; ``exchange_url`` is the local one, whose port we map and to which
+        exchange tunnels from peers lead."""
+        self._membership = membership
         self._exchange_port = urllib.parse.urlsplit(exchange_url).port if exchange_url else None
+        await self._host.set_tunnel_target(self._exchange_port)
         ports = [p for p in map(addr_port, self._host.transport_addrs()) if p is not None]
-        if self._port_mapping:
-            self._mapper = PortMapper([*ports, *([self._exchange_port] if self._exchange_port else [])])
-            await self._mapper.start()
+        await self._mapper.start([*ports, *([self._exchange_port] if self._exchange_port else [])])
+        self.routes.start(membership.needs_tunnel)
         self._task = asyncio.create_task(self._loop(), name="reachability")
 
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        if self._mapper is not None:
-            await self._mapper.stop()
+        await self.routes.stop()
+        await self._mapper.stop()
 
     async def _loop(self) -> None:
         while True:
@@ -121,11 +145,25 @@ class ReachabilityService:
         if mapped_p2p:
             book.add_candidate(mapped_p2p, "mapped")
         await self._ask_peers(seen_at, now)
+        if self._relay and self._relay.split("/p2p/")[1] not in self._membership.connected_peers():
+            self._relay = ""  # the relay went away, and our slot with it
+        if book.reachability(now) is Reachability.PRIVATE and not self._relay:
+            await self._reserve_relay()
         self._publish_record(now, mapped_p2p)
 
+    async def _reserve_relay(self) -> None:
+        """Behind a NAT with no mapping: get a slot on a public peer that relays, so that
+        others can reach us through it (and DCUtR can punch a direct path)."""
+        for relay, addr in self._membership.relay_candidates():
+            try:
+                if await self._host.reserve_relay(relay):
+                    self._relay = f"{addr}/p2p-circuit"
+                    log.info("reachable through relay %s", relay)
+                    return
+            except Exception as exc:  # noqa: BLE001 - not a relay, or gone
+                log.debug("no relay slot on %s: %s", relay, exc)
+
     def _mapped_p2p(self, ports: list[int]) -> str:
-        if self._mapper is None:
-            return ""
         for port in ports:
             m = self._mapper.external(port)
             if m is not None:
@@ -133,7 +171,7 @@ class ReachabilityService:
         return ""
 
     async def _ask_peers(self, seen_at: dict[str, str], now: float) -> None:
-        peers = self._connected_peers()
+        peers = self._membership.connected_peers()
         for server in self._rng.sample(peers, min(SERVERS_PER_CHECK, len(peers))):
             asked = self._book.to_check()
             if not asked:
@@ -155,8 +193,11 @@ class ReachabilityService:
         book = self._book
         rec = book.record(now)
         suffix = "/p2p/" + self._host.peer_id
+        relayed = (self._relay + suffix,) if self._relay else ()  # after dialable, before LAN
+        dialable = rec.addrs[:len(rec.addrs) - rec.private_addrs]
         fields: dict[str, Any] = {
-            "addrs": tuple(a + suffix for a in rec.addrs) or tuple(self._host.addrs()),
+            "addrs": tuple(a + suffix for a in dialable) + relayed
+            + tuple(a + suffix for a in rec.addrs[len(dialable):]) or tuple(self._host.addrs()),
             "reachability": "" if rec.reachability is Reachability.UNKNOWN else rec.reachability.value,
             "private_addrs": rec.private_addrs if rec.addrs else 0,
         }
@@ -168,16 +209,16 @@ class ReachabilityService:
                 log.info("reachability: %s; record addresses: %s", rec.reachability.value,
                          ", ".join(rec.addrs) or "none")
             self._published = fields
-            self._publish(**fields)
+            self._membership.set_own_fields(**fields)
         self._stats = ReachabilityStats(
             reachability=rec.reachability.value, observed_addrs=tuple(book.observed_addrs(now)),
             confirmed_addrs=tuple(book.confirmed()), record_addrs=rec.addrs, private_addrs=rec.private_addrs,
-            checks=self._stats.checks, exchange_url=exchange_url)
+            checks=self._stats.checks, exchange_url=exchange_url, relay=self._relay)
 
     def _mapped_exchange_url(self, mapped_p2p: str) -> str:
         """The exchange port's mapping, once a peer has dialed our mapped p2p port: same
         router, same kind of mapping, so it is open too."""
-        if self._mapper is None or self._exchange_port is None or not mapped_p2p:
+        if self._exchange_port is None or not mapped_p2p:
             return ""
         if thin(mapped_p2p) not in self._book.confirmed():
             return ""
