@@ -106,5 +106,8 @@ def test_two_rigs_behind_plain_nats_exchange_through_a_hole_punched_or_relayed_c
             assert status["reachability"] == "private"
             assert status["nat"]["relay"].startswith(f"/ip4/{t.public.ip}/tcp/{public.node.p2p_port}/p2p/")
             assert status["exchanges"]["ok"] >= 1 and status["last_exchange"]["peer_id"] == other.peer_id
+            # DCUtR replaced the relayed connection by a hole-punched one
+            swarm.wait(lambda rig=rig, other=other: rig.status()["nat"]["tunnels"].get(other.peer_id, {})
+                       .get("connection") == "direct", 30, f"{rig.machine.name}: direct connection")
         print(f"\ncase (b): daemons up in {up:.1f} s; first a1-b1 exchange {took:.1f} s after that, "
               f"{since_start:.1f} s after start; exchanges a1={_exchanged(a1)} b1={_exchanged(b1)}")

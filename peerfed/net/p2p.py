@@ -13,14 +13,12 @@ py-libp2p 0.8.1 workarounds (design.md section 5):
   released; ``max_connections_per_peer=1`` also avoids a fixed 250 ms dial delay.
   Our own limit on connected peers is applied in ``_on_connected``.
 - A stream whose reader pauses over 5 s is reset, so inbound requests are read at once.
-- Its negative dial cache would override our own backoff, so it is cleared before a dial,
-  and its auto-connector is stopped.
-- identify announces ``peerfed/<version>`` (py-libp2p reads a module global per message), and
-  a peer that refuses our protocol (another network's node, or not peerfed at all) raises
-  ForeignPeer instead of a 7-line ERROR block from py-libp2p's logger.
-- What a remote sends can make py-libp2p log (bad handshakes, bad yamux frames), sometimes with
-  a traceback: its records reach our log one line each, at WARNING at most, at most once a
-  minute per place in its code (net/quiet.py). A bad inbound request: once a minute per peer.
+- Its negative dial cache would override our own backoff: cleared before a dial; its
+  auto-connector is stopped; its peerstore addresses too (connect() would dial them all).
+- identify announces ``peerfed/<version>``; a peer that refuses our protocol raises ForeignPeer.
+- What a remote sends can make py-libp2p log (bad handshakes, bad yamux frames): one line
+  each, at WARNING at most, once a minute per place (net/libp2p_logs.py, net/quiet.py).
+NAT traversal (AutoNAT, relay, hole punching, exchange tunnels) is net/relay.py's.
 """
 
 from __future__ import annotations
@@ -113,9 +111,7 @@ class _Notifee(INotifee):
 
 
 @dataclass(frozen=True, slots=True)
-class _Setup:
-    """What the host is built with (announce addresses replace the listen ones in identify)."""
-
+class _Setup:  # what the host is built with (identify announces ``announce`` if any)
     listen: list[multiaddr.Multiaddr]
     announce: list[multiaddr.Multiaddr]
     relay: RelayService
@@ -199,8 +195,7 @@ class P2PHost:
         return await self._bridge.run_trio(self._nat.reserve, relay)
 
     async def exchange_tunnel(self, peer_id: str, open_it: bool = True) -> tuple[str, str]:
-        """(local URL whose exchange requests reach ``peer_id`` over libp2p, "direct" | "relayed")
-        (net/tunnel.py); ``open_it`` False closes it. ``set_tunnel_target``: where tunnels lead."""
+        """(local URL of an exchange tunnel to ``peer_id``, "direct" | "relayed"): net/tunnel.py."""
         assert self._nat is not None
         return await self._bridge.run_trio(self._nat.tunnel_url, peer_id, open_it)
 
@@ -373,9 +368,13 @@ class P2PHost:
         self._bridge.call_asyncio_soon(self._on_connection_change, peer_id.to_base58(), True)
 
     def _on_disconnected(self, conn: INetConn) -> None:
-        peer_id = conn.muxed_conn.peer_id
         self._count_connections()
-        if self._host is not None and peer_id in self._host.get_connected_peers():
+        self._bridge.nursery.start_soon(self._trio_tell_if_gone, conn.muxed_conn.peer_id)
+
+    async def _trio_tell_if_gone(self, peer_id: ID) -> None:
+        # A relayed connection closes while DCUtR's direct one takes over: look a moment later.
+        await trio.sleep(1.0)
+        if self._host is not None and self._host.get_network().get_connections(peer_id):
             return  # another connection to the same peer is still open
         self._bridge.call_asyncio_soon(self._on_connection_change, peer_id.to_base58(), False)
 

@@ -25,14 +25,16 @@ class ExchangeRoutes:
     def __init__(self, host: Any) -> None:
         self._host = host                          # P2PHost: exchange_tunnel()
         self._tunnels: dict[str, str] = {}         # PeerID -> local tunnel URL
+        self._kinds: dict[str, str] = {}           # PeerID -> "direct" | "relayed" (last seen)
         self._task: asyncio.Task[None] | None = None
 
     def route(self, peer_id: str, url: str, reachable: bool) -> str:
         """The URL to exchange with ``peer_id`` at ("" = none for now)."""
         return url if reachable else self._tunnels.get(peer_id, "")
 
-    def tunnels(self) -> dict[str, str]:
-        return dict(self._tunnels)
+    def tunnels(self) -> dict[str, dict[str, str]]:
+        """PeerID -> {"url": local URL, "connection": "direct" (hole-punched) | "relayed"}."""
+        return {p: {"url": url, "connection": self._kinds.get(p, "")} for p, url in self._tunnels.items()}
 
     def start(self, needs_tunnel: Callable[[], set[str]]) -> None:
         """``needs_tunnel()``: connected peers that train our model but cannot be reached."""
@@ -46,15 +48,19 @@ class ExchangeRoutes:
     async def _keep(self, needs_tunnel: Callable[[], set[str]]) -> None:
         while True:
             wanted = needs_tunnel()
-            for peer_id in wanted - set(self._tunnels):
+            for peer_id in wanted:  # open, or (idempotent) see which connection it rides on now
                 try:
                     self._tunnels[peer_id], kind = await self._host.exchange_tunnel(peer_id)
-                    log.info("exchanges with %s go over libp2p, %s connection (%s)", peer_id, kind,
-                             self._tunnels[peer_id])
                 except Exception as exc:  # noqa: BLE001 - the host is stopping
                     log.debug("no tunnel to %s: %s", peer_id, exc)
+                    continue
+                if self._kinds.get(peer_id) != kind:
+                    log.info("exchanges with %s go over libp2p, %s connection (%s)", peer_id, kind,
+                             self._tunnels[peer_id])
+                    self._kinds[peer_id] = kind
             for peer_id in set(self._tunnels) - wanted:
                 del self._tunnels[peer_id]
+                self._kinds.pop(peer_id, None)
                 try:
                     await self._host.exchange_tunnel(peer_id, open_it=False)
                 except Exception as exc:  # noqa: BLE001
