@@ -124,16 +124,18 @@ class NetLab:
         self.sh(ns_a, f"ip link set {if_a} up")
         self.sh(ns_b, f"ip link set {if_b} up")
 
-    def home_topology(self, rigs: dict[str, int] | None = None, *, upnp: Sequence[str] = ()) -> HomeTopology:
+    def home_topology(self, rigs: dict[str, int] | None = None, *, upnp: Sequence[str] = (),
+                      symmetric: Sequence[str] = ()) -> HomeTopology:
         """The picture in the module docstring: ``rigs`` maps router name -> number of rigs
-        behind it (default a: 1, b: 1); routers named in ``upnp`` run miniupnpd."""
+        behind it (default a: 1, b: 1); routers named in ``upnp`` run miniupnpd; those in
+        ``symmetric`` pick a random outside port per connection (no hole punching through them)."""
         rigs = rigs or {"a": 1, "b": 1}
         inet = self.add_ns("inet")
         self.sh(inet, "ip link add br0 type bridge && ip link set br0 up")
         public = self._on_internet(inet, "public", "198.18.0.10")
         routers: dict[str, Router] = {}
         for n, (name, count) in enumerate(rigs.items(), start=1):
-            routers[name] = self._router(inet, name, n, count, upnp=name in upnp)
+            routers[name] = self._router(inet, name, n, count, upnp=name in upnp, symmetric=name in symmetric)
         return HomeTopology(internet=inet, public=public, routers=routers)
 
     def _on_internet(self, inet: str, name: str, ip: str, *, ifname: str = "eth0") -> Machine:
@@ -148,13 +150,13 @@ class NetLab:
         self.sh(ns, f"ip route add {other} dev {ifname}")
         return Machine(name, ns, ip)
 
-    def _router(self, inet: str, name: str, n: int, count: int, *, upnp: bool) -> Router:
+    def _router(self, inet: str, name: str, n: int, count: int, *, upnp: bool, symmetric: bool = False) -> Router:
         wan_ip = f"11.18.0.{n}" if upnp else f"198.18.{n}.1"
         machine = self._on_internet(inet, f"r{name}", wan_ip, ifname="wan")
         ns, prefix = machine.ns, f"192.168.{n}"
         self.sh(ns, f"ip link add lan type bridge && ip addr add {prefix}.1/24 dev lan && ip link set lan up"
                     " && sysctl -qw net.ipv4.ip_forward=1")
-        self.sh(ns, "nft -f -", input=_router_rules(upnp))
+        self.sh(ns, "nft -f -", input=_router_rules(upnp, symmetric))
         router = Router(machine, f"{prefix}.1", prefix, upnp)
         for i in range(count):
             rig_ns = self.add_ns(f"{name}{i + 1}")
@@ -284,7 +286,7 @@ def _libc() -> Any:
     return _LIBC
 
 
-def _router_rules(upnp: bool) -> str:
+def _router_rules(upnp: bool, symmetric: bool = False) -> str:
     """A home router: masquerade LAN -> WAN, forward only LAN-initiated connections (and, with
     miniupnpd, what its chains let in), drop (not refuse) what comes from the internet
     unasked: a refused SYN would end TCP hole punching. One inet table, which miniupnpd is
@@ -316,7 +318,7 @@ table inet home {{
     chain postrouting {{
         type nat hook postrouting priority 100; policy accept;
         {jump_post}
-        oifname "wan" masquerade
+        oifname "wan" masquerade{" random" if symmetric else ""}
     }}
 }}
 """

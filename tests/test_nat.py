@@ -11,6 +11,7 @@ Stopping a1 removes its mappings from the router.
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sys
 import time
@@ -111,3 +112,32 @@ def test_two_rigs_behind_plain_nats_exchange_through_a_hole_punched_or_relayed_c
                        .get("connection") == "direct", 30, f"{rig.machine.name}: direct connection")
         print(f"\ncase (b): daemons up in {up:.1f} s; first a1-b1 exchange {took:.1f} s after that, "
               f"{since_start:.1f} s after start; exchanges a1={_exchanged(a1)} b1={_exchanged(b1)}")
+
+
+def test_a_relay_carries_no_more_than_its_caps(tmp_path: Path) -> None:
+    """Case (c): both routers pick a random outside port per connection, so hole punching
+    cannot work and every exchange goes through the relay, whose circuits are capped at
+    60 000 bytes: exchanges complete until a circuit's budget runs out, then the relay cuts
+    that circuit (the exchange in flight fails, nothing of it is merged) and a new one is made."""
+    cap = 60_000
+    with NetLab() as lab:
+        t = lab.home_topology({"a": 1, "b": 1}, symmetric=["a", "b"])
+        swarm = NsSwarm(lab, tmp_path)
+        public = swarm.add(t.public, settings={"train.enabled": False, "p2p.relay_service": True,
+                                               "p2p.relay_max_bytes": cap})
+        a1 = swarm.add(t.rig("a1"), bootstrap=public, settings=RIG)
+        b1 = swarm.add(t.rig("b1"), bootstrap=public, settings=RIG)
+        swarm.start_all()
+        swarm.wait(lambda: _exchanged(a1) >= 2 and _exchanged(b1) >= 2, 90, "exchanges through the relay")
+        swarm.wait(lambda: "data limit exceeded" in public.node.log_path.read_text(), 60, "the relay's cap")
+        log = public.node.log_path.read_text()
+        # py-libp2p checks each chunk against what is left and cuts the circuit before it
+        # would pass the cap: "remaining=R, attempted=A" with A > R.
+        for line in (x for x in log.splitlines() if "data limit exceeded" in x):
+            remaining, attempted = (int(v) for v in re.findall(r"remaining=(\d+), attempted=(\d+)", line)[0])
+            assert 0 <= remaining < attempted and remaining <= cap
+        for rig, other in ((a1, b1), (b1, a1)):
+            tunnel = rig.status()["nat"]["tunnels"].get(other.peer_id)
+            assert tunnel is None or tunnel["connection"] == "relayed"  # never hole-punched
+        failed = a1.status()["exchanges"]["failed"] + b1.status()["exchanges"]["failed"]
+        print(f"\ncase (c): exchanges ok a1={_exchanged(a1)} b1={_exchanged(b1)}, cut by the cap: {failed}")
