@@ -129,7 +129,7 @@ class NetLab:
         """The picture in the module docstring: ``rigs`` maps router name -> number of rigs
         behind it (default a: 1, b: 1); routers named in ``upnp`` run miniupnpd; those in
         ``symmetric`` pick a random outside port per connection (no hole punching through them)."""
-        rigs = rigs or {"a": 1, "b": 1}
+        rigs = {"a": 1, "b": 1} if rigs is None else rigs
         inet = self.add_ns("inet")
         self.sh(inet, "ip link add br0 type bridge && ip link set br0 up")
         public = self._on_internet(inet, "public", "198.18.0.10")
@@ -137,6 +137,10 @@ class NetLab:
         for n, (name, count) in enumerate(rigs.items(), start=1):
             routers[name] = self._router(inet, name, n, count, upnp=name in upnp, symmetric=name in symmetric)
         return HomeTopology(internet=inet, public=public, routers=routers)
+
+    def on_internet(self, topology: HomeTopology, name: str, ip: str) -> Machine:
+        """One more machine with a public address (198.18.0.0/15) on the topology's internet."""
+        return self._on_internet(topology.internet, name, ip)
 
     def _on_internet(self, inet: str, name: str, ip: str, *, ifname: str = "eth0") -> Machine:
         ns = self.add_ns(name)
