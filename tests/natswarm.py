@@ -77,6 +77,9 @@ class NsSwarm:
     def start_all(self, timeout: float = 90.0) -> None:
         for n in self.nodes:
             self.start(n)
+        self.wait_up(timeout)
+
+    def wait_up(self, timeout: float = 90.0) -> None:
         for n in self.nodes:
             self.wait(lambda n=n: _up(n), timeout, f"{n.machine.name} up")
 
