@@ -55,7 +55,7 @@ import statistics
 import time
 import urllib.request
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -170,7 +170,14 @@ def make_node(cfg: SimConfig, index: int) -> SimNode:
     return node
 
 
-def run_gossip(cfg: SimConfig, exchange: bool = True) -> RunResult:
+class Views(Protocol):
+    """Who may exchange with whom (bench_partial_view.py): a partial view per node."""
+
+    def tick(self, now: float) -> None: ...
+    def of(self, index: int) -> list[str]: ...
+
+
+def run_gossip(cfg: SimConfig, exchange: bool = True, views: Views | None = None) -> RunResult:
     nodes = [make_node(cfg, i) for i in range(cfg.nodes)]
     rng = random.Random(cfg.seed)
     target = cfg.epochs * TRAIN_SIZE
@@ -190,8 +197,10 @@ def run_gossip(cfg: SimConfig, exchange: bool = True) -> RunResult:
             for flight in [f for f in flights if f.lands_at <= now]:
                 flights.remove(flight)
                 _land(flight, cfg)
+            if views is not None:
+                views.tick(now)
             for node in rng.sample(nodes, len(nodes)):
-                _gossip_round(node, nodes, flights, now, cfg)
+                _gossip_round(node, nodes, flights, now, cfg, views)
     for flight in flights:  # let the last ones land: their bytes were counted
         _land(flight, cfg)
     return RunResult(
@@ -207,13 +216,14 @@ def _set_lr(optimizers: list[torch.optim.Optimizer], lr: float) -> None:
             group["lr"] = lr
 
 
-def _gossip_round(node: SimNode, nodes: list[SimNode], flights: list[Flight], now: float, cfg: SimConfig) -> None:
+def _gossip_round(node: SimNode, nodes: list[SimNode], flights: list[Flight], now: float, cfg: SimConfig,
+                  views: Views | None = None) -> None:
     """What GossipLoop does for ``node`` at ``now``: ask the scheduler, try peers until one
     is not busy. An exchange occupies both sides until it lands (with 0 steps in flight: for
     the rest of this sub-tick, so a node takes part in one exchange at a time)."""
     if node.busy_until >= now:
         return  # the real daemon offers no candidates while it is in an exchange
-    others = [str(n.index) for n in nodes if n is not node]
+    others = [str(n.index) for n in nodes if n is not node] if views is None else views.of(node.index)
     while (choice := node.scheduler.choose_peer(others, now)) is not None:
         peer = nodes[int(choice)]
         node.scheduler.begin(choice, now)

@@ -65,7 +65,7 @@ class Daemon:
         self.host = P2PHost(
             key_pair, network=config.network, listen=config.p2p.listen, announce=config.p2p.announce,
             bridge=self.bridge, on_request=self._on_p2p_request,
-            on_connection_change=self._on_connection_change, max_connected=config.p2p.max_peers,
+            on_connection_change=self._on_connection_change, max_connected=config.p2p.max_connections,
             relay=RelayService(config.p2p.relay_service, config.p2p.relay_max_bytes, config.p2p.relay_max_seconds),
         )
         # Membership exists before the host listens, so early peers get answers; its loops
@@ -75,7 +75,7 @@ class Daemon:
             host=self.host, signer=signer_of(key_pair), network=config.network,
             table=load_peer_table(peers_file, self.peer_id, max_peers=config.p2p.max_peers),
             bootstrap=config.p2p.bootstrap, allowlist=frozenset(config.p2p.allowlist) or None,
-            state_file=peers_file, on_rejected=self.metrics.rejected,
+            state_file=peers_file, on_rejected=self.metrics.rejected, max_connections=config.p2p.max_connections,
             reachability=ReachabilityService(self.host, port_mapping=config.p2p.port_mapping),
         )
         self.training = self._training_side(signer_of(key_pair))

@@ -517,3 +517,14 @@ def test_module_is_pure():
     assert imported <= {"__future__", "base64", "binascii", "dataclasses", "enum", "math",
                          "random", "collections", "typing", "peerfed"}
     assert "time" not in imported
+
+
+def test_a_record_allowed_to_replace_takes_the_least_recently_seen_place_in_a_full_table():
+    t = PeerTable("me", max_peers=2, rng=random.Random(0))
+    for i, seen in ((1, 10.0), (2, 20.0)):
+        t.mark_connected(f"p{i}", seen)
+        t.mark_disconnected(f"p{i}", seen)
+    kwargs = dict(addrs=["/ip4/1.2.3.4/tcp/1"], exchange_url="", fingerprint="", record=b"r", record_time=30.0, now=30.0)
+    assert not t.add_record("p3", **kwargs)  # a relayed record cannot push out peers we reached...
+    assert t.add_record("p3", **kwargs, may_replace=True)  # ...unless membership allows it
+    assert "p3" in t and "p1" not in t and "p2" in t

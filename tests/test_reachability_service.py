@@ -6,6 +6,7 @@ import asyncio
 import random
 from typing import Any
 
+from peerfed.core.peers import PeerTable
 from peerfed.net.reachability import ReachabilityService
 
 PEER = "12D3KooWTestPeer"
@@ -39,18 +40,13 @@ class FakeHost:
 class FakeMembership:
     def __init__(self, peers: list[str], published: list[dict[str, Any]]) -> None:
         self.peers, self.published = peers, published
+        self.table = PeerTable("me")
 
     def connected_peers(self) -> list[str]:
         return self.peers
 
     def set_own_fields(self, **fields: Any) -> None:
         self.published.append(fields)
-
-    def relay_candidates(self) -> list[tuple[str, str]]:
-        return []
-
-    def needs_tunnel(self) -> set[str]:
-        return set()
 
 
 def run_checks(host: FakeHost, peers: list[str], rounds: int) -> tuple[ReachabilityService, list[dict[str, Any]]]:

@@ -89,10 +89,14 @@ class PeerTable:
         record: bytes,
         record_time: float,
         now: float,
+        may_replace: bool = False,
     ) -> bool:
         """Store a verified peer record. Only a strictly newer record replaces the stored one
         (so relaying old records cannot roll a peer back); liveness fields are kept.
-        Returns True if the table changed."""
+        ``may_replace``: a new peer may take the place of the least recently seen one that is
+        neither connected nor pinned when the table is full (membership allows a few per peer
+        list, so the passive view keeps changing in a swarm larger than it without a flood of
+        records ever replacing it). Returns True if the table changed."""
         if peer_id == self.own_peer_id:
             return False
         if not math.isfinite(record_time) or record_time > now + RECORD_FUTURE_TOLERANCE:
@@ -100,7 +104,7 @@ class PeerTable:
             return False
         info = self._peers.get(peer_id)
         if info is None:
-            info = self._admit(peer_id, now, strong=False)
+            info = self._admit(peer_id, now, strong=may_replace)
             if info is None:
                 return False
         elif info.record.envelope and record_time <= info.record.time:

@@ -1,4 +1,5 @@
-"""py-libp2p's log records in ours: one line each, at WARNING at most, rate-limited.
+"""py-libp2p's log records in ours: one line each, at WARNING at most, rate-limited; and its
+nested errors as one line (``error_chain``).
 
 Owner: none; ``adopt_libp2p_logger()`` is idempotent and called when net/p2p.py is imported.
 """
@@ -40,3 +41,12 @@ class _RefusedProtocolFilter(logging.Filter):
         return not (text.startswith("Failed to open stream") and "not supported" in text
                     # a peer's AutoNAT dial-back (net/autonat.py) hangs up after the handshake
                     or text.startswith("fail to upgrade mux"))
+
+
+def error_chain(exc: BaseException) -> str:
+    """The innermost useful message of a libp2p dial error (they nest several deep)."""
+    messages = []
+    while exc is not None and len(messages) < 4:
+        messages.append(str(exc) or type(exc).__name__)
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return "; ".join(dict.fromkeys(messages))

@@ -31,14 +31,17 @@ from peerfed.core.envelope import (
     PeerList,
     PeerRecord,
     Verifier,
-    seal,
     verify_peer_record,
 )
 from peerfed.core.errors import Rejected
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
-from peerfed.core.reachability import dial_order, relay_candidates, worth_initiating_to
+from peerfed.core.reachability import dial_order
+from peerfed.core.record_cache import VerifiedRecords
+from peerfed.core.view import PartialView
 from peerfed.net.addrs import local_ipv4_addresses
+from peerfed.net.membership_parts import Rejections as _Rejections
+from peerfed.net.membership_parts import Us as _Us
 from peerfed.net.p2p import DialError, ForeignPeer, HostStats, P2PHost
 from peerfed.net.peer_file import PeerTableFile, load_peer_table
 from peerfed.net.quiet import QuietLog, describe
@@ -51,12 +54,13 @@ quiet = QuietLog(log)  # lines about what a peer sent: once a minute per peer
 
 DIAL_TICK = 1.0
 GOSSIP_INTERVAL = 5.0
-PING_INTERVAL = 10.0
+PING_INTERVAL = 30.0       # liveness of live links; a closed socket is noticed at once anyway (10 s cost 0.4% of a core at 8 links)
 SAVE_INTERVAL = 30.0
 RECORD_REFRESH = 600.0       # re-sign our record well before others consider it expired
 RECORD_MAX_AGE = 3600.0
 UNVERIFIED_GRACE = 10.0      # a connection without a verified record is closed after this
 MAX_PARALLEL_DIALS = 8
+REPLACE_PER_LIST = 2         # new peers a peer list may put in place of stale ones in a full table
 FOREIGN_PEER_FAILURES = 5      # a peer refusing our protocol counts as this many failed dials
 
 
@@ -71,43 +75,19 @@ class MembershipStats:
     verifier: Mapping[str, int]   # the envelope verifier's decisions
     table: Mapping[str, int]      # peers by state, and the table's own counters
     host: HostStats
-
-
-@dataclass
-class _Us:
-    """Who we are, and our own signed record (signed again when stale or changed)."""
-
-    signer: Signer
-    network: str
-    fields: dict[str, Any] = field(default_factory=lambda: {"exchange_url": "", "fingerprint": ""})
-    record: bytes = b""   # b"": sign again before sending it
-    record_time: float = 0.0
-
-    def seal(self, body: PeerRecord | PeerList, now: float, recipient: str = "") -> bytes:
-        return seal(self.signer, network=self.network, recipient=recipient, body=body, now=now)
+    view: Mapping[str, int]       # the partial view's target and what it did (core/view.py)
 
 
 @dataclass
 class _Links:
-    """Our libp2p connections as membership sees them."""
+    """Our libp2p connections as membership sees them, and the view that decides them."""
 
+    view: PartialView
     live: set[str] = field(default_factory=set)  # PeerIDs with an open libp2p connection
     # live connections whose peer has not shown a verified record yet: since when
     unverified_since: dict[str, float] = field(default_factory=dict)
     dialing: set[str] = field(default_factory=set)
-
-
-class _Rejections:
-    """Peer lists and records we refused, by reason (also told to the metrics)."""
-
-    def __init__(self, on_rejected: Callable[[str], None] | None) -> None:
-        self.by_reason: dict[str, int] = {}
-        self._on_rejected = on_rejected
-
-    def count(self, reason: str) -> None:
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
-        if self._on_rejected is not None:
-            self._on_rejected(reason)
+    since: dict[str, float] = field(default_factory=dict)  # when each live connection came up
 
 
 class Membership:
@@ -124,11 +104,11 @@ class Membership:
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
         on_rejected: Callable[[str], None] | None = None,
+        max_connections: int = 16,
         reachability: ReachabilityService | None = None,
     ) -> None:
         self._host = host
-        self.reachability = reachability  # what our record says about our addresses
-        self._us = _Us(signer, network)
+        self._us = _Us(signer, network, reachability=reachability)
         self.table = table
         self._bootstrap = list(bootstrap)
         self._file = PeerTableFile(state_file)
@@ -137,7 +117,8 @@ class Membership:
         # The allowlist lives here (verify_peer_record asks it too; reload changes it).
         self._verifier = Verifier(network=network, own_peer_id=signer.peer_id, clock=clock, allowlist=allowlist)
         self._rejections = _Rejections(on_rejected)
-        self._links = _Links()
+        self._links = _Links(view=PartialView(target=max_connections, rng=self._rng))
+        self._records = VerifiedRecords(max_age=RECORD_MAX_AGE, limit=4 * table.max_peers)
         self._tasks: set[asyncio.Task[Any]] = set()  # our loops and short side tasks; stop() ends them
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -147,12 +128,12 @@ class Membership:
             self._add_bootstrap(addr)
         for loop in (self._dial_loop, self._gossip_loop, self._ping_loop, self._save_loop):
             self._spawn(loop(), name=loop.__name__)
-        if self.reachability is not None:
-            await self.reachability.start(self, exchange_url=self._us.fields["exchange_url"])
+        if self._us.reachability is not None:
+            await self._us.reachability.start(self, exchange_url=self._us.fields["exchange_url"])
 
     async def stop(self) -> None:
-        if self.reachability is not None:
-            await self.reachability.stop()  # removes our port mappings
+        if self._us.reachability is not None:
+            await self._us.reachability.stop()  # removes our port mappings
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -169,6 +150,7 @@ class Membership:
         """Apply a new bootstrap list and allowlist without a restart (SIGHUP)."""
         self._bootstrap = list(bootstrap)
         self._verifier.set_allowlist(allowlist)
+        self._records.clear()
         for addr in self._bootstrap:
             self._add_bootstrap(addr)
         if allowlist:
@@ -202,10 +184,12 @@ class Membership:
         now = self._clock()
         if up:
             self._links.live.add(peer_id)
+            self._links.since.setdefault(peer_id, now)
             self._links.unverified_since[peer_id] = now
             self._spawn(self._exchange_with(peer_id))
         else:
             self._links.live.discard(peer_id)
+            self._links.since.pop(peer_id, None)
             self._links.unverified_since.pop(peer_id, None)
             if self.table.get(peer_id) is not None:
                 self.table.mark_disconnected(peer_id, now)
@@ -213,23 +197,13 @@ class Membership:
 
     # -- views ----------------------------------------------------------------------------
 
-    def worth_initiating(self, peer_id: str) -> bool:
-        """Pairing (core/reachability.py): False for a peer behind a NAT with no path to it."""
-        return worth_initiating_to(self.table.get(peer_id), local_ipv4_addresses())
-
-    def relay_candidates(self) -> list[tuple[str, str]]:
-        return relay_candidates(self.table, self.connected_peers())
-
-    def needs_tunnel(self) -> set[str]:
-        """Connected peers with an exchange URL we cannot open (net/routes.py)."""
-        if not self._us.fields["exchange_url"]:
-            return set()  # we do not train: nothing to exchange
-        return {p for p in self.connected_peers() if not self.worth_initiating(p) and self.table.get(p).exchange_url}
+    @property
+    def reachability(self) -> ReachabilityService | None:
+        return self._us.reachability
 
     def exchange_route(self, peer_id: str, url: str) -> str:
         """The URL to exchange with ``peer_id`` at: its own, a tunnel over libp2p, or ""."""
-        return self.reachability.routes.route(peer_id, url, self.worth_initiating(peer_id)) if self.reachability \
-            else url
+        return self._us.reachability.exchange_route(peer_id, url) if self._us.reachability else url
 
     def connected_peers(self) -> list[str]:
         return [p for p in self.table.connected() if p in self._links.live]
@@ -240,7 +214,8 @@ class Membership:
     def statistics(self) -> MembershipStats:
         return MembershipStats(peers_connected=len(self.connected_peers()), known=len(self.table),
                                rejected=dict(self._rejections.by_reason), verifier=self._verifier.statistics(),
-                               table=self.table.statistics(), host=self._host.statistics())
+                               table=self.table.statistics(), host=self._host.statistics(),
+                               view=self._links.view.statistics())
 
     def save(self) -> bool:
         """Write the peer table atomically so a restarted node rejoins without bootstrap;
@@ -279,7 +254,12 @@ class Membership:
 
     def _absorb(self, records: Sequence[bytes], *, direct_from: str) -> None:
         now = self._clock()
+        room_to_replace = REPLACE_PER_LIST
         for raw in records:
+            subject = self._records.subject(raw, now)
+            if subject is not None and (held := self.table.get(subject)) is not None and held.record.envelope == raw:
+                self._mark_if_direct(subject, direct_from, now)  # the very record we hold: no news
+                continue
             try:
                 env = verify_peer_record(raw, network=self._us.network, now=now, max_age=RECORD_MAX_AGE,
                                          allowlist=self._verifier.allowlist)
@@ -289,13 +269,20 @@ class Membership:
                 continue
             if env.sender == self._us.signer.peer_id:
                 continue
+            self._records.add(raw, env.sender, env.timestamp)
             rec: PeerRecord = env.body
+            full_and_new = len(self.table) >= self.table.max_peers and env.sender not in self.table
             if self.table.add_record(env.sender, addrs=rec.addrs, exchange_url=rec.exchange_url,
                                      fingerprint=rec.fingerprint, record=raw, record_time=env.timestamp,
-                                     now=now):
+                                     now=now, may_replace=room_to_replace > 0):
                 self._file.dirty = True
-            if env.sender == direct_from and direct_from in self._links.live:
-                self.table.mark_connected(direct_from, now)
+                room_to_replace -= full_and_new
+            self._mark_if_direct(env.sender, direct_from, now)
+
+    def _mark_if_direct(self, subject: str, direct_from: str, now: float) -> None:
+        """The peer we are talking to sent its own record: it is connected and verified."""
+        if subject == direct_from and direct_from in self._links.live:
+            self.table.mark_connected(direct_from, now)
 
     async def _exchange_with(self, peer_id: str) -> None:
         try:
@@ -344,10 +331,13 @@ class Membership:
         while True:
             now = self._clock()
             links = self._links
-            due = [p for p in self.table.due_for_dial(now) if p not in links.live and p not in links.dialing]
-            room = MAX_PARALLEL_DIALS - len(links.dialing)
-            for peer_id in due[:max(0, room)]:
+            plan = links.view.plan(live={p: links.since.get(p, now) for p in links.live}, dialing=links.dialing,
+                                   due=self.table.due_for_dial(now), now=now, max_parallel=MAX_PARALLEL_DIALS)
+            for peer_id in plan.dial:
                 self._spawn(self._dial(peer_id))
+            for peer_id in plan.close:
+                log.debug("closing connection to %s: %s", peer_id, plan.reason)
+                self._spawn(self._host.disconnect(peer_id))
             for peer_id, since in list(links.unverified_since.items()):
                 info = self.table.get(peer_id)
                 verified = info is not None and info.state == PeerState.CONNECTED

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import multiaddr
@@ -55,7 +55,7 @@ from peerfed.net.autonat import ask_dial_back, observations
 
 # re-exported: daemon.py imports it from here
 from peerfed.net.bridge import Bridge
-from peerfed.net.libp2p_logs import adopt_libp2p_logger
+from peerfed.net.libp2p_logs import adopt_libp2p_logger, error_chain
 from peerfed.net.quiet import QuietLog, describe
 from peerfed.net.relay import NatTraversal, RelayService
 
@@ -72,7 +72,19 @@ libp2p_identify.AGENT_VERSION = f"peerfed/{__version__}"
 RequestHandler = Callable[[str, bytes], Awaitable[bytes]]
 
 REQUEST_TIMEOUT = 10.0
+ADDRS_TTL = 10.0  # seconds our address list is reused (P2PHost.addrs)
 MAX_REQUEST_BYTES = 1 << 20
+
+
+@dataclass
+class _OwnAddrs:
+    """Where we listen, what we announce instead, and the last list of our full addresses."""
+
+    listen: list[multiaddr.Multiaddr]
+    announce: list[multiaddr.Multiaddr]
+    cached: tuple[float, list[str]] | None = None  # (monotonic time, addrs())
+    relay: RelayService = field(default_factory=RelayService)  # and the host's NAT traversal settings
+    network: str = ""
 
 
 class DialError(Exception):
@@ -111,14 +123,6 @@ class _Notifee(INotifee):
 
 
 @dataclass(frozen=True, slots=True)
-class _Setup:  # what the host is built with (identify announces ``announce`` if any)
-    listen: list[multiaddr.Multiaddr]
-    announce: list[multiaddr.Multiaddr]
-    relay: RelayService
-    network: str
-
-
-@dataclass(frozen=True, slots=True)
 class HostStats:
     dials_ok: int = 0
     dials_failed: int = 0
@@ -146,8 +150,8 @@ class P2PHost:
         self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
         self._key_pair = key_pair
         self._protocol = peers_protocol(network)
-        self._setup = _Setup([multiaddr.Multiaddr(a) for a in listen], [multiaddr.Multiaddr(a) for a in announce],
-                             relay or RelayService(), network)
+        self._addrs = _OwnAddrs([multiaddr.Multiaddr(a) for a in listen], [multiaddr.Multiaddr(a) for a in announce],
+                                relay=relay or RelayService(), network=network)
         self._bridge = bridge
         self._on_request = on_request
         self._on_connection_change = on_connection_change
@@ -161,7 +165,7 @@ class P2PHost:
 
     async def start(self) -> list[str]:
         """Listen and return our full addresses (each ending in /p2p/<PeerID>)."""
-        check_listen_addrs([str(a) for a in self._setup.listen])
+        check_listen_addrs([str(a) for a in self._addrs.listen])
         return await self._bridge.run_trio(self._trio_start)
 
     async def stop(self) -> None:
@@ -203,20 +207,27 @@ class P2PHost:
         await self._bridge.run_trio(self._nat.set_tunnel_target, port)  # type: ignore[union-attr]
 
     async def observations(self) -> tuple[list[str], dict[str, str]]:
-        """What identify told us: the addresses peers see our connections come from, and
-        the IP each connected peer is at as we see it (PeerID -> IP)."""
+        """(addresses peers saw our connections come from, PeerID -> IP we see each peer at)."""
         return await self._bridge.run_trio(observations, self._host)
 
     def transport_addrs(self, announced: bool = False) -> list[str]:
         """Our listen addresses without /p2p/ (0.0.0.0 expanded); with ``announced``, the
         announce addresses instead when the config has some."""
-        if announced and self._setup.announce:
-            return [str(a) for a in self._setup.announce]
+        if announced and self._addrs.announce:
+            return [str(a) for a in self._addrs.announce]
         return expand_unspecified([str(a) for a in self._host.get_transport_addrs()]) if self._host else []
 
     def addrs(self) -> list[str]:
-        """Our dialable addresses (announce ones if configured), each ending in /p2p/<PeerID>."""
-        return expand_unspecified([str(a) for a in self._host.get_addrs()]) if self._host is not None else []
+        """Our dialable addresses (announce ones if configured), each ending in /p2p/<PeerID>.
+
+        Reused for ADDRS_TTL seconds: building them parses multiaddrs and lists interfaces, and
+        the status views ask every few seconds (a sixth of an idle relay's CPU when uncached)."""
+        if self._host is None:
+            return []
+        now = time.monotonic()
+        if self._addrs.cached is None or now - self._addrs.cached[0] > ADDRS_TTL:
+            self._addrs.cached = (now, expand_unspecified([str(a) for a in self._host.get_addrs()]))
+        return list(self._addrs.cached[1])
 
     def statistics(self) -> HostStats:
         return self._stats
@@ -237,8 +248,8 @@ class P2PHost:
             sec_opt={NOISE_PROTOCOL_ID: noise},
             muxer_opt={YAMUX_PROTOCOL_ID: Yamux},
             connection_config=ConnectionConfig(max_connections=1_000_000, max_connections_per_peer=1),
-            listen_addrs=self._setup.listen,
-            announce_addrs=self._setup.announce or None,
+            listen_addrs=self._addrs.listen,
+            announce_addrs=self._addrs.announce or None,
         )
 
     async def _trio_start(self) -> list[str]:
@@ -248,16 +259,15 @@ class P2PHost:
     async def _trio_serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._host = self._new_host()
         self._host.set_stream_handler(self._protocol, self._trio_handle_stream)
-        self._nat = NatTraversal(self._host, network=self._setup.network, relay=self._setup.relay)
+        self._nat = NatTraversal(self._host, network=self._addrs.network, relay=self._addrs.relay)
         self._host.get_network().register_notifee(_Notifee(self))
         self._stop = trio.Event()
-        async with self._host.run(listen_addrs=self._setup.listen):
+        async with self._host.run(listen_addrs=self._addrs.listen):
             # Its auto-connector redials anything in the peerstore (strangers we closed
             # included) towards 150 connections; whom we dial is membership's decision.
             await self._host.get_network().auto_connector.stop()
             if not self._host.get_transport_addrs():
-                raise AddressInUseError("p2p.listen: could not listen on "
-                                        + ", ".join(map(str, self._setup.listen)))
+                raise AddressInUseError("p2p.listen: could not listen on " + ", ".join(map(str, self._addrs.listen)))
             async with self._nat.services():
                 task_status.started(self.addrs())
                 await self._stop.wait()
@@ -287,7 +297,7 @@ class P2PHost:
             self._count("dials_failed")
             # A Noise handshake that fails on a reachable port usually means another PeerID
             # answered there than the one the address names: Noise refuses it.
-            raise DialError(f"could not connect to {addr}: {_reason(exc)}") from exc
+            raise DialError(f"could not connect to {addr}: {error_chain(exc)}") from exc
         self._count("dials_ok")
         return info.peer_id.to_base58()
 
@@ -297,7 +307,7 @@ class P2PHost:
             await self._nat.dial_circuit(addr)
         except Exception as exc:  # noqa: BLE001 - relay refused, no reservation, timed out
             self._count("dials_failed")
-            raise DialError(f"could not connect to {addr}: {_reason(exc)}") from exc
+            raise DialError(f"could not connect to {addr}: {error_chain(exc)}") from exc
         self._count("dials_ok")
         return peer_id
 
@@ -358,7 +368,7 @@ class P2PHost:
         peer_id = conn.muxed_conn.peer_id
         self._count_connections()
         if len(self._host.get_connected_peers()) > self._max_connected + 8:
-            # Slack above max_peers lets newcomers introduce themselves before pruning.
+            # Slack above max_connections lets newcomers introduce themselves before pruning.
             self._count("inbound_refused_full")
             log.info("too many connections (%d); closing the one from %s",
                      len(self._host.get_connected_peers()), peer_id)
@@ -377,15 +387,6 @@ class P2PHost:
         if self._host is not None and self._host.get_network().get_connections(peer_id):
             return  # another connection to the same peer is still open
         self._bridge.call_asyncio_soon(self._on_connection_change, peer_id.to_base58(), False)
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost useful message of a libp2p dial error (they nest several deep)."""
-    messages = []
-    while exc is not None and len(messages) < 4:
-        messages.append(str(exc) or type(exc).__name__)
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return "; ".join(dict.fromkeys(messages))
 
 
 async def _read_frame(stream: Any, max_frame: int) -> bytes:

@@ -25,14 +25,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from peerfed.core.peers import PeerTable
 from peerfed.core.reachability import (
     AddressBook,
     Reachability,
     addr_ip,
     addr_port,
     is_lan_ip,
+    relay_candidates,
     thin,
+    worth_initiating_to,
 )
+from peerfed.net.addrs import local_ipv4_addresses
 from peerfed.net.p2p import P2PHost
 from peerfed.net.portmap import PortMapper, PortMapStats
 from peerfed.net.routes import ExchangeRoutes
@@ -45,26 +49,23 @@ SERVERS_PER_CHECK = 3
 
 
 class MembershipView(Protocol):
-    """What this service needs of membership (net/membership.py)."""
+    """What this service needs of membership (net/membership.py): its peer table, who is
+    connected, and a way to change (re-sign and push) our record."""
+
+    table: PeerTable
 
     def connected_peers(self) -> list[str]: ...
     def set_own_fields(self, **fields: Any) -> None: ...
-    def relay_candidates(self) -> list[tuple[str, str]]: ...  # (PeerID, address ending /p2p/<it>)
-    def needs_tunnel(self) -> set[str]: ...
 
 
 class _Alone:
+    table = PeerTable("", max_peers=1)
+
     def connected_peers(self) -> list[str]:
         return []
 
     def set_own_fields(self, **fields: Any) -> None:
         pass
-
-    def relay_candidates(self) -> list[tuple[str, str]]:
-        return []
-
-    def needs_tunnel(self) -> set[str]:
-        return set()
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +111,7 @@ class ReachabilityService:
         await self._host.set_tunnel_target(self._exchange_port)
         ports = [p for p in map(addr_port, self._host.transport_addrs()) if p is not None]
         await self._mapper.start([*ports, *([self._exchange_port] if self._exchange_port else [])])
-        self.routes.start(membership.needs_tunnel)
+        self.routes.start(self.needs_tunnel)
         self._task = asyncio.create_task(self._loop(), name="reachability")
 
     async def stop(self) -> None:
@@ -119,6 +120,24 @@ class ReachabilityService:
             await asyncio.gather(self._task, return_exceptions=True)
         await self.routes.stop()
         await self._mapper.stop()
+
+    # -- pairing: whom we open exchanges to, and how ---------------------------------------
+
+    def worth_initiating(self, peer_id: str) -> bool:
+        """False for a peer behind a NAT with no path to it (core/reachability.py)."""
+        return worth_initiating_to(self._membership.table.get(peer_id), local_ipv4_addresses())
+
+    def needs_tunnel(self) -> set[str]:
+        """Connected peers with an exchange URL we cannot open (net/routes.py); none if we do
+        not train (no exchange port of our own)."""
+        if self._exchange_port is None:
+            return set()
+        table = self._membership.table
+        return {p for p in self._membership.connected_peers()
+                if not self.worth_initiating(p) and (info := table.get(p)) is not None and info.exchange_url}
+
+    def exchange_route(self, peer_id: str, url: str) -> str:
+        return self.routes.route(peer_id, url, self.worth_initiating(peer_id))
 
     async def _loop(self) -> None:
         while True:
@@ -154,7 +173,7 @@ class ReachabilityService:
     async def _reserve_relay(self) -> None:
         """Behind a NAT with no mapping: get a slot on a public peer that relays, so that
         others can reach us through it (and DCUtR can punch a direct path)."""
-        for relay, addr in self._membership.relay_candidates():
+        for relay, addr in relay_candidates(self._membership.table, self._membership.connected_peers()):
             try:
                 if await self._host.reserve_relay(relay):
                     self._relay = f"{addr}/p2p-circuit"
