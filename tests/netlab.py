@@ -264,6 +264,8 @@ class NetLab:
         self.processes.clear()
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], check=False, capture_output=True)
+            for leftover in Path("/tmp").glob(f"{ns}-miniupnpd.*"):
+                leftover.unlink(missing_ok=True)
         self.namespaces.clear()
 
 
