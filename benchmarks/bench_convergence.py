@@ -3,7 +3,7 @@
 Run: python benchmarks/bench_convergence.py [--nodes 16] [--epochs 60] [--seeds 0,1,2]
          [--models digits-lr,digits-mlp] [--splits iid,1.0,0.1] [--interval 1] [--lr 0.05]
          [--lr-decay none|cosine] [--encoding float32,int8] [--merge-base wire|exact]
-         [--outer none,nesterov,noloco] [--outer-lr 0.7] [--outer-momentum 0.9]
+         [--outer none,nesterov,noloco] [--outer-lr 0.7] [--outer-momentum 0.9] [--clip 0,2]
      python benchmarks/bench_convergence.py --lr 0.4 --lr-decay cosine   # meets the targets
      python benchmarks/bench_convergence.py --real        # + one configuration with real daemons
 
@@ -40,6 +40,11 @@ x <- x + a (received - base): "wire" (default), the decoded bytes it sent itself
 noloco: its heavy-ball form, NoLoCo's step); every node keeps outer weights and a momentum
 buffer from the start. "d none" = gossip mean minus that of the same row without outer step.
 
+--clip 0,1,2,4 (comma list: rows per factor): exchange.clip, the robust merge
+(peerfed.train.merging.Merger, the daemon's own code): the peer's difference is clipped to
+factor x the node's own movement since its last merge; 0 = off. With --outer nesterov the
+Merger does the outer step too (noloco keeps outer_step_ directly, unclipped).
+
 --real runs one configuration (default 8 nodes, alpha 0.1, digits-mlp) with real daemons
 (LocalSwarm), whose trainers are throttled by --real-step-sleep so that exchange.interval
 spans about --interval local steps, and the simulation of the same configuration, side by side.
@@ -71,6 +76,7 @@ from peerfed.averaging import (
     unflatten_from,
 )
 from peerfed.core.schedule import ExchangeScheduler
+from peerfed.train.merging import Merger, MergeRule
 from peerfed.train.tasks import BUILTIN_TASKS, NodeContext, Task, TrainSettings
 
 TRAIN_SIZE = 1437
@@ -97,6 +103,7 @@ class SimConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     merge_base: str = "wire"  # "exact": merge against the float32 snapshot, not what was sent
+    clip: float = 0.0  # exchange.clip: the robust merge's radius factor (0 = off)
 
     def lr_at(self, done: float) -> float:
         """The learning rate once a fraction ``done`` of the samples has been processed."""
@@ -125,8 +132,9 @@ class SimNode:
     bytes_sent: int = 0
     exchanges: int = 0
     busy_until: float = -1.0
-    outer: torch.Tensor | None = None  # outer weights and momentum (--outer)
+    outer: torch.Tensor | None = None  # outer weights and momentum (--outer noloco)
     momentum: torch.Tensor | None = None
+    merger: Merger | None = None  # the daemon's merge (--outer none|nesterov, --clip)
 
     def step(self) -> int:
         x, y = next(self.task.train_batches)
@@ -164,9 +172,13 @@ def make_node(cfg: SimConfig, index: int) -> SimNode:
     bind_to_flat(task.model, flat)  # as the trainer does: the optimizer writes into flat
     scheduler = ExchangeScheduler(interval=cfg.interval, rng=random.Random(cfg.seed * 7919 + index), now=0.0)
     node = SimNode(index, task, flat, task.make_optimizer(task.model.parameters()), scheduler)
-    if cfg.outer != "none":
+    if cfg.outer == "noloco":
         node.outer, node.momentum = torch.empty_like(flat), torch.empty_like(flat)
         start_outer_(node.outer, node.momentum, flat)
+    else:
+        node.merger = Merger(MergeRule(outer=cfg.outer, outer_lr=cfg.outer_lr, outer_momentum=cfg.outer_momentum,
+                                       clip=cfg.clip), flat.numel())
+        node.merger.restart(flat)
     return node
 
 
@@ -269,7 +281,9 @@ def _send(f: Flight, cfg: SimConfig) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _merge(node: SimNode, sent: torch.Tensor, received: torch.Tensor, weight: float, cfg: SimConfig) -> None:
-    if node.outer is None or node.momentum is None:
+    if node.merger is not None:
+        node.merger.apply_(node.flat, sent, received, node.merger.weight(sent, received, weight))
+    elif node.outer is None or node.momentum is None:
         merge_(node.flat, sent, received, weight)
     else:
         outer_step_(node.flat, sent, received, weight, node.outer, node.momentum, lr=cfg.outer_lr,
@@ -340,16 +354,18 @@ def run_grid(args: argparse.Namespace) -> list[dict[str, Any]]:
                 for lr in [float(v) for v in args.lr.split(",")]:
                     for outer in args.outer.split(","):
                         for encoding in args.encoding.split(","):
-                            rows.append(run_row(model, split, interval, lr, encoding, outer, args, baselines))
+                            for clip in [float(v) for v in args.clip.split(",")]:
+                                rows.append(run_row(model, split, interval, lr, encoding, outer, args, baselines,
+                                                    clip=clip))
     return rows
 
 
 def run_row(model: str, split: str, interval: float, lr: float, encoding: str, outer: str,
-            args: argparse.Namespace, baselines: dict[tuple[Any, ...], tuple[float, float, float, float]]
-            ) -> dict[str, Any]:
+            args: argparse.Namespace, baselines: dict[tuple[Any, ...], tuple[float, float, float, float]],
+            clip: float = 0.0) -> dict[str, Any]:
     started = time.perf_counter()
     out: dict[str, Any] = {"model": model, "split": split, "interval": interval, "lr": lr,
-                           "encoding": encoding, "outer": outer,
+                           "encoding": encoding, "outer": outer, "clip": clip,
                            "gossip": [], "gossip_worst": [], "local": [], "local_worst": [], "allreduce": [],
                            "central": [], "bytes": [], "exchanges": [], "epochs": []}
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -357,7 +373,7 @@ def run_row(model: str, split: str, interval: float, lr: float, encoding: str, o
                         interval=interval, exchange_steps=args.exchange_steps, lr=lr, batch=args.batch,
                         momentum=args.momentum, lr_decay=args.lr_decay, subticks=args.subticks,
                         encoding=encoding, outer=outer, outer_lr=args.outer_lr,
-                        outer_momentum=args.outer_momentum, merge_base=args.merge_base)
+                        outer_momentum=args.outer_momentum, merge_base=args.merge_base, clip=clip)
         g = run_gossip(cfg)
         out["gossip"].append(statistics.mean(g.accuracies))
         out["gossip_worst"].append(min(g.accuracies))
@@ -376,9 +392,9 @@ def run_row(model: str, split: str, interval: float, lr: float, encoding: str, o
     return out
 
 
-def _delta(rows: list[dict[str, Any]], r: dict[str, Any], **like: str) -> str:
+def _delta(rows: list[dict[str, Any]], r: dict[str, Any], **like: object) -> str:
     """Gossip mean of ``r`` minus that of the row that differs only in ``like``, in points."""
-    same = ("model", "split", "interval", "lr", "encoding", "outer")
+    same = ("model", "split", "interval", "lr", "encoding", "outer", "clip")
     match = [o for o in rows if all(o[k] == like.get(k, r[k]) for k in same)]
     if not match or match[0] is r:
         return "-"
@@ -386,12 +402,12 @@ def _delta(rows: list[dict[str, Any]], r: dict[str, Any], **like: str) -> str:
 
 
 def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    print(f"\n{'model':<11} {'split':>5} {'intv':>4} {'lr':>5} {'enc':>8} {'outer':>8} | {'all-red':>7} {'central':>7} | "
+    print(f"\n{'model':<11} {'split':>5} {'intv':>4} {'lr':>5} {'enc':>8} {'outer':>8} {'clip':>4} | {'all-red':>7} {'central':>7} | "
           f"{'gossip mean':>11} {'worst':>5} | {'local mean':>10} {'worst':>5} | {'gap AR':>6} {'target':>6} "
-          f"{'gap C':>5} | {'d f32':>6} {'d none':>6} | {'bytes/node':>10} {'exch/node':>9} {'epochs':>6}")
+          f"{'gap C':>5} | {'d f32':>6} {'d none':>6} {'d clip0':>7} | {'bytes/node':>10} {'exch/node':>9} {'epochs':>6}")
     for r in rows:
         gossip = 100 * statistics.mean(r["gossip"])
-        line = f"{r['model']:<11} {r['split']:>5} {r['interval']:>4g} {r['lr']:>5g} {r['encoding']:>8} {r['outer']:>8} | "
+        line = f"{r['model']:<11} {r['split']:>5} {r['interval']:>4g} {r['lr']:>5g} {r['encoding']:>8} {r['outer']:>8} {r['clip']:>4g} | "
         if r["allreduce"]:
             allreduce = 100 * statistics.mean(r["allreduce"])
             central = 100 * statistics.mean(r["central"])
@@ -403,14 +419,15 @@ def report(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         else:
             line += (f"{'-':>7} {'-':>7} | {gossip:11.1f} {100 * min(r['gossip_worst']):5.1f} | {'-':>10} {'-':>5} | "
                      f"{'-':>6} {'-':>6} {'-':>5} | ")
-        line += f"{_delta(rows, r, encoding='float32'):>6} {_delta(rows, r, outer='none'):>6} | "
+        line += (f"{_delta(rows, r, encoding='float32'):>6} {_delta(rows, r, outer='none'):>6} "
+                 f"{_delta(rows, r, clip=0.0):>7} | ")
         line += (f"{_bytes(statistics.mean(r['bytes'])):>10} {statistics.mean(r['exchanges']):9.0f} "
                  f"{statistics.mean(r['epochs']):6.1f}")
         print(line)
     print("(accuracies in %, mean over seeds; 'worst' = worst node over all seeds; gap AR = all-reduce minus gossip "
           "mean, gap C = central minus gossip mean, in points; target: gap AR <= 0.5 for iid and alpha 1.0, "
           "<= 1.0 for alpha 0.1; d f32 / d none: gossip mean minus that of the same row in float32 / without outer "
-          "step (encodings: target within 0.3); bytes/node: wire bytes sent; exch/node counts both roles)")
+          "step; d clip0: minus the same row without clipping (encodings: target within 0.3); bytes/node: wire bytes sent; exch/node counts both roles)")
 
 
 def _bytes(n: float) -> str:
@@ -533,6 +550,7 @@ def main() -> None:
     parser.add_argument("--outer", default="none", help="outer step(s), comma list of none,nesterov,noloco")
     parser.add_argument("--outer-lr", type=float, default=0.7, help="outer learning rate (--outer)")
     parser.add_argument("--outer-momentum", type=float, default=0.9, help="outer momentum (--outer)")
+    parser.add_argument("--clip", default="0", help="exchange.clip radius factor(s), comma list; 0 = off")
     parser.add_argument("--no-baselines", action="store_true", help="gossip only (sweeps)")
     parser.add_argument("--real", action="store_true", help="also run one configuration with real daemons")
     parser.add_argument("--real-nodes", type=int, default=8)
@@ -557,7 +575,7 @@ def main() -> None:
         f"batch {args.batch}, lr {args.lr}, lr decay {args.lr_decay}, {args.epochs:g} epochs, "
         f"seeds {args.seeds} (split seed = seed)\nmixing weight: {alpha_rule()}\n"
         f"wire encoding(s): {args.encoding}, merged against the {args.merge_base} snapshot; "
-        f"outer step(s): {args.outer} (lr {args.outer_lr}, momentum {args.outer_momentum})",
+        f"outer step(s): {args.outer} (lr {args.outer_lr}, momentum {args.outer_momentum}); clip {args.clip}",
     )
     rows = run_grid(args)
     report(rows, args)

@@ -98,6 +98,11 @@ class ExchangeConfig(_Section):
     connect_timeout: Float = Field(5.0, gt=0)
     transfer_timeout: Float = Field(120.0, gt=0)
     max_incoming: Int = Field(1, ge=1)
+    # exchange.outer: "nesterov" = an outer Nesterov step on the pair's average at each exchange (DiLoCo/NoLoCo)
+    outer: Literal["none", "nesterov"] = "none"
+    outer_lr: Float = Field(0.7, gt=0, le=2)  # the outer step's learning rate (exchange.outer = "nesterov")
+    outer_momentum: Float = Field(0.9, ge=0, lt=1)  # the outer step's momentum
+    clip: Float = Field(2.0, ge=0)  # robust merge: peer differences clipped to clip x the recent spread (clipping.py); 0 = off
 
     @property
     def listen_host(self) -> str:

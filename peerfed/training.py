@@ -13,7 +13,7 @@ import asyncio
 import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
@@ -32,6 +32,7 @@ from peerfed.net.membership import Membership
 from peerfed.ops.metrics import Metrics
 from peerfed.serving import bind_listener
 from peerfed.state_sync import plan_state_sync, run_state_sync
+from peerfed.train.merging import MergeRule
 from peerfed.train.supervisor import TrainerError, TrainerSupervisor
 from peerfed.train.tasks import TrainSettings
 from peerfed.training_side import TrainingSide
@@ -59,7 +60,9 @@ class Training(TrainingSide):
         self._signer, self._peer_id = signer, peer_id
         self._membership = membership
         self._metrics = metrics
-        self._trainer = TrainerSupervisor(TrainSettings.from_config(config))
+        ex = config.exchange
+        self._trainer = TrainerSupervisor(TrainSettings.from_config(config), merge_rule=MergeRule(
+            outer=ex.outer, outer_lr=ex.outer_lr, outer_momentum=ex.outer_momentum, clip=ex.clip))
         # The exchange port is taken now, before anything slow: a taken port is reported at once.
         self._listener = bind_listener(config.exchange.listen_host, config.exchange.listen_port,
                                        setting="exchange.listen")
@@ -189,6 +192,8 @@ class Training(TrainingSide):
                 "peer_id": last.peer_id, "role": last.role, "outcome": last.outcome.value,
                 "duration_s": round(last.duration_s, 4), "at": last.at},
             "exchange_rejected": dict(ex.rejected),
+            "merges": {**asdict(self._trainer.weights.merge_statistics()),
+                       "outer": self._config.exchange.outer, "clip": self._config.exchange.clip},
         }
 
     async def _poll_trainer(self) -> None:
@@ -207,6 +212,8 @@ class Training(TrainingSide):
             if process.last_checkpoint is not None:
                 self._metrics.checkpoint_saved(process.last_checkpoint.time)
             self._metrics.set_peers_connected(len(self._membership.connected_peers()))
+            merges = self._trainer.weights.merge_statistics()
+            self._metrics.update_merges(merges.merges, merges.clipped)
 
 
 def _allowlist(config: Config) -> frozenset[str] | None:

@@ -48,6 +48,8 @@ def test_render_parses_and_names_follow_conventions() -> None:
         "peerfed_eval_accuracy": "gauge",
         "peerfed_checkpoint_age_seconds": "gauge",
         "peerfed_trainer_restarts": "counter",
+        "peerfed_merges": "counter",
+        "peerfed_merges_clipped": "counter",
     }
     assert "peerfed_exchanges_total{outcome=\"busy\"} 0.0" in text
     assert CONTENT_TYPE.startswith("text/plain")
@@ -121,3 +123,12 @@ def test_checkpoint_age_follows_the_clock() -> None:
     assert value(metrics, "peerfed_checkpoint_age_seconds") == 12.5
     metrics.checkpoint_saved(at=900.0)  # resumed from an older checkpoint file
     assert value(metrics, "peerfed_checkpoint_age_seconds") == 142.5
+
+
+def test_merges_and_clipped_merges_count_from_the_ports_totals() -> None:
+    metrics = Metrics()
+    metrics.update_merges(5, 2)
+    metrics.update_merges(9, 3)
+    metrics.update_merges(1, 0)  # a new port after a restart: the counters do not go back
+    assert value(metrics, "peerfed_merges_total") == 9
+    assert value(metrics, "peerfed_merges_clipped_total") == 3

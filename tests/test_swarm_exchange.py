@@ -69,7 +69,8 @@ TESTS_DIR = Path(__file__).resolve().parent
 # A node we attack: trains at once (no state-sync wait), never starts an exchange itself.
 VICTIM_TRANSFER_TIMEOUT = 5.0
 VICTIM = {"train.init": "local", "train.threads": 1, "exchange.interval": NO_GOSSIP,
-          "train.eval_interval": 1.0, "exchange.transfer_timeout": VICTIM_TRANSFER_TIMEOUT}
+          "train.eval_interval": 1.0, "exchange.transfer_timeout": VICTIM_TRANSFER_TIMEOUT,
+          "exchange.clip": 0.0}  # the control test checks the exact merge; clipping: test_merging.py
 BIG_SAMPLE_WEIGHT = 1e9  # asks for a mixing weight ~1 (clamped to 10/11)
 HONEST_MAX_ABS = 100.0   # digits-mlp weights stay far below this; all garbage here is above
 MARK = 42.0

@@ -26,7 +26,7 @@ from prometheus_client import (
 from peerfed import __version__
 from peerfed.core.exchange_rules import EXCHANGE_OUTCOMES, Outcome
 
-__all__ = ["CONTENT_TYPE", "EXCHANGE_OUTCOMES", "EXCHANGE_DURATION_BUCKETS", "Metrics"]
+__all__ = ["CONTENT_TYPE", "EXCHANGE_DURATION_BUCKETS", "EXCHANGE_OUTCOMES", "Metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -113,6 +113,11 @@ class _TrainingMetrics:
         self.trainer_restarts = Counter(
             "peerfed_trainer_restarts", "Times the trainer process was restarted.", registry=r
         )
+        self.merged = (  # merges, and those whose peer difference was clipped (exchange.clip)
+            _MonotonicCounter(Counter("peerfed_merges", "Exchanges merged into this node's weights.", registry=r)),
+            _MonotonicCounter(Counter("peerfed_merges_clipped", "Merges whose peer difference was clipped "
+                                      "(exchange.clip).", registry=r)),
+        )
         self.steps = _MonotonicCounter(self.train_steps)
         self.samples = _MonotonicCounter(self.train_samples)
         self.lock = threading.Lock()  # the two totals are observed together
@@ -158,6 +163,13 @@ class Metrics:
             t.train_loss.set(loss)
         if accuracy is not None:
             t.eval_accuracy.set(accuracy)
+
+    def update_merges(self, merges: int, clipped: int) -> None:
+        """Absolute totals of merges and clipped merges (the weights port's statistics)."""
+        t = self._training
+        with t.lock:
+            t.merged[0].observe_total(merges)
+            t.merged[1].observe_total(clipped)
 
     def trainer_restarted(self) -> None:
         self._training.trainer_restarts.inc()

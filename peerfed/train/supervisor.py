@@ -23,6 +23,7 @@ import threading
 import time
 from dataclasses import replace
 
+from peerfed.train.merging import MergeRule
 from peerfed.train.messages import (
     Attach,
     CheckpointSaved,
@@ -85,7 +86,8 @@ class TrainerSupervisor:
     """The daemon's handle on its trainer. Blocking calls (wait_ready, stop) belong in a
     worker thread (asyncio.to_thread); the others return at once."""
 
-    def __init__(self, settings: TrainSettings, *, request_timeout: float = 60.0, _force_mirror: bool = False) -> None:
+    def __init__(self, settings: TrainSettings, *, request_timeout: float = 60.0, merge_rule: MergeRule | None = None,
+                 _force_mirror: bool = False) -> None:
         self._settings = settings
         self._force_mirror = _force_mirror  # tests: exercise the GPU code path on CPU
         self._lock = threading.Lock()  # lifecycle calls take turns; taken before the port's
@@ -97,7 +99,7 @@ class TrainerSupervisor:
         self._fatal: str | None = None  # why it will not be restarted
         self._published = TrainerStats()  # replaced whole under the lock; read without it
         self._progress_seen = (-1, time.monotonic())  # (progress counter, when it last changed)
-        self.weights = WeightsPort(self.lr_clock, request_timeout=request_timeout)
+        self.weights = WeightsPort(self.lr_clock, request_timeout=request_timeout, merge_rule=merge_rule)
 
     # ------------------------------------------------------------ lifecycle
 

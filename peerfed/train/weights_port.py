@@ -27,8 +27,9 @@ from typing import Protocol
 
 import torch
 
-from peerfed.averaging import check_flat, delta_into, merge_
+from peerfed.averaging import check_flat
 from peerfed.errors import TrainerUnavailable
+from peerfed.train.merging import Merger, MergeRule, MergeStats
 from peerfed.train.messages import ReadyInfo, SetClock, TrainerCommand
 from peerfed.train.shm import (
     DONE,
@@ -66,9 +67,11 @@ class TrainerLink:
 class WeightsPort:
     """Snapshot, merge and load the trainer's weights; refuses while no trainer is ready."""
 
-    def __init__(self, clock: Callable[[], tuple[int, float]], *, request_timeout: float = 60.0) -> None:
+    def __init__(self, clock: Callable[[], tuple[int, float]], *, request_timeout: float = 60.0,
+                 merge_rule: MergeRule | None = None) -> None:
         self._clock = clock  # the supervisor's lr clock (lock-free)
         self._request_timeout = request_timeout
+        self._merge_rule = merge_rule or MergeRule()  # exchange.outer and exchange.clip
         self._lock = threading.Lock()  # one operation at a time; guards the fields below
         self._buffers: SharedWeights | None = None
         self._link: TrainerLink | None = None
@@ -128,18 +131,26 @@ class WeightsPort:
             buffers.begin_snapshot(link)
             buffers.snapshot_range(dst, 0, buffers.numel, link)
 
-    def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> None:
-        """weights += alpha * (received - sent): steps taken since `sent` was taken are kept."""
+    def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> float:
+        """weights += alpha * (received - sent) (steps taken since `sent` was taken are kept),
+        with the peer's difference clipped and the outer step as exchange.clip and exchange.outer
+        say (merging.py). Returns the share of the peer's difference kept (1.0: not clipped)."""
         if not -1e3 < alpha < 1e3:
             raise ValueError(f"bad mixing weight {alpha!r}")
         with self._ready() as (buffers, link):
-            buffers.merge(received, sent, alpha, link)
+            return buffers.merge(received, sent, alpha, link)
+
+    def merge_statistics(self) -> MergeStats:
+        """Merges and clipped merges so far (any thread: a published frozen value)."""
+        buffers = self._buffers
+        return buffers.merger.statistics() if buffers is not None else MergeStats()
 
     def load_weights(self, src: torch.Tensor, lr_clock: tuple[int, float] | None = None) -> None:
         """Replace the weights entirely (state sync from a peer, before the first step) and take
         over the donor's lr clock (steps, seconds): its schedule goes on instead of ours from 0."""
         with self._ready() as (buffers, link):
             buffers.load(src, link)
+            buffers.merger.restart(src)  # the outer loop and the clip's anchor start at the peer's model
             if lr_clock is not None:
                 link.send(SetClock(int(lr_clock[0]), float(lr_clock[1])))
 
@@ -166,14 +177,19 @@ class WeightsPort:
                 if buffers is not None:
                     buffers.close()
                 buffers = self._buffers = SharedWeights(control, numel, mirror=mirror,
-                                                        request_timeout=self._request_timeout)
+                                                        request_timeout=self._request_timeout,
+                                                        merger=Merger(self._merge_rule, numel))
             buffers.reset_requests()  # a new process starts with an empty mailbox
             return buffers.names
 
     def connect(self, link: TrainerLink, info: ReadyInfo) -> None:
-        """That process is ready: operations go to it from now on."""
+        """That process is ready: operations go to it from now on. Its weights (fresh,
+        resumed, or a restart's checkpoint) are where the outer loop and the clip start."""
         with self._lock:
             self._link, self._info = link, info
+            buffers = self._buffers
+            if buffers is not None:
+                buffers.restart_merger(link)
 
     def disconnect(self, why: str) -> None:
         """No process to talk to (`why` is what operations answer); waits for one in flight."""
@@ -193,8 +209,10 @@ class SharedWeights:
     """The shared buffers of one model and how to read or change them. Callers (the port)
     serialize operations: one at a time."""
 
-    def __init__(self, control: ControlBlock, numel: int, *, mirror: bool, request_timeout: float) -> None:
+    def __init__(self, control: ControlBlock, numel: int, *, mirror: bool, request_timeout: float,
+                 merger: Merger) -> None:
         self.control = control
+        self.merger = merger
         self.numel = numel
         self.mirror = mirror
         self.request_timeout = request_timeout
@@ -226,14 +244,33 @@ class SharedWeights:
             with locked(link):
                 dst[first:last].copy_(weights[first:last])
 
-    def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float, link: TrainerLink) -> None:
+    def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float, link: TrainerLink) -> float:
+        """The merger's change (plain or outer step, clipped) added to the weights; returns the
+        share of the peer's difference kept."""
         check_flat(received, self.numel)
         check_flat(sent, self.numel)
+        weight = self.merger.weight(sent, received, alpha)
         if self.mirror:
             delta = self._tensor(self.delta)
-            self._request(link, REQ_MERGE, prepare=lambda: delta_into(delta, sent, received, alpha))
-            return
-        merge_(self._tensor(self.weights), sent, received, alpha, chunk=LOCK_SLICE, hold=lambda: locked(link))
+
+            def prepare() -> None:
+                delta.zero_()
+                self.merger.apply_(delta, sent, received, weight)
+
+            self._request(link, REQ_MERGE, prepare=prepare)
+        else:
+            self.merger.apply_(self._tensor(self.weights), sent, received, weight, chunk=LOCK_SLICE,
+                               hold=lambda: locked(link))
+        return weight / alpha if alpha else 1.0
+
+    def restart_merger(self, link: TrainerLink) -> None:
+        """Start the merger at the weights the shared buffer holds (a trainer that just became
+        ready published them and has taken no step yet)."""
+        if self.merger.rule.outer == "none" and self.merger.rule.clip <= 0:
+            return  # nothing to keep
+        current = torch.empty(self.numel, dtype=torch.float32)
+        self.snapshot_range(current, 0, self.numel, link)
+        self.merger.restart(current)
 
     def load(self, src: torch.Tensor, link: TrainerLink) -> None:
         check_flat(src, self.numel)
