@@ -29,6 +29,8 @@ from peerfed.identity import load_identity, peer_id_of, signer_of
 from peerfed.net.bridge import Bridge
 from peerfed.net.membership import Membership, load_peer_table
 from peerfed.net.p2p import P2PHost
+from peerfed.net.reachability import ReachabilityService
+from peerfed.net.relay import RelayService
 from peerfed.ops.api import LocalAPI
 from peerfed.ops.logs import set_level
 from peerfed.ops.metrics import CONTENT_TYPE, Metrics
@@ -64,6 +66,7 @@ class Daemon:
             key_pair, network=config.network, listen=config.p2p.listen, announce=config.p2p.announce,
             bridge=self.bridge, on_request=self._on_p2p_request,
             on_connection_change=self._on_connection_change, max_connected=config.p2p.max_connections,
+            relay=RelayService(config.p2p.relay_service, config.p2p.relay_max_bytes, config.p2p.relay_max_seconds),
         )
         # Membership exists before the host listens, so early peers get answers; its loops
         # (dialing, gossip, pings) start once we are fully up.
@@ -73,6 +76,7 @@ class Daemon:
             table=load_peer_table(peers_file, self.peer_id, max_peers=config.p2p.max_peers),
             bootstrap=config.p2p.bootstrap, allowlist=frozenset(config.p2p.allowlist) or None,
             state_file=peers_file, on_rejected=self.metrics.rejected, max_connections=config.p2p.max_connections,
+            reachability=ReachabilityService(self.host, port_mapping=config.p2p.port_mapping),
         )
         self.training = self._training_side(signer_of(key_pair))
         self.api = LocalAPI(host=config.api.host, port=config.api.port, status=self.status, peers=self.peers,

@@ -154,8 +154,10 @@ class Training(TrainingSide):
         found = {}
         for peer_id in table.exchange_candidates(self.fingerprint):
             info = table.get(peer_id)
-            if peer_id in live and info is not None and info.exchange_url:
-                found[peer_id] = info.exchange_url
+            # Pairing: its URL, a tunnel over libp2p (a peer behind a NAT), or none for now.
+            url = self._membership.exchange_route(peer_id, info.exchange_url) if info is not None else ""
+            if peer_id in live and url:
+                found[peer_id] = url
         return found
 
     async def exchange_now(self, peer_id: str | None) -> dict[str, object]:

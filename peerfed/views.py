@@ -29,7 +29,21 @@ def node_status(*, peer_id: str, network: str, started_at: float, host: P2PHost,
     }
     status.update(training.status())
     status["membership"] = dataclasses.asdict(membership.statistics())
+    status.update(reachability_status(membership))
     return status
+
+
+def reachability_status(membership: Membership) -> dict[str, Any]:
+    """"reachability" ("public" | "private" | "unknown"), "observed_addrs" (how peers see us),
+    and "nat": the record's addresses, dial-back checks and port mappings."""
+    service = membership.reachability
+    if service is None:
+        return {"reachability": "unknown", "observed_addrs": [], "nat": {}}
+    stats = service.statistics()
+    nat = dataclasses.asdict(stats)
+    nat["port_mapping"] = dataclasses.asdict(service.port_mapping())
+    nat["tunnels"] = service.routes.tunnels()  # PeerID -> local URL of its exchange over libp2p
+    return {"reachability": stats.reachability, "observed_addrs": list(stats.observed_addrs), "nat": nat}
 
 
 def peer_rows(membership: Membership) -> list[dict[str, Any]]:

@@ -17,6 +17,7 @@ MAX_ADDRS = 64
 MAX_ADDR_CHARS = 1024
 MAX_URL_CHARS = 2048
 MAX_RECORDS = 1024
+REACHABILITY = frozenset({"", "public", "private"})
 
 
 @dataclass(frozen=True)
@@ -29,10 +30,20 @@ class PeerRecord:
     exchange_url: str = ""
     fingerprint: str = ""
     version: str = ""
+    # Reachability (core/reachability.py): dialable addresses come first in ``addrs``; the
+    # last ``private_addrs`` of them are LAN-only. Written only when set, so a record without
+    # them reads (and signs) as before.
+    reachability: str = ""   # "public" | "private" | "" (unknown)
+    private_addrs: int = 0
 
     def to_wire(self) -> dict[str, Any]:
-        return {"addrs": list(self.addrs), "exchange_url": self.exchange_url,
-                "fingerprint": self.fingerprint, "version": self.version}
+        wire: dict[str, Any] = {"addrs": list(self.addrs), "exchange_url": self.exchange_url,
+                                "fingerprint": self.fingerprint, "version": self.version}
+        if self.reachability:
+            wire["reachability"] = self.reachability
+        if self.private_addrs:
+            wire["private_addrs"] = self.private_addrs
+        return wire
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> PeerRecord:
@@ -42,10 +53,17 @@ class PeerRecord:
         for addr in addrs:
             if not isinstance(addr, str) or not addr.startswith("/") or len(addr) > MAX_ADDR_CHARS:
                 raise Malformed("peer record address must be a multiaddr string")
+        reachability = read_text(wire, "reachability", "")
+        if reachability not in REACHABILITY:
+            raise Malformed(f"peer record reachability must be one of {sorted(REACHABILITY)}")
+        private_addrs = read_field(wire, "private_addrs", int, 0)
+        if not 0 <= private_addrs <= len(addrs):
+            raise Malformed("peer record private_addrs must count some of its addresses")
         return cls(addrs=tuple(addrs),
                    exchange_url=read_text(wire, "exchange_url", "", MAX_URL_CHARS),
                    fingerprint=read_text(wire, "fingerprint", ""),
-                   version=read_text(wire, "version", ""))
+                   version=read_text(wire, "version", ""),
+                   reachability=reachability, private_addrs=private_addrs)
 
 
 @dataclass(frozen=True)

@@ -31,17 +31,21 @@ from peerfed.core.envelope import (
     PeerList,
     PeerRecord,
     Verifier,
-    seal,
     verify_peer_record,
 )
 from peerfed.core.errors import Rejected
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
+from peerfed.core.reachability import dial_order
 from peerfed.core.record_cache import VerifiedRecords
 from peerfed.core.view import PartialView
+from peerfed.net.addrs import local_ipv4_addresses
+from peerfed.net.membership_parts import Rejections as _Rejections
+from peerfed.net.membership_parts import Us as _Us
 from peerfed.net.p2p import DialError, ForeignPeer, HostStats, P2PHost
 from peerfed.net.peer_file import PeerTableFile, load_peer_table
 from peerfed.net.quiet import QuietLog, describe
+from peerfed.net.reachability import ReachabilityService
 
 __all__ = ["Membership", "MembershipStats", "load_peer_table"]
 
@@ -75,20 +79,6 @@ class MembershipStats:
 
 
 @dataclass
-class _Us:
-    """Who we are, and our own signed record (signed again when stale or changed)."""
-
-    signer: Signer
-    network: str
-    fields: dict[str, Any] = field(default_factory=lambda: {"exchange_url": "", "fingerprint": ""})
-    record: bytes = b""   # b"": sign again before sending it
-    record_time: float = 0.0
-
-    def seal(self, body: PeerRecord | PeerList, now: float, recipient: str = "") -> bytes:
-        return seal(self.signer, network=self.network, recipient=recipient, body=body, now=now)
-
-
-@dataclass
 class _Links:
     """Our libp2p connections as membership sees them, and the view that decides them."""
 
@@ -98,19 +88,6 @@ class _Links:
     unverified_since: dict[str, float] = field(default_factory=dict)
     dialing: set[str] = field(default_factory=set)
     since: dict[str, float] = field(default_factory=dict)  # when each live connection came up
-
-
-class _Rejections:
-    """Peer lists and records we refused, by reason (also told to the metrics)."""
-
-    def __init__(self, on_rejected: Callable[[str], None] | None) -> None:
-        self.by_reason: dict[str, int] = {}
-        self._on_rejected = on_rejected
-
-    def count(self, reason: str) -> None:
-        self.by_reason[reason] = self.by_reason.get(reason, 0) + 1
-        if self._on_rejected is not None:
-            self._on_rejected(reason)
 
 
 class Membership:
@@ -128,9 +105,10 @@ class Membership:
         rng: random.Random | None = None,
         on_rejected: Callable[[str], None] | None = None,
         max_connections: int = 16,
+        reachability: ReachabilityService | None = None,
     ) -> None:
         self._host = host
-        self._us = _Us(signer, network)
+        self._us = _Us(signer, network, reachability=reachability)
         self.table = table
         self._bootstrap = list(bootstrap)
         self._file = PeerTableFile(state_file)
@@ -150,8 +128,12 @@ class Membership:
             self._add_bootstrap(addr)
         for loop in (self._dial_loop, self._gossip_loop, self._ping_loop, self._save_loop):
             self._spawn(loop(), name=loop.__name__)
+        if self._us.reachability is not None:
+            await self._us.reachability.start(self, exchange_url=self._us.fields["exchange_url"])
 
     async def stop(self) -> None:
+        if self._us.reachability is not None:
+            await self._us.reachability.stop()  # removes our port mappings
         tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
@@ -215,6 +197,14 @@ class Membership:
 
     # -- views ----------------------------------------------------------------------------
 
+    @property
+    def reachability(self) -> ReachabilityService | None:
+        return self._us.reachability
+
+    def exchange_route(self, peer_id: str, url: str) -> str:
+        """The URL to exchange with ``peer_id`` at: its own, a tunnel over libp2p, or ""."""
+        return self._us.reachability.exchange_route(peer_id, url) if self._us.reachability else url
+
     def connected_peers(self) -> list[str]:
         return [p for p in self.table.connected() if p in self._links.live]
 
@@ -242,7 +232,9 @@ class Membership:
     def _own_peer_record(self) -> bytes:
         now, us = self._clock(), self._us
         if not us.record or now - us.record_time > RECORD_REFRESH:
-            us.record = us.seal(PeerRecord(addrs=tuple(self._host.addrs()), version=_version(), **us.fields), now)
+            # net/reachability.py sets "addrs" (dialable first) once it knows; until then, ours
+            fields = {"addrs": tuple(self._host.addrs()), **us.fields}
+            us.record = us.seal(PeerRecord(version=_version(), **fields), now)
             us.record_time = now
         return us.record
 
@@ -321,7 +313,7 @@ class Membership:
             return
         self._links.dialing.add(peer_id)
         try:
-            for addr in info.addrs:
+            for addr in dial_order(info, local_ipv4_addresses()):
                 try:
                     got = await self._host.dial(addr)
                 except DialError as exc:

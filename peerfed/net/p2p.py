@@ -13,14 +13,12 @@ py-libp2p 0.8.1 workarounds (design.md section 5):
   released; ``max_connections_per_peer=1`` also avoids a fixed 250 ms dial delay.
   Our own limit on connected peers is applied in ``_on_connected``.
 - A stream whose reader pauses over 5 s is reset, so inbound requests are read at once.
-- Its negative dial cache would override our own backoff, so it is cleared before a dial,
-  and its auto-connector is stopped.
-- identify announces ``peerfed/<version>`` (py-libp2p reads a module global per message), and
-  a peer that refuses our protocol (another network's node, or not peerfed at all) raises
-  ForeignPeer instead of a 7-line ERROR block from py-libp2p's logger.
-- What a remote sends can make py-libp2p log (bad handshakes, bad yamux frames), sometimes with
-  a traceback: its records reach our log one line each, at WARNING at most, at most once a
-  minute per place in its code (net/quiet.py). A bad inbound request: once a minute per peer.
+- Its negative dial cache would override our own backoff: cleared before a dial; its
+  auto-connector is stopped; its peerstore addresses too (connect() would dial them all).
+- identify announces ``peerfed/<version>``; a peer that refuses our protocol raises ForeignPeer.
+- What a remote sends can make py-libp2p log (bad handshakes, bad yamux frames): one line
+  each, at WARNING at most, once a minute per place (net/libp2p_logs.py, net/quiet.py).
+NAT traversal (AutoNAT, relay, hole punching, exchange tunnels) is net/relay.py's.
 """
 
 from __future__ import annotations
@@ -28,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import multiaddr
@@ -53,42 +51,16 @@ from peerfed import __version__
 from peerfed.core.framing import FrameDecoder, encode_frame
 from peerfed.errors import AddressInUseError
 from peerfed.net.addrs import check_listen_addrs, expand_unspecified
+from peerfed.net.autonat import ask_dial_back, observations
 
 # re-exported: daemon.py imports it from here
 from peerfed.net.bridge import Bridge
-from peerfed.net.quiet import OneLineRelay, QuietLog, describe
+from peerfed.net.libp2p_logs import adopt_libp2p_logger, error_chain
+from peerfed.net.quiet import QuietLog, describe
+from peerfed.net.relay import NatTraversal, RelayService
 
 log = logging.getLogger("peerfed.p2p")
 quiet = QuietLog(log)  # lines about what a peer sent: once a minute per peer
-
-
-def adopt_libp2p_logger() -> None:
-    """py-libp2p cuts its logger off from ours when imported (unless LIBP2P_DEBUG is set),
-    which would hide its warnings; call again after importing it. Its records go to our
-    handlers through OneLineRelay (one line each, rate-limited), not by propagation."""
-    libp2p_logger = logging.getLogger("libp2p")
-    libp2p_logger.propagate = False
-    libp2p_logger.setLevel(logging.NOTSET)
-    if not any(isinstance(h, OneLineRelay) for h in libp2p_logger.handlers):
-        # Its errors are about a connection or a peer (often the peer's doing), not our node's
-        # health: at most WARNING, like our own lines about a peer's bad input.
-        libp2p_logger.addHandler(OneLineRelay(max_level=logging.WARNING))
-    # Every failed dial to a peer that is down logs an ERROR here, several a second; the
-    # membership service logs each failed attempt once, with its reason.
-    logging.getLogger("libp2p.transport.tcp.tcp").setLevel(logging.CRITICAL)
-    logging.getLogger("libp2p.network.auto_connector").setLevel(logging.WARNING)  # we stop it
-    stream_log = logging.getLogger("libp2p.host.basic_host")
-    if not any(isinstance(f, _RefusedProtocolFilter) for f in stream_log.filters):
-        stream_log.addFilter(_RefusedProtocolFilter())
-
-
-class _RefusedProtocolFilter(logging.Filter):
-    """Drops py-libp2p's multi-line ERROR for a stream the peer refused: _trio_request raises
-    ForeignPeer for it and membership logs it once, in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = str(record.msg)
-        return not (text.startswith("Failed to open stream") and "not supported" in text)
 
 
 adopt_libp2p_logger()
@@ -111,6 +83,8 @@ class _OwnAddrs:
     listen: list[multiaddr.Multiaddr]
     announce: list[multiaddr.Multiaddr]
     cached: tuple[float, list[str]] | None = None  # (monotonic time, addrs())
+    relay: RelayService = field(default_factory=RelayService)  # and the host's NAT traversal settings
+    network: str = ""
 
 
 class DialError(Exception):
@@ -171,16 +145,19 @@ class P2PHost:
         on_request: RequestHandler,
         on_connection_change: Callable[[str, bool], None],
         max_connected: int = 64,
+        relay: RelayService | None = None,
     ) -> None:
         self.peer_id = ID.from_pubkey(key_pair.public_key).to_base58()
         self._key_pair = key_pair
         self._protocol = peers_protocol(network)
-        self._addrs = _OwnAddrs([multiaddr.Multiaddr(a) for a in listen], [multiaddr.Multiaddr(a) for a in announce])
+        self._addrs = _OwnAddrs([multiaddr.Multiaddr(a) for a in listen], [multiaddr.Multiaddr(a) for a in announce],
+                                relay=relay or RelayService(), network=network)
         self._bridge = bridge
         self._on_request = on_request
         self._on_connection_change = on_connection_change
         self._max_connected = max_connected
         self._host: Any = None
+        self._nat: NatTraversal | None = None  # AutoNAT, relay, hole punching, exchange tunnels
         self._stop: trio.Event | None = None
         self._stats = HostStats()  # published by the trio side: replaced, never changed
 
@@ -209,6 +186,36 @@ class P2PHost:
 
     async def disconnect(self, peer_id: str) -> None:
         await self._bridge.run_trio(self._trio_disconnect, peer_id)
+
+    async def dial_back(self, server: str, addrs: Sequence[str]) -> tuple[str, str | None]:
+        """AutoNAT: ask the connected peer ``server`` to dial us at ``addrs`` on a fresh
+        connection: ("ok" | "failed" | "refused", the address it reached)."""
+        assert self._nat is not None
+        return await self._bridge.run_trio(ask_dial_back, self._nat.autonat, server, list(addrs))
+
+    async def reserve_relay(self, relay: str) -> bool:
+        """Ask the connected peer ``relay`` for a circuit relay slot (False: none given)."""
+        assert self._nat is not None
+        return await self._bridge.run_trio(self._nat.reserve, relay)
+
+    async def exchange_tunnel(self, peer_id: str, open_it: bool = True) -> tuple[str, str]:
+        """(local URL of an exchange tunnel to ``peer_id``, "direct" | "relayed"): net/tunnel.py."""
+        assert self._nat is not None
+        return await self._bridge.run_trio(self._nat.tunnel_url, peer_id, open_it)
+
+    async def set_tunnel_target(self, port: int | None) -> None:
+        await self._bridge.run_trio(self._nat.set_tunnel_target, port)  # type: ignore[union-attr]
+
+    async def observations(self) -> tuple[list[str], dict[str, str]]:
+        """(addresses peers saw our connections come from, PeerID -> IP we see each peer at)."""
+        return await self._bridge.run_trio(observations, self._host)
+
+    def transport_addrs(self, announced: bool = False) -> list[str]:
+        """Our listen addresses without /p2p/ (0.0.0.0 expanded); with ``announced``, the
+        announce addresses instead when the config has some."""
+        if announced and self._addrs.announce:
+            return [str(a) for a in self._addrs.announce]
+        return expand_unspecified([str(a) for a in self._host.get_transport_addrs()]) if self._host else []
 
     def addrs(self) -> list[str]:
         """Our dialable addresses (announce ones if configured), each ending in /p2p/<PeerID>.
@@ -252,6 +259,7 @@ class P2PHost:
     async def _trio_serve(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         self._host = self._new_host()
         self._host.set_stream_handler(self._protocol, self._trio_handle_stream)
+        self._nat = NatTraversal(self._host, network=self._addrs.network, relay=self._addrs.relay)
         self._host.get_network().register_notifee(_Notifee(self))
         self._stop = trio.Event()
         async with self._host.run(listen_addrs=self._addrs.listen):
@@ -260,8 +268,9 @@ class P2PHost:
             await self._host.get_network().auto_connector.stop()
             if not self._host.get_transport_addrs():
                 raise AddressInUseError("p2p.listen: could not listen on " + ", ".join(map(str, self._addrs.listen)))
-            task_status.started(self.addrs())
-            await self._stop.wait()
+            async with self._nat.services():
+                task_status.started(self.addrs())
+                await self._stop.wait()
 
     async def _trio_stop(self) -> None:
         assert self._stop is not None
@@ -276,6 +285,11 @@ class P2PHost:
         except Exception as exc:  # noqa: BLE001
             raise DialError(f"bad address {addr}: {exc}") from exc
         self._host.get_network().unblock_peer(info.peer_id)
+        if "/p2p-circuit/" in addr:  # through a relay (net/relay.py), which DCUtR then upgrades
+            return await self._trio_dial_circuit(addr, info.peer_id.to_base58())
+        # connect() dials every address the peerstore holds for the peer, in its order (a
+        # dead LAN address first can eat the whole timeout): ours is the one to try now.
+        self._host.get_peerstore().clear_addrs(info.peer_id)
         try:
             with trio.fail_after(REQUEST_TIMEOUT):
                 await self._host.connect(info)
@@ -283,9 +297,19 @@ class P2PHost:
             self._count("dials_failed")
             # A Noise handshake that fails on a reachable port usually means another PeerID
             # answered there than the one the address names: Noise refuses it.
-            raise DialError(f"could not connect to {addr}: {_reason(exc)}") from exc
+            raise DialError(f"could not connect to {addr}: {error_chain(exc)}") from exc
         self._count("dials_ok")
         return info.peer_id.to_base58()
+
+    async def _trio_dial_circuit(self, addr: str, peer_id: str) -> str:
+        assert self._nat is not None
+        try:
+            await self._nat.dial_circuit(addr)
+        except Exception as exc:  # noqa: BLE001 - relay refused, no reservation, timed out
+            self._count("dials_failed")
+            raise DialError(f"could not connect to {addr}: {error_chain(exc)}") from exc
+        self._count("dials_ok")
+        return peer_id
 
     async def _trio_request(self, peer_id: str, payload: bytes) -> bytes:
         self._count("requests_out")
@@ -354,20 +378,15 @@ class P2PHost:
         self._bridge.call_asyncio_soon(self._on_connection_change, peer_id.to_base58(), True)
 
     def _on_disconnected(self, conn: INetConn) -> None:
-        peer_id = conn.muxed_conn.peer_id
         self._count_connections()
-        if self._host is not None and peer_id in self._host.get_connected_peers():
+        self._bridge.nursery.start_soon(self._trio_tell_if_gone, conn.muxed_conn.peer_id)
+
+    async def _trio_tell_if_gone(self, peer_id: ID) -> None:
+        # A relayed connection closes while DCUtR's direct one takes over: look a moment later.
+        await trio.sleep(1.0)
+        if self._host is not None and self._host.get_network().get_connections(peer_id):
             return  # another connection to the same peer is still open
         self._bridge.call_asyncio_soon(self._on_connection_change, peer_id.to_base58(), False)
-
-
-def _reason(exc: BaseException) -> str:
-    """The innermost useful message of a libp2p dial error (they nest several deep)."""
-    messages = []
-    while exc is not None and len(messages) < 4:
-        messages.append(str(exc) or type(exc).__name__)
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-    return "; ".join(dict.fromkeys(messages))
 
 
 async def _read_frame(stream: Any, max_frame: int) -> bytes:
