@@ -160,3 +160,11 @@ def test_verified_records_are_remembered_by_their_bytes_until_too_old() -> None:
     assert cache.subject(b"rec-a", now=1050.0) is None  # bounded: cleared when full
     cache.clear()
     assert cache.subject(b"r2", now=1050.0) is None
+
+
+def test_links_to_keep_are_never_closed() -> None:
+    view = PartialView(target=2, slack=0, rotate_every=1.0, rng=random.Random(5))
+    live = {"relay": 0.0, "a": 0.0, "b": 0.0, "c": 0.0}
+    for t in range(50):
+        plan = view.plan(live=live, dialing=(), due=["x", "y"], now=100.0 + t, max_parallel=8, keep={"relay"})
+        assert "relay" not in plan.close

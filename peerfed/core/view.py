@@ -64,9 +64,10 @@ class PartialView:
             self.slack = max(2, self.target // 4)
 
     def plan(self, *, live: Mapping[str, float], dialing: Collection[str], due: Sequence[str],
-             now: float, max_parallel: int) -> ViewPlan:
+             now: float, max_parallel: int, keep: Collection[str] = ()) -> ViewPlan:
         """``live``: connected peers and since when (seconds); ``dialing``: dials under way;
-        ``due``: peers we could dial now (have addresses, backoff over, not live)."""
+        ``due``: peers we could dial now (have addresses, backoff over, not live); ``keep``:
+        links never to close (a relay holding our slot, a peer reachable only over its link)."""
         candidates = [p for p in due if p not in live and p not in dialing]
         room = max(0, max_parallel - len(dialing))
         missing = self.target - len(live) - len(dialing)
@@ -75,7 +76,7 @@ class PartialView:
             self.counters.dials_to_fill += len(dial)
             self._next_rotation = None  # rotate only once the view is full
             return ViewPlan(dial=dial, reason="filling the view")
-        closable = sorted(p for p, since in live.items() if now - since >= MIN_LINK_AGE)
+        closable = sorted(p for p, since in live.items() if now - since >= MIN_LINK_AGE and p not in keep)
         excess = len(live) - self.target
         if excess > self.slack and closable:
             close = self._sample(closable, excess)

@@ -331,8 +331,10 @@ class Membership:
         while True:
             now = self._clock()
             links = self._links
+            keep = self._us.reachability.links_to_keep() if self._us.reachability is not None else set()
             plan = links.view.plan(live={p: links.since.get(p, now) for p in links.live}, dialing=links.dialing,
-                                   due=self.table.due_for_dial(now), now=now, max_parallel=MAX_PARALLEL_DIALS)
+                                   due=self.table.due_for_dial(now), now=now, max_parallel=MAX_PARALLEL_DIALS,
+                                   keep=keep)
             for peer_id in plan.dial:
                 self._spawn(self._dial(peer_id))
             for peer_id in plan.close:

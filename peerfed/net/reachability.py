@@ -136,6 +136,14 @@ class ReachabilityService:
         return {p for p in self._membership.connected_peers()
                 if not self.worth_initiating(p) and (info := table.get(p)) is not None and info.exchange_url}
 
+    def links_to_keep(self) -> set[str]:
+        """Connections the partial view must not close: the relay holding our slot, and peers
+        we can only exchange with over the connection itself (core/view.py)."""
+        keep = self.needs_tunnel()
+        if self._relay:
+            keep.add(self._relay.split("/p2p/")[1].split("/")[0])
+        return keep
+
     def exchange_route(self, peer_id: str, url: str) -> str:
         return self.routes.route(peer_id, url, self.worth_initiating(peer_id))
 
