@@ -38,6 +38,7 @@ def test_render_parses_and_names_follow_conventions() -> None:
     assert families == {
         "peerfed_build_info": "gauge",
         "peerfed_peers_connected": "gauge",
+        "peerfed_link_rate_bytes_per_second": "gauge",
         "peerfed_exchanges": "counter",
         "peerfed_exchange_bytes": "counter",
         "peerfed_exchange_duration_seconds": "histogram",
@@ -121,3 +122,10 @@ def test_checkpoint_age_follows_the_clock() -> None:
     assert value(metrics, "peerfed_checkpoint_age_seconds") == 12.5
     metrics.checkpoint_saved(at=900.0)  # resumed from an older checkpoint file
     assert value(metrics, "peerfed_checkpoint_age_seconds") == 142.5
+
+
+def test_link_rates_are_shown_by_direction_and_window() -> None:
+    metrics = Metrics()
+    metrics.update_link(1000.0, 500.0, 250.0, 125.0)
+    assert value(metrics, "peerfed_link_rate_bytes_per_second", direction="upload", window="now") == 1000.0
+    assert value(metrics, "peerfed_link_rate_bytes_per_second", direction="download", window="average") == 125.0

@@ -28,6 +28,7 @@ from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
 from peerfed.errors import TrainerUnavailable
 from peerfed.net.exchange_state import ExchangeStats, LastExchange, Occupancy, Role
+from peerfed.net.pacing import Pacing, TransferGuard
 from peerfed.net.quiet import BAD_HTTP, HttpServerLog, QuietLog, describe
 from peerfed.net.transfer import (
     MANIFEST_HEADER,
@@ -69,15 +70,15 @@ class Exchange:
         transfer_timeout: float,
         on_rejected: Callable[[str], None] | None = None,  # reason
         on_finished: Callable[[Role, Outcome, float, int, int], None] | None = None,  # seconds, sent, received
+        pacing: Pacing | None = None,  # rate caps and the floor of every transfer (net/pacing.py)
     ) -> None:
-        self._signer, self._network, self._weights = signer, network, weights
-        self._verifier = verifier
+        self._signer, self._network, self._weights, self._verifier = signer, network, weights, verifier
         self._occupancy = Occupancy.for_model(weights.nbytes, max_incoming)
         self._stats = ExchangeStats()  # published: replaced, never changed, after each change
         # The client's timeouts; their total is also the responder's deadline for one exchange.
         self._timeout = aiohttp.ClientTimeout(total=transfer_timeout, sock_connect=connect_timeout)
         self._on_rejected, self._on_finished = on_rejected, on_finished
-        self._workers = TransferWorkers()
+        self._workers = TransferWorkers(pacing or Pacing(transfer_timeout=transfer_timeout))
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -131,8 +132,8 @@ class Exchange:
         env = self._open_header(request.headers.get(MANIFEST_HEADER), Manifest)
         if isinstance(env, Refusal):
             return env
-        refusal = rules.check_push(env, ours=self._model(), content_length=request.content_length,
-                                   room=self._occupancy.room())
+        refusal = self._workers.pacing.refusal(env.sender) or rules.check_push(
+            env, ours=self._model(), content_length=request.content_length, room=self._occupancy.room())
         return env if refusal is None else self._counted(refusal)
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -150,25 +151,22 @@ class Exchange:
             env = self._admit_push(request)
         if isinstance(env, Refusal):
             return refusal_response(env)
-        theirs: Manifest = env.body
         slot = self._occupancy.take(incoming=True)
         self._publish()
         started = time.monotonic()
         outcome, sent, got = Outcome.FAILED, 0, 0
-        response = web.StreamResponse()
+        response, guard = web.StreamResponse(), self._workers.pacing.guard(env.sender, self._model().nbytes, refuse_after_cut=True)
         try:
             send, recv = slot.buffers()
-            send_view = byte_view(send)
-            values, receive = self._receive_checked(request.content, recv, env)
+            values, receive = self._receive_checked(request.content, recv, env, guard)
             receiving = asyncio.create_task(receive)
-            # One deadline for the whole exchange: a peer that neither reads nor sends holds
-            # our incoming slot for transfer_timeout at most.
+            # One deadline for the whole exchange; a peer below the floor is cut sooner (net/pacing.py).
             try:
                 async with asyncio.timeout(self._timeout.total):
-                    got, sent = await self._reply(request, response, env, receiving, send, send_view)
+                    got, sent = await self._reply(request, response, env, receiving, send, guard)
             finally:
                 receiving.cancel()
-            outcome = await self._merge(recv, send, theirs, env.sender, values)
+            outcome = await self._merge(recv, send, env.body, env.sender, values)
             await response.write_eof()
         except (ProtocolError, HttpProcessingError) as exc:  # bad bytes, or a body that broke HTTP's framing
             outcome = Outcome.REFUSED
@@ -189,8 +187,9 @@ class Exchange:
         return response
 
     async def _reply(self, request: web.Request, response: web.StreamResponse, env: Envelope,
-                     receiving: asyncio.Task[int], send: torch.Tensor, send_view: memoryview) -> tuple[int, int]:
+                     receiving: asyncio.Task[int], send: torch.Tensor, guard: TransferGuard) -> tuple[int, int]:
         """Stream our snapshot back while theirs arrives; returns (bytes received, bytes sent)."""
+        send_view = byte_view(send)
         ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
                         sample_weight=self._weights.num_samples, purpose="reply", in_reply_to=env.nonce)
         sealed = seal(self._signer, network=self._network, recipient=env.sender, body=ours, now=time.time())
@@ -200,7 +199,7 @@ class Exchange:
         # Hold back our last byte until all of theirs is here: aiohttp's client cancels its
         # upload the moment our response is complete, so finishing first would cut off the
         # initiator's snapshot (it would merge ours, we would merge nothing).
-        await send_snapshot(response, self._weights, send, self._digest_sealer(env.sender, nonce_of(sealed)),
+        await send_snapshot(guard.writer(response), self._weights, send, self._digest_sealer(env.sender, nonce_of(sealed)),
                             self._workers, before_last_byte=receiving)
         return receiving.result(), send_view.nbytes
 
@@ -228,8 +227,8 @@ class Exchange:
             response.content_length = wire_length(view.nbytes)
             await response.prepare(request)
             sealer = self._digest_sealer(env.sender, nonce_of(sealed))
-            await asyncio.wait_for(send_snapshot(response, self._weights, send, sealer, self._workers),
-                                   self._timeout.total)
+            paced = self._workers.pacing.guard(env.sender, view.nbytes).writer(response)
+            await asyncio.wait_for(send_snapshot(paced, self._weights, send, sealer, self._workers), self._timeout.total)
             await response.write_eof()
             self._stats = self._stats.moved(sent=view.nbytes)
             return response
@@ -256,7 +255,7 @@ class Exchange:
         filled = False  # every chunk of `send` holds what we sent (the digest is sealed)
         try:
             send, recv = slot.buffers()
-            send_view = byte_view(send)
+            send_view, guard = byte_view(send), self._workers.pacing.guard(peer_id, self._weights.nbytes)
             ours = Manifest(fingerprint=self._weights.fingerprint, length=send_view.nbytes,
                             sample_weight=self._weights.num_samples, purpose="push")
             sealed = seal(self._signer, network=self._network, recipient=peer_id, body=ours, now=time.time())
@@ -269,7 +268,7 @@ class Exchange:
                 return seal_push_digest(length, digest)
 
             async def produce(writer: Any) -> None:  # runs once the peer said 100 Continue
-                await send_snapshot(writer, self._weights, send, seal_digest, self._workers)
+                await send_snapshot(guard.writer(writer), self._weights, send, seal_digest, self._workers)
 
             size = wire_length(send_view.nbytes)
             async with self._http().post(
@@ -291,7 +290,7 @@ class Exchange:
                     log.info("exchange with %s: refused its reply: %s", peer_id, refusal.detail)
                     outcome = Outcome.REFUSED
                     return outcome
-                values, receive = self._receive_checked(response.content, recv, env)
+                values, receive = self._receive_checked(response.content, recv, env, guard)
                 got = await receive
             if not filled:  # an honest peer ends its reply only after all of our push
                 log.info("exchange with %s: its reply ended before our push was sent; nothing merged", peer_id)
@@ -333,7 +332,8 @@ class Exchange:
                 if refusal is not None:
                     log.info("state sync from %s failed: %s", peer_id, refusal.detail)
                     return None
-                values, receive = self._receive_checked(response.content, dst, env)
+                guard = self._workers.pacing.guard(peer_id, ours.nbytes)
+                values, receive = self._receive_checked(response.content, dst, env, guard)
                 await receive
                 self._stats = self._stats.moved(received=ours.nbytes)
         except (ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -350,9 +350,9 @@ class Exchange:
     def _model(self) -> ModelShape:
         return ModelShape(self._weights.fingerprint, self._weights.nbytes)
 
-    def _receive_checked(self, content: aiohttp.StreamReader, buf: torch.Tensor,
-                         manifest: Envelope) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
-        return receive_checked(content, buf, digest_opener(self._verifier, manifest), self._workers)
+    def _receive_checked(self, content: aiohttp.StreamReader, buf: torch.Tensor, manifest: Envelope,
+                         guard: TransferGuard) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
+        return receive_checked(guard.reader(content), buf, digest_opener(self._verifier, manifest), self._workers)
 
     def _digest_sealer(self, recipient: str, manifest_nonce: bytes) -> SealDigest:
         return digest_sealer(self._signer, self._network, recipient, manifest_nonce)
