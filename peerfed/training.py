@@ -32,7 +32,7 @@ from peerfed.net.gossip import GossipLoop
 from peerfed.net.membership import Membership
 from peerfed.net.pacing import LinkStats, Pacing
 from peerfed.ops.metrics import Metrics
-from peerfed.serving import bind_listener
+from peerfed.serving import ConnectionLimits, bind_listener
 from peerfed.state_sync import plan_state_sync, run_state_sync
 from peerfed.train.supervisor import TrainerError, TrainerSupervisor
 from peerfed.train.tasks import TrainSettings
@@ -92,7 +92,9 @@ class Training(TrainingSide):
         cfg, metrics = self._config, self._metrics
         pacing = Pacing(max_upload_rate=parse_rate(cfg.exchange.max_upload_rate),
                         max_download_rate=parse_rate(cfg.exchange.max_download_rate),
-                        transfer_timeout=cfg.exchange.transfer_timeout)
+                        transfer_timeout=cfg.exchange.transfer_timeout,
+                        connections=ConnectionLimits(max_per_address=cfg.exchange.max_connections_per_address,
+                                                     header_timeout=cfg.exchange.header_timeout))
         exchange = Exchange(
             signer=self._signer, network=cfg.network, weights=self._trainer.weights,
             verifier=Verifier(network=cfg.network, own_peer_id=self._peer_id, clock=time.time,

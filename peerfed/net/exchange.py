@@ -28,7 +28,7 @@ from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
 from peerfed.errors import TrainerUnavailable
 from peerfed.net.exchange_state import ExchangeStats, LastExchange, Occupancy, Role
-from peerfed.net.pacing import Pacing, TransferGuard
+from peerfed.net.pacing import CLIENT_IDLE_S, Pacing, TransferGuard
 from peerfed.net.quiet import BAD_HTTP, HttpServerLog, QuietLog, describe
 from peerfed.net.transfer import (
     MANIFEST_HEADER,
@@ -94,8 +94,9 @@ class Exchange:
         app = web.Application()
         app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
         app.router.add_get("/v1/model", self._serve_model)
-        self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0,
-                                          sock=sock, logger=HttpServerLog(quiet, self._count_rejected))
+        self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0, sock=sock,
+                                          logger=HttpServerLog(quiet, self._count_rejected),
+                                          limits=self._workers.pacing.connections)
         return bound
 
     async def close(self) -> None:
@@ -160,9 +161,8 @@ class Exchange:
             send, recv = slot.buffers()
             values, receive = self._receive_checked(request.content, recv, env, guard)
             receiving = asyncio.create_task(receive)
-            # One deadline for the whole exchange; a peer below the floor is cut sooner (net/pacing.py).
             try:
-                async with asyncio.timeout(self._timeout.total):
+                async with asyncio.timeout(self._timeout.total):  # a peer below its floor is cut sooner (net/pacing.py)
                     got, sent = await self._reply(request, response, env, receiving, send, guard)
             finally:
                 receiving.cancel()
@@ -359,7 +359,7 @@ class Exchange:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4, keepalive_timeout=CLIENT_IDLE_S))
         return self._session
 
     def _open_header(self, value: str | None, kind: type[Body]) -> Envelope | Refusal:

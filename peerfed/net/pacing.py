@@ -38,6 +38,7 @@ from peerfed.core.rates import (
     default_burst,
     transfer_floor,
 )
+from peerfed.serving import ConnectionLimits
 
 T = TypeVar("T")
 
@@ -46,6 +47,9 @@ MAX_PIECE = 1 << 20
 SLOW_COOLDOWN_S = 30.0  # a peer cut for a slow push is refused this long, doubling per cut
 SLOW_COOLDOWN_MAX_S = 600.0
 MAX_SLOW_PEERS = 1024  # memory bound of the cooldown table (oldest forgotten first)
+# Our client drops an idle connection before a peer's server does (its header timeout, 10 s by
+# default, also closes idle connections): we never reuse one the peer is just closing.
+CLIENT_IDLE_S = 4.0
 
 
 class TransferTooSlow(ConnectionError):
@@ -150,8 +154,11 @@ class Pacing:
     """The node's two token buckets, rate meters and slow-peer cooldowns (see the module doc)."""
 
     def __init__(self, *, max_upload_rate: float | None = None, max_download_rate: float | None = None,
-                 transfer_timeout: float = 120.0, clock: Callable[[], float] = time.monotonic) -> None:
+                 transfer_timeout: float = 120.0, connections: ConnectionLimits | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
+        # The exchange server's header timeout and per-address cap (serving.py)
+        self.connections = connections or ConnectionLimits(max_per_address=16, header_timeout=10.0)
         now = clock()
         self.upload = None if max_upload_rate is None else \
             TokenBucket(max_upload_rate, default_burst(max_upload_rate), now=now)
