@@ -46,6 +46,9 @@ async def serve(app: web.Application, host: str, port: int, *, setting: str, shu
         # aiohttp closes a connection that has no complete request after keepalive_timeout
         # (also counted from its start): that is the read timeout for a request's headers.
         options["keepalive_timeout"] = limits.header_timeout
+        # After a refused or cut request, how long its unread body is drained before closing
+        # (aiohttp's default is 10 s; a trickling peer would keep its connection that long).
+        options["lingering_time"] = limits.lingering_time
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
                            **options)  # type: ignore[arg-type]
     await runner.setup()
@@ -75,11 +78,13 @@ def _bind_error(exc: OSError, setting: str, host: str, port: int) -> AddressInUs
 class ConnectionLimits:
     """What one server lets a remote address hold (issue 12: slots cannot be held): at most
     ``max_per_address`` open connections from one IP address (more are closed at once), and
-    ``header_timeout`` seconds for each request's headers (and idle keep-alive). Owned by the
+    ``header_timeout`` seconds for each request's headers (and idle keep-alive), and at most
+    ``lingering_time`` seconds draining the body of a request answered early. Owned by the
     server's loop; ``refused`` counts the connections closed for the cap."""
 
     max_per_address: int
     header_timeout: float
+    lingering_time: float = 2.0
     refused: int = 0
     open_by_address: Counter[str] = field(default_factory=Counter)
 
