@@ -18,6 +18,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Self
 
 import pytest
 from swarmtools import wait_until
@@ -65,7 +66,7 @@ class SlowPusher:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> SlowPusher:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
