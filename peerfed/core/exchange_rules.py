@@ -74,7 +74,7 @@ class Room:
     incoming: int         # exchanges we are answering now
     max_incoming: int
     outgoing: bool        # an exchange we started is running
-    free_slots: int       # sets of buffers for others' exchanges and downloads not in use
+    free_slots: int       # sets of buffers others' exchanges and downloads may take (one is kept for ours)
 
 
 def wire_length(payload_length: int) -> int:
@@ -125,8 +125,9 @@ def check_push(env: Envelope, *, ours: ModelShape, content_length: int | None, r
 
 def can_start_push(room: Room) -> bool:
     """May we start an exchange now? (Otherwise its outcome is busy, without asking anyone.)
-    Our own exchange has a slot of its own: what others ask of us never delays it, so a peer
-    that holds our incoming slot cannot stop this node's own exchanges (issue 12)."""
+    A slot is always kept for our own exchange (``free_slots`` counts only what others may
+    take): what others ask of us never delays it, so a peer that holds our incoming slot
+    cannot stop this node's own exchanges (issue 12)."""
     return room.accepting and not room.outgoing
 
 

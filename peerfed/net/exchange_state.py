@@ -68,13 +68,13 @@ class ExchangeStats:
 class Occupancy:
     """The exchange buffers not in use, who uses the others, and whether we take exchanges.
 
-    Our own exchange has a slot of its own (``own_slot``): what others ask of us (pushes,
-    model downloads) only ever takes ``free_slots``, so however long a peer holds those, our
-    own exchanges never wait for it (issue 12)."""
+    One free slot is always kept for our own exchange: what others ask of us (pushes, model
+    downloads) never takes the last one, so however long a peer holds a slot, our own
+    exchanges never wait for it (issue 12). Slots are reused last-in first-out and allocated
+    on first use: a node whose exchanges do not overlap holds one slot's memory."""
 
     free_slots: list[Slot]
     max_incoming: int
-    own_slot: Slot | None = None  # None while our own exchange runs
     incoming: int = 0
     outgoing: bool = False
     accepting: bool = True
@@ -84,28 +84,24 @@ class Occupancy:
 
     @classmethod
     def for_model(cls, nbytes: int, max_incoming: int) -> Occupancy:
-        """Buffers for max_incoming incoming exchanges and a model download, and our own
-        exchange's (each allocated on first use)."""
-        return cls([Slot(nbytes // 4) for _ in range(max_incoming + 1)], max_incoming, Slot(nbytes // 4))
+        """Buffers for max_incoming incoming exchanges, a model download, and our own exchange."""
+        return cls([Slot(nbytes // 4) for _ in range(max_incoming + 2)], max_incoming)
 
     def take(self, *, incoming: bool = False, outgoing: bool = False) -> Slot:
         """A free slot for an exchange we answer (incoming), start (outgoing), or a model we send."""
-        if outgoing:
-            assert self.own_slot is not None, "one outgoing exchange at a time"
-            slot, self.own_slot, self.outgoing = self.own_slot, None, True
-            return slot
         slot = self.free_slots.pop()
         self.incoming += int(incoming)
+        self.outgoing = self.outgoing or outgoing
         return slot
 
     def give_back(self, slot: Slot, *, incoming: bool = False, outgoing: bool = False) -> None:
-        if outgoing:
-            self.own_slot, self.outgoing = slot, False
-            return
         self.free_slots.append(slot)
         self.incoming -= int(incoming)
+        self.outgoing = self.outgoing and not outgoing
 
     def room(self) -> Room:
         """The plain values the exchange rules decide on (core/exchange_rules.py)."""
+        kept_for_ours = 0 if self.outgoing else 1
         return Room(accepting=self.accepting, weights_ready=self.weights_ready, incoming=self.incoming,
-                    max_incoming=self.max_incoming, outgoing=self.outgoing, free_slots=len(self.free_slots))
+                    max_incoming=self.max_incoming, outgoing=self.outgoing,
+                    free_slots=max(0, len(self.free_slots) - kept_for_ours))
