@@ -29,6 +29,7 @@ from peerfed.core.exchange_rules import wire_length
 from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
 from peerfed.core.rates import FLOOR_WINDOW
+from peerfed.identity import load_identity, signer_of
 from peerfed.localswarm import LocalNode, LocalSwarm
 from peerfed.net.transfer import MANIFEST_HEADER
 from peerfed.serving import ConnectionLimits
@@ -56,11 +57,13 @@ def exchanges_ok(node: LocalNode) -> int:
 
 class SlowPusher:
     """The attack of issue 12, repeated: one key, a signed push, 100 Continue, one byte every
-    4.5 s; as soon as the node hangs up (or refuses), again."""
+    4.5 s; as soon as the node hangs up (or refuses), again. The key is a real peer's (a
+    daemon of the swarm that never gossips itself): a connected peer that proved its PeerID
+    over libp2p, so admitting only such peers does not hide the attack."""
 
-    def __init__(self, node: LocalNode) -> None:
+    def __init__(self, node: LocalNode, signer: Signer) -> None:
         self.node = node
-        self.signer = Signer.generate()
+        self.signer = signer
         self.held: list[float] = []  # seconds from 100 Continue to the node hanging up
         self.statuses: list[int] = []
         self._stop = threading.Event()
@@ -125,8 +128,10 @@ class SlowPusher:
 
 @pytest.fixture
 def trio_swarm(tmp_path: Path) -> Iterator[list[LocalNode]]:
+    """The victim, two honest peers, and the attacker's daemon (it never starts an exchange)."""
     with LocalSwarm(tmp_path, network=NETWORK) as swarm:
         nodes = [swarm.add_node(settings={**NODE, "train.seed": i}) for i in range(3)]
+        nodes.append(swarm.add_node(settings={**NODE, "train.seed": 3, "exchange.interval": 1e9}))
         swarm.start_all(timeout=180)
         swarm.wait_full_view(timeout=60)
         yield nodes
@@ -134,7 +139,8 @@ def trio_swarm(tmp_path: Path) -> Iterator[list[LocalNode]]:
 
 @pytest.mark.slow
 def test_a_slow_push_is_cut_within_seconds_and_the_victim_keeps_exchanging(trio_swarm: list[LocalNode]) -> None:
-    victim = trio_swarm[0]
+    victim, attacker_node = trio_swarm[0], trio_swarm[3]
+    attacker_key = signer_of(load_identity(attacker_node.home / "identity.key"))
     wait_until(lambda: exchanges_ok(victim) >= 3, 60, "the victim's first exchanges")
 
     before = exchanges_ok(victim)
@@ -142,7 +148,7 @@ def test_a_slow_push_is_cut_within_seconds_and_the_victim_keeps_exchanging(trio_
     calm_rate = (exchanges_ok(victim) - before) / PHASE_S
 
     before = exchanges_ok(victim)
-    with SlowPusher(victim) as attacker:
+    with SlowPusher(victim, attacker_key) as attacker:
         time.sleep(PHASE_S)
     attacked_rate = (exchanges_ok(victim) - before) / PHASE_S
 
