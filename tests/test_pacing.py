@@ -203,3 +203,27 @@ def test_a_cut_pusher_is_refused_for_a_while_and_longer_each_time() -> None:
         other._cut_now()
     assert pacing.refusal("peer-b") is None
     assert pacing.statistics().slow_cuts == 3
+
+
+def test_data_that_came_while_our_loop_was_starved_is_not_blamed_on_the_peer() -> None:
+    """Our loop blocked past the whole window (a busy machine) while the peer's bytes arrived:
+    the read finds them buffered and is not cut."""
+
+    class Buffered:
+        def __init__(self) -> None:
+            self.ready = asyncio.Event()
+
+        async def readchunk(self) -> tuple[bytes, bool]:
+            await self.ready.wait()
+            return b"d" * 1000, False
+
+    async def main() -> bytes:
+        inner = Buffered()
+        reader = guard(1000.0, 0.2).reader(inner)
+        asyncio.get_running_loop().call_later(0.05, inner.ready.set)
+        reading = asyncio.create_task(reader.readchunk())
+        await asyncio.sleep(0.01)  # the read is waiting
+        time.sleep(0.5)  # our loop starved for longer than the window; the data came meanwhile
+        return (await reading)[0]
+
+    assert asyncio.run(main()) == b"d" * 1000

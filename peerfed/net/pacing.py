@@ -96,14 +96,19 @@ class TransferGuard:
         moved = 0
         try:
             while True:
-                remaining = self.floor.deadline(self._clock()) - self._clock()
-                if remaining <= 0 or self._cut:
-                    self._cut_now()
-                done, _ = await asyncio.wait({task}, timeout=remaining)
-                if done:
+                if task.done():
                     result = task.result()
                     moved = nbytes(result)
                     return result
+                remaining = self.floor.deadline(self._clock()) - self._clock()
+                if remaining <= 0 or self._cut:
+                    # Out of credit. If our own loop was starved, what the peer sent meanwhile is
+                    # waiting in callbacks already due: let them run before blaming the peer.
+                    await asyncio.sleep(0)
+                    if task.done():
+                        continue
+                    self._cut_now()
+                await asyncio.wait({task}, timeout=remaining)
         finally:
             if not task.done():
                 task.cancel()
@@ -117,15 +122,18 @@ class TransferGuard:
         try:
             while True:
                 remaining = self.floor.deadline(self._clock()) - self._clock()
-                if remaining <= 0 or self._cut:
-                    self._cut_now()
-                timer = asyncio.timeout(remaining)
+                # Out of credit: one last try that only succeeds without waiting (data that came
+                # while our own loop was starved is already buffered), then the cut.
+                last_try = remaining <= 0 or self._cut
+                timer = asyncio.timeout(max(0.0, remaining))
                 try:
                     async with timer:
                         result = await op()
                 except TimeoutError:
                     if not timer.expired():
                         raise  # the operation's own
+                    if last_try:
+                        self._cut_now()
                     continue  # the other direction may have moved meanwhile: look again
                 moved = nbytes(result)
                 return result
