@@ -45,6 +45,8 @@ from peerfed.config_values import (
     ListenAddr,
     LoopbackHostPort,
     PeerIdStr,
+    Rate,
+    Share,
     Str,
     check_bootstrap_address,
     check_pattern,
@@ -105,6 +107,11 @@ class ExchangeConfig(_Section):
     clip: Float = Field(2.0, ge=0)  # robust merge: peer differences clipped to clip x the recent spread (clipping.py); 0 = off
     # Weights on the wire (core/encodings.py): "auto" = the smallest both sides accept; float32 always accepted.
     encoding: Literal["auto", "float32", "float16", "bfloat16", "int8"] = "auto"
+    max_upload_rate: Rate = ""  # every transfer's upload, paced by one token bucket; "" = unlimited
+    max_download_rate: Rate = ""  # every transfer's download, the same way
+    max_upload_share: Share = 0.5  # own exchanges spaced so average upload <= share x max_upload_rate
+    max_connections_per_address: Int = Field(16, ge=1)  # open exchange connections from one IP address
+    header_timeout: Float = Field(10.0, gt=0)  # seconds a connection may take to send a request's headers
 
     @property
     def listen_host(self) -> str:

@@ -14,9 +14,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import multiaddr
-from pydantic import AfterValidator, BeforeValidator, Strict
+from pydantic import AfterValidator, BeforeValidator, PlainValidator, Strict
 
 from peerfed.core.peerid import is_valid_peer_id
+from peerfed.core.rates import check_share, parse_rate
 
 NETWORK_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
@@ -135,6 +136,19 @@ def check_url(value: str) -> str:
     return value
 
 
+def _check_rate(value: Any) -> str:
+    parse_rate(value)  # its ValueError lists the allowed forms (a number, too, is refused so)
+    return str(value)
+
+
+def _check_share(value: Any) -> float:
+    try:
+        return check_share(value)
+    except ValueError:
+        raise ValueError("must be a number with 0 < x <= 1, e.g. 0.5 (the share of max_upload_rate "
+                         "this node's exchanges may use on average)") from None
+
+
 def _to_path(value: Any) -> Path:
     if isinstance(value, Path):
         return value
@@ -159,3 +173,5 @@ PeerIdStr = Annotated[Str, AfterValidator(check_peer_id)]
 HostPort = Annotated[Str, AfterValidator(_check_host_port)]
 LoopbackHostPort = Annotated[Str, AfterValidator(_check_loopback_host_port)]
 FilePath = Annotated[Path, BeforeValidator(_to_path)]
+Rate = Annotated[str, PlainValidator(_check_rate)]  # "" (unlimited) or e.g. "20Mbit", "2.5MB"
+Share = Annotated[float, PlainValidator(_check_share)]

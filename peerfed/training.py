@@ -19,8 +19,9 @@ import torch
 
 from peerfed.config import Config
 from peerfed.core.envelope import Verifier
-from peerfed.core.exchange_rules import Outcome
+from peerfed.core.exchange_rules import Outcome, wire_length
 from peerfed.core.peerid import Signer
+from peerfed.core.rates import parse_rate, stretched_interval
 from peerfed.core.schedule import ExchangeScheduler
 from peerfed.errors import ConfigError
 from peerfed.net.addrs import advertised_host
@@ -29,8 +30,9 @@ from peerfed.net.exchange import Exchange
 from peerfed.net.exchange_state import ExchangeStats
 from peerfed.net.gossip import GossipLoop
 from peerfed.net.membership import Membership
+from peerfed.net.pacing import LinkStats, Pacing
 from peerfed.ops.metrics import Metrics
-from peerfed.serving import bind_listener
+from peerfed.serving import ConnectionLimits, bind_listener
 from peerfed.state_sync import plan_state_sync, run_state_sync
 from peerfed.train.merging import MergeRule
 from peerfed.train.supervisor import TrainerError, TrainerSupervisor
@@ -50,6 +52,7 @@ class Exchanging:
 
     data_plane: DataPlane
     gossip: GossipLoop
+    pacing: Pacing  # the rate caps and meters of every transfer (read by status(), any thread)
 
 
 class Training(TrainingSide):
@@ -90,6 +93,11 @@ class Training(TrainingSide):
 
     def _open_exchange(self) -> Exchanging:
         cfg, metrics = self._config, self._metrics
+        pacing = Pacing(max_upload_rate=parse_rate(cfg.exchange.max_upload_rate),
+                        max_download_rate=parse_rate(cfg.exchange.max_download_rate),
+                        transfer_timeout=cfg.exchange.transfer_timeout,
+                        connections=ConnectionLimits(max_per_address=cfg.exchange.max_connections_per_address,
+                                                     header_timeout=cfg.exchange.header_timeout))
         exchange = Exchange(
             signer=self._signer, network=cfg.network, weights=self._trainer.weights,
             verifier=Verifier(network=cfg.network, own_peer_id=self._peer_id, clock=time.time,
@@ -98,14 +106,23 @@ class Training(TrainingSide):
             transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=metrics.rejected, encoding=cfg.exchange.encoding,
             on_finished=lambda role, outcome, duration, sent, got: metrics.exchange_finished(
                 outcome, duration, sent, got),
+            pacing=pacing,
         )
         data_plane = DataPlane(exchange)
         gossip = GossipLoop(
-            scheduler=ExchangeScheduler(interval=cfg.exchange.interval, rng=random.Random(), now=time.monotonic()),
-            candidates=lambda: {} if data_plane.statistics().busy_now else self.candidates(),
+            scheduler=ExchangeScheduler(interval=self._interval(cfg), rng=random.Random(), now=time.monotonic()),
+            # Only our own exchange in flight holds ours back: it has a slot of its own (issue 12).
+            candidates=lambda: {} if data_plane.statistics().outgoing_now else self.candidates(),
             run_exchange=data_plane.exchange_with,
         )
-        return Exchanging(data_plane, gossip)
+        return Exchanging(data_plane, gossip, pacing)
+
+    def _interval(self, config: Config) -> float:
+        """exchange.interval, stretched so that our average upload (our pushes, and about as
+        many replies to others' pushes) stays below max_upload_share x max_upload_rate."""
+        per_exchange = 2 * wire_length(self._trainer.weights.nbytes)
+        return stretched_interval(config.exchange.interval, per_exchange, parse_rate(config.exchange.max_upload_rate),
+                                  config.exchange.max_upload_share)
 
     async def run(self) -> None:
         """State sync (a newcomer starts from a peer's model), then training, gossip and polls."""
@@ -145,7 +162,7 @@ class Training(TrainingSide):
         self._config = config
         if self._plane is not None:
             self._plane.data_plane.set_allowlist(_allowlist(config))
-            self._plane.gossip.set_interval(config.exchange.interval)
+            self._plane.gossip.set_interval(self._interval(config))
 
     def candidates(self) -> dict[str, str]:
         """peer_id -> exchange URL of connected peers that train our model."""
@@ -194,6 +211,8 @@ class Training(TrainingSide):
             "exchange_rejected": dict(ex.rejected),
             "merges": {**asdict(self._trainer.weights.merge_statistics()),
                        "outer": self._config.exchange.outer, "clip": self._config.exchange.clip},
+            "link": _link_status(self._plane.pacing.statistics() if self._plane is not None else LinkStats(),
+                                 self._plane.gossip.statistics().interval if self._plane is not None else None),
         }
 
     async def _poll_trainer(self) -> None:
@@ -214,6 +233,18 @@ class Training(TrainingSide):
             self._metrics.set_peers_connected(len(self._membership.connected_peers()))
             merges = self._trainer.weights.merge_statistics()
             self._metrics.update_merges(merges.merges, merges.clipped)
+            if self._plane is not None:
+                link = self._plane.pacing.statistics()
+                self._metrics.update_link(link.upload_now, link.upload_avg, link.download_now, link.download_avg)
+
+
+def _link_status(link: LinkStats, interval: float | None) -> dict[str, object]:
+    """/status "link": payload bytes per second over the last 10 s and since start, the caps
+    (null: unlimited), the exchange interval after stretching, transfers cut for slowness."""
+    return {"upload_rate_now": round(link.upload_now), "upload_rate_avg": round(link.upload_avg),
+            "download_rate_now": round(link.download_now), "download_rate_avg": round(link.download_avg),
+            "max_upload_rate": link.max_upload_rate, "max_download_rate": link.max_download_rate,
+            "exchange_interval_s": interval, "transfers_cut_slow": link.slow_cuts}
 
 
 def _allowlist(config: Config) -> frozenset[str] | None:

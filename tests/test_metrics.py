@@ -38,6 +38,7 @@ def test_render_parses_and_names_follow_conventions() -> None:
     assert families == {
         "peerfed_build_info": "gauge",
         "peerfed_peers_connected": "gauge",
+        "peerfed_link_rate_bytes_per_second": "gauge",
         "peerfed_exchanges": "counter",
         "peerfed_exchange_bytes": "counter",
         "peerfed_exchange_duration_seconds": "histogram",
@@ -132,3 +133,10 @@ def test_merges_and_clipped_merges_count_from_the_ports_totals() -> None:
     metrics.update_merges(1, 0)  # a new port after a restart: the counters do not go back
     assert value(metrics, "peerfed_merges_total") == 9
     assert value(metrics, "peerfed_merges_clipped_total") == 3
+
+
+def test_link_rates_are_shown_by_direction_and_window() -> None:
+    metrics = Metrics()
+    metrics.update_link(1000.0, 500.0, 250.0, 125.0)
+    assert value(metrics, "peerfed_link_rate_bytes_per_second", direction="upload", window="now") == 1000.0
+    assert value(metrics, "peerfed_link_rate_bytes_per_second", direction="download", window="average") == 125.0

@@ -81,7 +81,7 @@ class Room:
     incoming: int         # exchanges we are answering now
     max_incoming: int
     outgoing: bool        # an exchange we started is running
-    free_slots: int       # sets of exchange buffers not in use
+    free_slots: int       # sets of buffers others' exchanges and downloads may take (one is kept for ours)
 
 
 def wire_length(payload_length: int) -> int:
@@ -151,8 +151,11 @@ def check_push(env: Envelope, *, ours: ModelShape, content_length: int | None, r
 # -- initiator: our push and its reply -------------------------------------------------------
 
 def can_start_push(room: Room) -> bool:
-    """May we start an exchange now? (Otherwise its outcome is busy, without asking anyone.)"""
-    return room.accepting and not room.outgoing and room.incoming == 0 and room.free_slots > 0
+    """May we start an exchange now? (Otherwise its outcome is busy, without asking anyone.)
+    A slot is always kept for our own exchange (``free_slots`` counts only what others may
+    take): what others ask of us never delays it, so a peer that holds our incoming slot
+    cannot stop this node's own exchanges (issue 12)."""
+    return room.accepting and not room.outgoing
 
 
 def check_reply(env: Envelope, *, peer_id: str, push_nonce: bytes, ours: ModelShape,

@@ -145,3 +145,67 @@ class RateMeter:
         while self._buckets and self._buckets[0][0] < oldest:
             self._buckets.popleft()
         return oldest
+
+
+# -- the minimum rate of a transfer (issue 12: a slot cannot be held) ------------------------
+
+ABSOLUTE_FLOOR = 16_000.0  # bytes per second: no honest transfer is slower (128 kbit/s)
+FLOOR_WINDOW = 4.0  # seconds a transfer may go below its floor before it is cut
+FLOOR_SHARE_OF_LIMIT = 0.25  # never demand more than this share of our own configured rate
+
+
+def transfer_floor(wire_bytes: int, transfer_timeout: float, own_limit: float | None) -> float:
+    """Bytes per second a transfer of `wire_bytes` must keep up: enough to finish within
+    `transfer_timeout`, at least ABSOLUTE_FLOOR, and at most a quarter of our own cap on that
+    direction (`own_limit`; None: unlimited), so that our own pacing, shared by a few
+    transfers at once, never makes us cut an honest peer."""
+    floor = max(ABSOLUTE_FLOOR, wire_bytes / transfer_timeout)
+    return floor if own_limit is None else min(floor, FLOOR_SHARE_OF_LIMIT * own_limit)
+
+
+class TransferFloor:
+    """Whether a transfer keeps up its floor, as time credit: it starts with `window`
+    seconds, every byte moved earns 1/floor s (never more than `window` in hand), and every
+    second spent waiting on the peer (a read or write pending) spends one. Out of credit =
+    below the floor for about `window` seconds: cut it. Waits that overlap (both directions
+    of one exchange) are counted once; time in our own pacing or workers is never counted.
+    """
+
+    def __init__(self, floor: float, *, window: float = FLOOR_WINDOW, now: float = 0.0) -> None:
+        if not (math.isfinite(floor) and floor > 0 and window > 0):
+            raise ValueError("floor and window must be positive")
+        self.floor = floor
+        self.window = window
+        self.moved = 0
+        self.waited = 0.0
+        self._credit = window
+        self._waiting = 0
+        self._since = now
+
+    def begin_wait(self, now: float) -> None:
+        self._settle(now)
+        self._waiting += 1
+
+    def end_wait(self, nbytes: int, now: float) -> None:
+        self._settle(now)
+        self._waiting = max(0, self._waiting - 1)
+        self.moved += nbytes
+        self._credit = min(self.window, self._credit + nbytes / self.floor)
+
+    def deadline(self, now: float) -> float:
+        """When the credit runs out if nothing more moves (inf while nobody waits)."""
+        self._settle(now)
+        return now + self._credit if self._waiting else math.inf
+
+    def too_slow(self, now: float) -> bool:
+        return self.deadline(now) <= now
+
+    def describe(self) -> str:
+        return (f"transfer below the minimum rate: {self.moved} bytes in {self.waited:.1f} s of waiting "
+                f"on the peer (floor {self.floor:.0f} B/s over {self.window:.0f} s)")
+
+    def _settle(self, now: float) -> None:
+        if self._waiting and now > self._since:
+            self._credit -= now - self._since
+            self.waited += now - self._since
+        self._since = max(self._since, now)

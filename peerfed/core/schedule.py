@@ -6,6 +6,11 @@ random candidate that is not backing off, calls `begin` when it starts the excha
 `on_result` when it ends. "ok" closes the round; "busy", "refused" and "failed" leave it open
 so the caller can try another peer at once (up to `max_attempts` per round). At most one
 outgoing exchange is in flight. No I/O, no clock: `now` (unix seconds) is passed in.
+
+Slow peers never slow fast ones (issue 10): the scheduler learns each peer's exchange time
+(an EWMA of begin -> on_result) and picks among the peers that finish within the interval,
+except for an `explore` share of rounds that picks among all, so a slow peer that got faster
+is noticed again and is never starved for good.
 """
 
 from __future__ import annotations
@@ -17,6 +22,10 @@ from dataclasses import dataclass, field, replace
 
 from peerfed.core.exchange_rules import Outcome
 from peerfed.core.peers import jittered_backoff
+
+SPEED_EWMA = 0.3  # weight of the newest exchange time in a peer's average
+EXPLORE = 0.1  # share of choices made among all peers, slow ones included
+MAX_TIMED_PEERS = 4096
 
 
 @dataclass(frozen=True)
@@ -56,6 +65,7 @@ class _PeerMarks:
     failures: dict[str, int] = field(default_factory=dict)
     backoff_until: dict[str, float] = field(default_factory=dict)
     busy_until: dict[str, float] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)  # EWMA of its exchange time
 
     def excluded_until(self, peer_id: str) -> float:
         return max(self.backoff_until.get(peer_id, 0.0), self.busy_until.get(peer_id, 0.0))
@@ -64,6 +74,12 @@ class _PeerMarks:
         self.failures.pop(peer_id, None)
         self.backoff_until.pop(peer_id, None)
         self.busy_until.pop(peer_id, None)
+
+    def timed(self, peer_id: str, seconds: float) -> None:
+        before = self.seconds.pop(peer_id, None)  # re-inserted last: the dict runs oldest first
+        self.seconds[peer_id] = seconds if before is None else before + SPEED_EWMA * (seconds - before)
+        while len(self.seconds) > MAX_TIMED_PEERS:  # bounded over months of churn
+            del self.seconds[next(iter(self.seconds))]
 
     def prune(self, now: float, backoff_max: float) -> None:
         """Bounded memory over months: forget busy marks that ran out, and failures whose
@@ -107,6 +123,7 @@ class ExchangeScheduler:
         self._factor = rng.uniform(0.0, 1.0)
         self._round = _Round()
         self._in_flight: str | None = None
+        self._began = now  # when the exchange in flight began (its time teaches us the peer's speed)
         self._marks = _PeerMarks()
         self._stats = {"rounds": 0, "skipped_no_peer": 0} | {o.value: 0 for o in Outcome}
 
@@ -129,9 +146,11 @@ class ExchangeScheduler:
         self._policy = replace(self._policy, interval=interval)
 
     def choose_peer(self, candidates: Sequence[str], now: float) -> str | None:
-        """A uniformly random candidate to exchange with now, or None: one is in flight, no
-        round is due, or the round has nobody left (not in backoff, not tried this round).
-        `candidates` are the live peers with our model fingerprint."""
+        """A random candidate to exchange with now, or None: one is in flight, no round is
+        due, or the round has nobody left (not in backoff, not tried this round). Peers whose
+        exchanges take longer than the interval are chosen only when no other is eligible,
+        or in an `EXPLORE` share of choices. `candidates` are the live peers with our model
+        fingerprint."""
         if self._in_flight is not None:
             return None
         if now >= self.next_due():
@@ -147,13 +166,25 @@ class ExchangeScheduler:
                 self._stats["skipped_no_peer"] += 1
             rnd.open = False
             return None
+        fast = [c for c in eligible if not self.is_slow(c)]
+        if fast and len(fast) < len(eligible) and self._rng.random() >= EXPLORE:
+            return self._rng.choice(fast)
         return self._rng.choice(eligible)
+
+    def is_slow(self, peer_id: str) -> bool:
+        """Its exchanges take longer than the interval, on average."""
+        return self._marks.seconds.get(peer_id, 0.0) > self._policy.interval
+
+    def exchange_seconds(self, peer_id: str) -> float | None:
+        """The average time of an exchange with `peer_id` (None: not measured yet)."""
+        return self._marks.seconds.get(peer_id)
 
     def begin(self, peer_id: str, now: float) -> None:
         """The caller starts an exchange with `peer_id` (normally what choose_peer returned)."""
         if self._in_flight is not None:
             raise RuntimeError(f"an exchange with {self._in_flight} is already in flight")
         self._in_flight = peer_id
+        self._began = now
         self._round.tried.add(peer_id)
         self._round.attempts += 1
 
@@ -167,6 +198,11 @@ class ExchangeScheduler:
         self._in_flight = None
         self._stats[outcome] += 1
         marks = self._marks
+        took = max(0.0, now - self._began)
+        # An exchange that ended well teaches its time; one that failed only if it was slow (a
+        # refused connection is quick and says nothing about the link).
+        if outcome == "ok" or (outcome in ("refused", "failed") and took > self._policy.interval):
+            marks.timed(peer_id, took)
         if outcome == "ok":
             marks.forget(peer_id)
             self._round.open = False
@@ -189,11 +225,13 @@ class ExchangeScheduler:
     def forget(self, peer_id: str) -> None:
         """Drop what we know of `peer_id` (it left the table)."""
         self._marks.forget(peer_id)
+        self._marks.seconds.pop(peer_id, None)
 
     def statistics(self) -> dict[str, int]:
         return dict(self._stats) | {
             "in_flight": int(self._in_flight is not None),
             "peers_with_failures": len(self._marks.failures),
+            "slow_peers": sum(self.is_slow(p) for p in self._marks.seconds),
         }
 
     def _open_round(self, now: float) -> None:

@@ -28,6 +28,7 @@ from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
 from peerfed.errors import TrainerUnavailable
 from peerfed.net.exchange_state import ExchangeStats, LastExchange, Occupancy, Role
+from peerfed.net.pacing import CLIENT_IDLE_S, Pacing, TransferGuard
 from peerfed.net.quiet import BAD_HTTP, HttpServerLog, QuietLog, describe
 from peerfed.net.transfer import (
     MANIFEST_HEADER,
@@ -67,15 +68,16 @@ class Exchange:
         on_rejected: Callable[[str], None] | None = None,  # reason
         on_finished: Callable[[Role, Outcome, float, int, int], None] | None = None,  # seconds, sent, received
         encoding: str = "float32",  # exchange.encoding (the daemon passes it; its default is "auto")
+        pacing: Pacing | None = None,  # rate caps and the floor of every transfer (net/pacing.py)
     ) -> None:
-        self._signer, self._network, self._weights = signer, network, weights
-        self._verifier = verifier
+        self._signer, self._network, self._weights, self._verifier = signer, network, weights, verifier
         self._occupancy = Occupancy.for_model(weights.nbytes, max_incoming)
         self._stats = ExchangeStats()  # published: replaced, never changed, after each change
         # The client's timeouts; their total is also the responder's deadline for one exchange.
         self._timeout = aiohttp.ClientTimeout(total=transfer_timeout, sock_connect=connect_timeout)
         self._on_rejected, self._on_finished = on_rejected, on_finished
-        self._wire = Wire(encoding, verifier)  # encodings and the transfer workers
+        # encodings and the transfer workers, which carry the pacing
+        self._wire = Wire(encoding, verifier, pacing or Pacing(transfer_timeout=transfer_timeout))
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -91,8 +93,9 @@ class Exchange:
         app = web.Application()
         app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
         app.router.add_get("/v1/model", self._serve_model)
-        self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0,
-                                          sock=sock, logger=HttpServerLog(quiet, self._count_rejected))
+        self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0, sock=sock,
+                                          logger=HttpServerLog(quiet, self._count_rejected),
+                                          limits=self._pacing.connections)
         return bound
 
     async def close(self) -> None:
@@ -129,8 +132,9 @@ class Exchange:
         env = self._open_header(request.headers.get(MANIFEST_HEADER), Manifest)
         if isinstance(env, Refusal):
             return env
-        refusal = rules.check_push(env, ours=self._model(), content_length=request.content_length,
-                                   room=self._occupancy.room(), accepts=self._wire.choice.accepts)
+        refusal = self._pacing.refusal(env.sender) or rules.check_push(
+            env, ours=self._model(), content_length=request.content_length, room=self._occupancy.room(),
+            accepts=self._wire.choice.accepts)
         return env if refusal is None else self._counted(refusal)
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -148,24 +152,22 @@ class Exchange:
             env = self._admit_push(request)
         if isinstance(env, Refusal):
             return refusal_response(env)
-        theirs: Manifest = env.body
         slot = self._occupancy.take(incoming=True)
         self._publish()
         started = time.monotonic()
         outcome, sent, got = Outcome.FAILED, 0, 0
         response = web.StreamResponse()
+        guard = self._pacing.guard(env.sender, env.body.length, refuse_after_cut=True)
         try:
             send, recv = slot.buffers()
-            values, receive = self._wire.receive_checked(request.content, recv, env)
+            values, receive = self._wire.receive_checked(guard.reader(request.content), recv, env)
             receiving = asyncio.create_task(receive)
-            # One deadline for the whole exchange: a peer that neither reads nor sends holds
-            # our incoming slot for transfer_timeout at most.
             try:
-                async with asyncio.timeout(self._timeout.total):
-                    got, sent = await self._reply(request, response, env, receiving, slot)
+                async with asyncio.timeout(self._timeout.total):  # a peer below its floor is cut sooner (net/pacing.py)
+                    got, sent = await self._reply(request, response, env, receiving, slot, guard)
             finally:
                 receiving.cancel()
-            outcome = await self._merge(recv, send, theirs, env.sender, values)
+            outcome = await self._merge(recv, send, env.body, env.sender, values)
             await response.write_eof()
         except (ProtocolError, HttpProcessingError) as exc:  # bad bytes, or a body that broke HTTP's framing
             outcome = Outcome.REFUSED
@@ -186,7 +188,7 @@ class Exchange:
         return response
 
     async def _reply(self, request: web.Request, response: web.StreamResponse, env: Envelope,
-                     receiving: asyncio.Task[int], slot: Slot) -> tuple[int, int]:
+                     receiving: asyncio.Task[int], slot: Slot, guard: TransferGuard) -> tuple[int, int]:
         """Stream our snapshot back while theirs arrives; returns (wire bytes received, sent)."""
         encoding = self._wire.reply_encoding(env.sender, env.body)
         ours = self._wire.manifest(self._weights, encoding, "reply", in_reply_to=env.nonce)
@@ -197,7 +199,7 @@ class Exchange:
         # Hold back our last byte until all of theirs is here: aiohttp's client cancels its
         # upload the moment our response is complete, so finishing first would cut off the
         # initiator's snapshot (it would merge ours, we would merge nothing).
-        sent = await self._wire.send(response, self._weights, slot, encoding,
+        sent = await self._wire.send(guard.writer(response), self._weights, slot, encoding,
                                      self._digest_sealer(env.sender, nonce_of(sealed)), before_last_byte=receiving)
         return receiving.result(), sent
 
@@ -222,7 +224,8 @@ class Exchange:
             response.content_length = wire_length(manifest.length)
             await response.prepare(request)
             sealer = self._digest_sealer(env.sender, nonce_of(sealed))
-            await asyncio.wait_for(self._wire.send(response, self._weights, slot, "float32", sealer), self._timeout.total)
+            paced = self._pacing.guard(env.sender, manifest.length).writer(response)
+            await asyncio.wait_for(self._wire.send(paced, self._weights, slot, "float32", sealer), self._timeout.total)
             await response.write_eof()
             self._stats = self._stats.moved(sent=manifest.length)
             return response
@@ -259,6 +262,7 @@ class Exchange:
         try:
             send, recv = slot.buffers()
             ours = self._wire.manifest(self._weights, encoding, "push")
+            guard = self._pacing.guard(peer_id, ours.length)
             sealed = seal(self._signer, network=self._network, recipient=peer_id, body=ours, now=time.time())
             push_nonce = nonce_of(sealed)
             seal_push_digest = self._digest_sealer(peer_id, push_nonce)
@@ -269,7 +273,7 @@ class Exchange:
                 return seal_push_digest(length, digest)
 
             async def produce(writer: Any) -> None:  # runs once the peer said 100 Continue
-                await self._wire.send(writer, self._weights, slot, encoding, seal_digest)
+                await self._wire.send(guard.writer(writer), self._weights, slot, encoding, seal_digest)
 
             size = wire_length(ours.length)
             async with self._http().post(
@@ -293,7 +297,7 @@ class Exchange:
                     log.info("exchange with %s: refused its reply: %s", peer_id, refusal.detail)
                     outcome = Outcome.REFUSED
                     return outcome
-                values, receive = self._wire.receive_checked(response.content, recv, env)
+                values, receive = self._wire.receive_checked(guard.reader(response.content), recv, env)
                 got = await receive
             if not filled:  # an honest peer ends its reply only after all of our push
                 log.info("exchange with %s: its reply ended before our push was sent; nothing merged", peer_id)
@@ -336,7 +340,8 @@ class Exchange:
                 if refusal is not None:
                     log.info("state sync from %s failed: %s", peer_id, refusal.detail)
                     return None
-                values, receive = self._wire.receive_checked(response.content, dst, env)
+                guard = self._pacing.guard(peer_id, env.body.length)
+                values, receive = self._wire.receive_checked(guard.reader(response.content), dst, env)
                 await receive
                 self._stats = self._stats.moved(received=env.body.length)
         except (ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError) as exc:
@@ -350,6 +355,10 @@ class Exchange:
 
     # -- shared ---------------------------------------------------------------------------
 
+    @property
+    def _pacing(self) -> Pacing:  # rate caps, transfer floors, slow-peer cooldowns (net/pacing.py)
+        return self._wire.workers.pacing
+
     def _model(self) -> ModelShape:
         return ModelShape(self._weights.fingerprint, self._weights.nbytes)
 
@@ -358,7 +367,7 @@ class Exchange:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4))
+            self._session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=4, keepalive_timeout=CLIENT_IDLE_S))
         return self._session
 
     def _open_header(self, value: str | None, kind: type[Body]) -> Envelope | Refusal:

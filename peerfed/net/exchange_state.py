@@ -66,7 +66,12 @@ class ExchangeStats:
 
 @dataclass
 class Occupancy:
-    """The exchange buffers not in use, who uses the others, and whether we take exchanges."""
+    """The exchange buffers not in use, who uses the others, and whether we take exchanges.
+
+    One free slot is always kept for our own exchange: what others ask of us (pushes, model
+    downloads) never takes the last one, so however long a peer holds a slot, our own
+    exchanges never wait for it (issue 12). Slots are reused last-in first-out and allocated
+    on first use: a node whose exchanges do not overlap holds one slot's memory."""
 
     free_slots: list[Slot]
     max_incoming: int
@@ -79,8 +84,8 @@ class Occupancy:
 
     @classmethod
     def for_model(cls, nbytes: int, max_incoming: int) -> Occupancy:
-        """Buffers for max_incoming incoming exchanges and one outgoing one."""
-        return cls([Slot(nbytes // 4) for _ in range(max_incoming + 1)], max_incoming)
+        """Buffers for max_incoming incoming exchanges, a model download, and our own exchange."""
+        return cls([Slot(nbytes // 4) for _ in range(max_incoming + 2)], max_incoming)
 
     def take(self, *, incoming: bool = False, outgoing: bool = False) -> Slot:
         """A free slot for an exchange we answer (incoming), start (outgoing), or a model we send."""
@@ -96,5 +101,7 @@ class Occupancy:
 
     def room(self) -> Room:
         """The plain values the exchange rules decide on (core/exchange_rules.py)."""
+        kept_for_ours = 0 if self.outgoing else 1
         return Room(accepting=self.accepting, weights_ready=self.weights_ready, incoming=self.incoming,
-                    max_incoming=self.max_incoming, outgoing=self.outgoing, free_slots=len(self.free_slots))
+                    max_incoming=self.max_incoming, outgoing=self.outgoing,
+                    free_slots=max(0, len(self.free_slots) - kept_for_ours))

@@ -38,6 +38,7 @@ class GossipStats:
     cancelled: int
     in_flight: int
     peers_with_failures: int
+    slow_peers: int  # peers whose exchanges take longer than the interval, on average
 
 
 class GossipLoop:

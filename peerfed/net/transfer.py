@@ -45,6 +45,7 @@ from peerfed.core.manifest import (
     unpack_trailer,
 )
 from peerfed.core.peerid import Signer
+from peerfed.net.pacing import Pacing
 
 MANIFEST_HEADER = "X-Peerfed-Manifest"
 REQUEST_HEADER = "X-Peerfed-Request"
@@ -97,9 +98,10 @@ class TransferWorkers:
     updates in order and off the loop, and lets sending and receiving hash at once.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, pacing: Pacing | None = None) -> None:
         self.send: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-send")
         self.receive: Executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="peerfed-recv")
+        self.pacing = pacing or Pacing()  # the sockets' side: rate caps and transfer floors (net/pacing.py)
 
     def shutdown(self) -> None:
         """No new jobs; the running ones finish with their buffers (nothing waits for them)."""

@@ -40,6 +40,7 @@ from peerfed.core.encodings import LOSSLESS, EncodingChoice
 from peerfed.core.envelope import Envelope, Verifier
 from peerfed.core.errors import LengthMismatch
 from peerfed.core.manifest import TRAILER_SIZE, Manifest, StreamDigest
+from peerfed.net.pacing import Pacing
 from peerfed.net.transfer import (
     CHUNK,
     FIRST_PIECE,
@@ -77,9 +78,9 @@ class CannotEncode(ConnectionAbortedError):
 class Wire:
     """The encodings one Exchange sends and takes, and its transfer workers."""
 
-    def __init__(self, setting: str, verifier: Verifier) -> None:
+    def __init__(self, setting: str, verifier: Verifier, pacing: Pacing | None = None) -> None:
         self.choice = EncodingChoice(setting)
-        self.workers = TransferWorkers()
+        self.workers = TransferWorkers(pacing)
         self._verifier = verifier  # the Exchange's: checks each payload's signed trailer
 
     def manifest(self, weights: Weights, encoding: str, purpose: str, **fields: Any) -> Manifest:

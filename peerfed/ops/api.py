@@ -23,7 +23,7 @@ from aiohttp import web
 
 from peerfed.errors import NotRunningError
 from peerfed.ops.history import History, record_forever
-from peerfed.serving import serve
+from peerfed.serving import ConnectionLimits, serve
 
 JSONSource = Callable[[], Any]
 
@@ -77,7 +77,9 @@ class LocalAPI:
         app.router.add_get("/peers", self._json_of(self._peers))
         app.router.add_get("/metrics", self._metrics_handler)
         app.router.add_post("/exchange", self._exchange_handler)
-        self._runner, self.bound_port = await serve(app, self._host, self._port, setting="api.listen")
+        # Loopback only, so the per-address cap is generous; the header timeout is what matters.
+        self._runner, self.bound_port = await serve(app, self._host, self._port, setting="api.listen",
+                                                    limits=ConnectionLimits(max_per_address=256, header_timeout=10.0))
         self._recorder = asyncio.create_task(record_forever(self.history, self._status), name="dashboard_history")
 
     async def stop(self) -> None:

@@ -86,6 +86,10 @@ class _ExchangeMetrics:
             "peerfed_rejected_messages", "Messages rejected by verification, by reason.", ["reason"],
             registry=r,
         )
+        self.link_rate = Gauge(
+            "peerfed_link_rate_bytes_per_second", "Payload bytes per second moved by the data plane, "
+            "over the last 10 s (window=now) and since start (window=average).", ["direction", "window"], registry=r,
+        )
         # Pre-create label children so each series exists at 0 from the first scrape
         # (rate() over a series that appears late misses its first increment).
         for outcome in EXCHANGE_OUTCOMES:
@@ -146,6 +150,12 @@ class Metrics:
         ex.exchange_duration.labels(outcome).observe(duration_s)
         ex.exchange_bytes.labels("sent").inc(sent)
         ex.exchange_bytes.labels("received").inc(received)
+
+    def update_link(self, upload_now: float, upload_avg: float, download_now: float, download_avg: float) -> None:
+        """Payload bytes per second through the data plane: last 10 s ("now") and since start."""
+        for direction, window, value in (("upload", "now", upload_now), ("upload", "average", upload_avg),
+                                         ("download", "now", download_now), ("download", "average", download_avg)):
+            self._exchange.link_rate.labels(direction, window).set(value)
 
     def rejected(self, reason: str) -> None:
         self._exchange.rejected_messages.labels(reason).inc()
