@@ -333,7 +333,11 @@ def peer_lines(peers: list[dict[str, Any]]) -> list[str]:
     lines = [f"{'PEER ID':{width}}  {'STATE':9}  {'RTT':>9}  ADDRESS"]
     for peer in peers:
         rtt = f"{peer['rtt_ms']:.1f} ms" if peer.get("rtt_ms") is not None else "-"
-        lines.append(f"{peer['peer_id']:{width}}  {peer['state']:9}  {rtt:>9}  {' '.join(peer['addrs'][:1])}")
+        ban = peer.get("ban")  # a banned peer's state says so, and the line why and until when
+        why = f"  (banned for {ban['reason']} until {time.strftime('%H:%M:%S', time.localtime(ban['until']))})" \
+            if ban else ""
+        lines.append(f"{peer['peer_id']:{width}}  {'banned' if ban else peer['state']:9}  {rtt:>9}  "
+                     f"{' '.join(peer['addrs'][:1])}{why}")
     return lines
 
 

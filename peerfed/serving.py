@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import logging
 import socket
+import ssl
 
 from aiohttp import web
 
@@ -30,6 +31,7 @@ def bind_listener(host: str, port: int, *, setting: str) -> socket.socket:
 async def serve(app: web.Application, host: str, port: int, *, setting: str, shutdown_timeout: float = 60.0,
                 sock: socket.socket | None = None,
                 logger: logging.Logger | logging.LoggerAdapter | None = None,  # type: ignore[type-arg]
+                ssl_context: ssl.SSLContext | None = None,  # TLS on this port (the exchange's)
                 ) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``sock`` (from bind_listener) or else on host:port; returns the runner
     and the bound port. Bind failures raise as in bind_listener. ``logger`` replaces aiohttp's
@@ -38,7 +40,8 @@ async def serve(app: web.Application, host: str, port: int, *, setting: str, shu
     runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout,
                            **options)
     await runner.setup()
-    site: web.BaseSite = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
+    site: web.BaseSite = (web.SockSite(runner, sock, ssl_context=ssl_context) if sock is not None
+                          else web.TCPSite(runner, host, port, ssl_context=ssl_context))
     try:
         await site.start()
     except OSError as exc:

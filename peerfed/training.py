@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
+from peerfed.admission import GuardSetup, open_guard, roster_of, why_not_exchange
 from peerfed.config import Config
+from peerfed.core.admission import GateStats, Roster
 from peerfed.core.envelope import Verifier
 from peerfed.core.exchange_rules import Outcome
 from peerfed.core.peerid import Signer
@@ -29,6 +31,7 @@ from peerfed.net.exchange import Exchange
 from peerfed.net.exchange_state import ExchangeStats
 from peerfed.net.gossip import GossipLoop
 from peerfed.net.membership import Membership
+from peerfed.net.quiet import QuietLog
 from peerfed.ops.metrics import Metrics
 from peerfed.serving import bind_listener
 from peerfed.state_sync import plan_state_sync, run_state_sync
@@ -37,6 +40,7 @@ from peerfed.train.tasks import TrainSettings
 from peerfed.training_side import TrainingSide
 
 log = logging.getLogger("peerfed.training")
+quiet = QuietLog(log)  # lines about a peer we skip: once a minute per peer
 
 POLL_INTERVAL = 0.5  # seconds between two looks at the trainer (restarts, metrics)
 MANIFEST_MAX_BYTES = 4096
@@ -49,6 +53,7 @@ class Exchanging:
 
     data_plane: DataPlane
     gossip: GossipLoop
+    guard: GuardSetup  # admission, limits, bans and TLS (peerfed/admission.py)
 
 
 class Training(TrainingSide):
@@ -82,27 +87,30 @@ class Training(TrainingSide):
         cfg = self._config
         port = await plane.data_plane.start_server(cfg.exchange.listen_host, cfg.exchange.listen_port,
                                                    self._listener)
-        self.exchange_url = cfg.exchange.advertise_url or \
-            f"http://{advertised_host(cfg.exchange.listen_host, (*cfg.p2p.announce, *cfg.p2p.listen))}:{port}"
+        self.exchange_url = cfg.exchange.advertise_url or (f"{plane.guard.scheme}://"
+            f"{advertised_host(cfg.exchange.listen_host, (*cfg.p2p.announce, *cfg.p2p.listen))}:{port}")
+        self._membership.set_own_fields(tls_fingerprint=plane.guard.tls_fingerprint)  # clients pin it
 
     def _open_exchange(self) -> Exchanging:
         cfg, metrics = self._config, self._metrics
+        verifier = Verifier(network=cfg.network, own_peer_id=self._peer_id, clock=time.time,
+                            allowlist=_allowlist(cfg), max_size=MANIFEST_MAX_BYTES)
+        setup = open_guard(cfg, peer_id=self._peer_id, verifier=verifier, on_ban=metrics.peer_banned)
         exchange = Exchange(
-            signer=self._signer, network=cfg.network, weights=self._trainer.weights,
-            verifier=Verifier(network=cfg.network, own_peer_id=self._peer_id, clock=time.time,
-                              allowlist=_allowlist(cfg), max_size=MANIFEST_MAX_BYTES),
+            signer=self._signer, network=cfg.network, weights=self._trainer.weights, verifier=verifier,
+            guard=setup.guard,
             max_incoming=cfg.exchange.max_incoming, connect_timeout=cfg.exchange.connect_timeout,
             transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=metrics.rejected,
             on_finished=lambda role, outcome, duration, sent, got: metrics.exchange_finished(
                 outcome, duration, sent, got),
         )
-        data_plane = DataPlane(exchange)
+        data_plane = DataPlane(exchange, setup.guard)
         gossip = GossipLoop(
             scheduler=ExchangeScheduler(interval=cfg.exchange.interval, rng=random.Random(), now=time.monotonic()),
             candidates=lambda: {} if data_plane.statistics().busy_now else self.candidates(),
             run_exchange=data_plane.exchange_with,
         )
-        return Exchanging(data_plane, gossip)
+        return Exchanging(data_plane, gossip, setup)
 
     async def run(self) -> None:
         """State sync (a newcomer starts from a peer's model), then training, gossip and polls."""
@@ -145,15 +153,29 @@ class Training(TrainingSide):
             self._plane.gossip.set_interval(config.exchange.interval)
 
     def candidates(self) -> dict[str, str]:
-        """peer_id -> exchange URL of connected peers that train our model."""
-        live = set(self._membership.connected_peers())
+        """peer_id -> exchange URL of connected peers that train our model, not banned, and
+        reachable the way our exchange requires (TLS with a pinned certificate, by default)."""
+        roster = self._publish_roster()
         table = self._membership.table
-        found = {}
+        gate, found, now = self._gate(), {}, time.time()
         for peer_id in table.exchange_candidates(self.fingerprint):
             info = table.get(peer_id)
-            if peer_id in live and info is not None and info.exchange_url:
-                found[peer_id] = info.exchange_url
+            if peer_id not in roster or info is None or not info.exchange_url:
+                continue
+            why = why_not_exchange(peer_id, info.exchange_url, pin=roster.pins[peer_id], gate=gate,
+                                            require_tls=self._config.exchange.tls, now=now)
+            if why:
+                quiet.log(logging.INFO, f"peer {peer_id}", "not exchanging with %s: %s", peer_id, why)
+                continue
+            found[peer_id] = info.exchange_url
         return found
+
+    def _publish_roster(self) -> Roster:
+        """Tell the data plane which peers it admits now (connected ones), and return them."""
+        roster = roster_of(self._membership)
+        if self._plane is not None:
+            self._plane.data_plane.set_roster(roster)
+        return roster
 
     async def exchange_now(self, peer_id: str | None) -> dict[str, object]:
         """One exchange now, with ``peer_id`` or a random candidate (local API: tests, benchmarks)."""
@@ -187,7 +209,23 @@ class Training(TrainingSide):
                 "peer_id": last.peer_id, "role": last.role, "outcome": last.outcome.value,
                 "duration_s": round(last.duration_s, 4), "at": last.at},
             "exchange_rejected": dict(ex.rejected),
+            "admission": self._admission_status(),
         }
+
+    def _admission_status(self) -> dict[str, object]:
+        """/status "admission": peers admitted now, bans in force, bans and faults by reason."""
+        gate = self._gate()
+        return {"admitted": gate.admitted, "tls": self._config.exchange.tls,
+                "bans": list(self.banned().values()), "bans_total": dict(gate.bans_total),
+                "offences": dict(gate.offences)}
+
+    def banned(self) -> dict[str, dict[str, object]]:
+        """peer_id -> its ban in force (for /status and `peerfed peers`)."""
+        now = time.time()
+        return {b.peer_id: b.as_json() for b in self._gate().bans if b.until > now}
+
+    def _gate(self) -> GateStats:
+        return self._plane.data_plane.gate_statistics() if self._plane is not None else GateStats()
 
     async def _poll_trainer(self) -> None:
         """Restart a dead trainer (the supervisor decides when) and feed /metrics."""
@@ -205,6 +243,8 @@ class Training(TrainingSide):
             if process.last_checkpoint is not None:
                 self._metrics.checkpoint_saved(process.last_checkpoint.time)
             self._metrics.set_peers_connected(len(self._membership.connected_peers()))
+            self._publish_roster()  # admission follows the peer table within POLL_INTERVAL
+            self._metrics.set_peers_banned(len(self.banned()))
 
 
 def _allowlist(config: Config) -> frozenset[str] | None:

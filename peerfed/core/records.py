@@ -29,10 +29,14 @@ class PeerRecord:
     exchange_url: str = ""
     fingerprint: str = ""
     version: str = ""
+    # hex SHA-256 of its exchange's TLS certificate, pinned by clients (net/tls.py); "" from
+    # a node without TLS or older than it (the field is then left out of the wire form).
+    tls_fingerprint: str = ""
 
     def to_wire(self) -> dict[str, Any]:
-        return {"addrs": list(self.addrs), "exchange_url": self.exchange_url,
+        wire = {"addrs": list(self.addrs), "exchange_url": self.exchange_url,
                 "fingerprint": self.fingerprint, "version": self.version}
+        return {**wire, "tls_fingerprint": self.tls_fingerprint} if self.tls_fingerprint else wire
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> PeerRecord:
@@ -45,7 +49,8 @@ class PeerRecord:
         return cls(addrs=tuple(addrs),
                    exchange_url=read_text(wire, "exchange_url", "", MAX_URL_CHARS),
                    fingerprint=read_text(wire, "fingerprint", ""),
-                   version=read_text(wire, "version", ""))
+                   version=read_text(wire, "version", ""),
+                   tls_fingerprint=read_text(wire, "tls_fingerprint", "", 64))
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,7 @@ from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
 from peerfed.errors import TrainerUnavailable
 from peerfed.net.exchange_state import ExchangeStats, LastExchange, Occupancy, Role
+from peerfed.net.guard import ExchangeGuard
 from peerfed.net.quiet import BAD_HTTP, HttpServerLog, QuietLog, describe
 from peerfed.net.transfer import (
     MANIFEST_HEADER,
@@ -69,9 +70,10 @@ class Exchange:
         transfer_timeout: float,
         on_rejected: Callable[[str], None] | None = None,  # reason
         on_finished: Callable[[Role, Outcome, float, int, int], None] | None = None,  # seconds, sent, received
+        guard: ExchangeGuard | None = None,  # holding ``verifier`` (None: anyone who signs, plaintext)
     ) -> None:
         self._signer, self._network, self._weights = signer, network, weights
-        self._verifier = verifier
+        self._guard = guard or ExchangeGuard.open(verifier)  # who may talk to us: signatures, admission, TLS
         self._occupancy = Occupancy.for_model(weights.nbytes, max_incoming)
         self._stats = ExchangeStats()  # published: replaced, never changed, after each change
         # The client's timeouts; their total is also the responder's deadline for one exchange.
@@ -84,17 +86,14 @@ class Exchange:
     # -- lifecycle and state (from the owning loop) ---------------------------------------
 
     async def start_server(self, host: str, port: int, sock: socket.socket | None = None) -> int:
-        """Serve /v1/exchange and /v1/model on ``sock``, else on host:port; returns the port.
-
-        Reserves the buffers of one exchange first (2x the model, zeroed so the pages are
-        really there): a daemon's memory does not grow when its first exchange comes.
-        """
+        """Serve /v1/exchange and /v1/model on ``sock``, else on host:port; returns the port. Reserves the buffers
+        of one exchange first (2x the model, zeroed): memory does not grow when the first exchange comes."""
         await asyncio.to_thread(self._occupancy.free_slots[-1].buffers)
         app = web.Application()
         app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
         app.router.add_get("/v1/model", self._serve_model)
         self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0,
-                                          sock=sock, logger=HttpServerLog(quiet, self._count_rejected))
+                                          sock=sock, logger=HttpServerLog(quiet, self._count_rejected), ssl_context=self._guard.server_ssl)
         return bound
 
     async def close(self) -> None:
@@ -115,9 +114,6 @@ class Exchange:
         """Whether our weights may be shared (False while a state sync replaces a random init)."""
         self._occupancy.weights_ready = ready
 
-    def set_allowlist(self, allowlist: frozenset[str] | None) -> None:
-        self._verifier.set_allowlist(allowlist)
-
     def statistics(self) -> ExchangeStats:
         """The latest published snapshot (any thread may call this)."""
         return self._stats
@@ -131,8 +127,8 @@ class Exchange:
         env = self._open_header(request.headers.get(MANIFEST_HEADER), Manifest)
         if isinstance(env, Refusal):
             return env
-        refusal = rules.check_push(env, ours=self._model(), content_length=request.content_length,
-                                   room=self._occupancy.room())
+        refusal = self._guard.admit(env.sender, cost=2 * self._weights.nbytes) or rules.check_push(
+            env, ours=self._model(), content_length=request.content_length, room=self._occupancy.room())
         return env if refusal is None else self._counted(refusal)
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -173,13 +169,14 @@ class Exchange:
         except (ProtocolError, HttpProcessingError) as exc:  # bad bytes, or a body that broke HTTP's framing
             outcome = Outcome.REFUSED
             reason = exc.reason if isinstance(exc, ProtocolError) else BAD_HTTP
-            self._count_rejected(reason)
+            self._count_rejected(reason, env.sender)
             quiet.warning(f"peer {env.sender}", "exchange from %s refused: %s (%s); nothing merged",
                           env.sender, reason, describe(exc))
             response.force_close()
         except (ConnectionError, asyncio.TimeoutError, OSError, TrainerUnavailable) as exc:
             quiet.log(logging.INFO, f"peer {env.sender}", "exchange from %s failed: %s; nothing merged",
                       env.sender, describe(exc))
+            self._guard.transfer_failed(env.sender, exc)
             response.force_close()
         finally:
             self._occupancy.give_back(slot, incoming=True)
@@ -211,7 +208,7 @@ class Exchange:
         env = self._open_header(request.headers.get(REQUEST_HEADER), ModelRequest)
         if isinstance(env, Refusal):
             return refusal_response(env)
-        if (refusal := rules.check_model_request(env, ours=self._model(), room=self._occupancy.room())) is not None:
+        if (refusal := self._guard.admit(env.sender, cost=self._weights.nbytes) or rules.check_model_request(env, ours=self._model(), room=self._occupancy.room())) is not None:
             return refusal_response(self._counted(refusal))
         slot = self._occupancy.take()
         response = web.StreamResponse()
@@ -275,7 +272,7 @@ class Exchange:
             async with self._http().post(
                 url.rstrip("/") + "/v1/exchange", data=StreamPayload(size, produce), expect100=True,
                 headers={MANIFEST_HEADER: encode_header(sealed), "Content-Length": str(size)},
-                timeout=self._timeout,
+                timeout=self._timeout, ssl=self._guard.client_ssl(peer_id, url),
             ) as response:
                 if response.status != 200:
                     reason = (await response.text())[:200].strip()
@@ -300,7 +297,7 @@ class Exchange:
             outcome = await self._merge(recv, send, env.body, peer_id, values)
             return outcome
         except Rejected as exc:
-            self._count_rejected(exc.reason)
+            self._count_rejected(exc.reason, peer_id)
             log.warning("exchange with %s: its reply was refused: %s (%s); nothing merged", peer_id, exc.reason, exc)
             outcome = Outcome.REFUSED
             return outcome
@@ -321,7 +318,7 @@ class Exchange:
         ours = ModelShape(self._weights.fingerprint, dst.numel() * dst.element_size())
         try:
             async with self._http().get(
-                url.rstrip("/") + "/v1/model", headers={REQUEST_HEADER: encode_header(sealed)}, timeout=self._timeout,
+                url.rstrip("/") + "/v1/model", headers={REQUEST_HEADER: encode_header(sealed)}, timeout=self._timeout, ssl=self._guard.client_ssl(peer_id, url),
             ) as response:
                 if response.status != 200:  # 429: busy, or syncing itself (the caller asks again)
                     log.log(logging.DEBUG if response.status == 429 else logging.INFO, "state sync from %s: %s %s",
@@ -352,7 +349,7 @@ class Exchange:
 
     def _receive_checked(self, content: aiohttp.StreamReader, buf: torch.Tensor,
                          manifest: Envelope) -> tuple[ValueCheck, Coroutine[Any, Any, int]]:
-        return receive_checked(content, buf, digest_opener(self._verifier, manifest), self._workers)
+        return receive_checked(content, buf, digest_opener(self._guard.verifier, manifest), self._workers)
 
     def _digest_sealer(self, recipient: str, manifest_nonce: bytes) -> SealDigest:
         return digest_sealer(self._signer, self._network, recipient, manifest_nonce)
@@ -364,14 +361,14 @@ class Exchange:
 
     def _open_header(self, value: str | None, kind: type[Body]) -> Envelope | Refusal:
         """The verified envelope in a signed header, or the refusal (counted)."""
-        opened = rules.open_header(self._verifier, decode_header(value), kind)
+        opened = rules.open_header(self._guard.verifier, decode_header(value), kind)
         return self._counted(opened) if isinstance(opened, Refusal) else opened
 
     async def _merge(self, received: torch.Tensor, sent: torch.Tensor, theirs: Manifest, peer_id: str,
                      values: ValueCheck) -> Outcome:
         problem = await in_receive_worker(self._workers, values.problem)  # checked as it arrived: little left
         if problem:
-            self._count_rejected("bad_values")
+            self._count_rejected("bad_values", peer_id)
             quiet.warning(f"peer {peer_id}", "not merging weights from %s: %s", peer_id, problem)
             return Outcome.REFUSED
         alpha = bounded_mixing_weight(self._weights.num_samples, theirs.sample_weight)
@@ -383,8 +380,9 @@ class Exchange:
             self._count_rejected(refusal.reason)
         return refusal
 
-    def _count_rejected(self, reason: str) -> None:
+    def _count_rejected(self, reason: str, peer_id: str = "") -> None:
         self._stats = self._stats.with_rejection(reason)
+        self._guard.ban_reason(peer_id, reason)  # "": not a fault of a peer's own
         if self._on_rejected is not None:
             self._on_rejected(reason)
 

@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 
 from peerfed import __version__
+from peerfed.core.admission import Ban
 from peerfed.core.exchange_rules import EXCHANGE_OUTCOMES, Outcome
 
 __all__ = ["CONTENT_TYPE", "EXCHANGE_OUTCOMES", "EXCHANGE_DURATION_BUCKETS", "Metrics"]
@@ -86,6 +87,9 @@ class _ExchangeMetrics:
             "peerfed_rejected_messages", "Messages rejected by verification, by reason.", ["reason"],
             registry=r,
         )
+        self.peers_banned = Gauge("peerfed_peers_banned", "Peers whose exchanges are refused now (a ban).", registry=r)
+        self.peer_bans = Counter("peerfed_peer_bans", "Bans of peers, by the fault that started them.", ["reason"],
+                                 registry=r)
         # Pre-create label children so each series exists at 0 from the first scrape
         # (rate() over a series that appears late misses its first increment).
         for outcome in EXCHANGE_OUTCOMES:
@@ -141,6 +145,13 @@ class Metrics:
         ex.exchange_duration.labels(outcome).observe(duration_s)
         ex.exchange_bytes.labels("sent").inc(sent)
         ex.exchange_bytes.labels("received").inc(received)
+
+    def set_peers_banned(self, count: int) -> None:
+        self._exchange.peers_banned.set(count)
+
+    def peer_banned(self, ban: Ban) -> None:
+        """A ban started (any thread: the data plane's guard calls it)."""
+        self._exchange.peer_bans.labels(ban.reason).inc()
 
     def rejected(self, reason: str) -> None:
         self._exchange.rejected_messages.labels(reason).inc()

@@ -1,0 +1,101 @@
+"""The exchange's guard: admission, per-peer limits and bans (core/admission.py), and TLS.
+
+Owner: the data-plane loop (net/dataplane.py), like the Exchange that consults it. The daemon
+publishes the admitted peers (a core Roster: connected PeerIDs and their certificate pins)
+through ``DataPlane.set_roster``; any thread may read ``statistics()`` (a frozen GateStats).
+
+- Responder: ``admit(sender, cost=bytes)`` before any other rule (and charges the bytes);
+  ``ban_reason(peer, reason)`` is the hook for anything that finds a peer at fault (a
+  digest or value check that failed, a stalled or too slow transfer, a clipped difference).
+- Initiator: ``client_ssl(peer, url)`` is what aiohttp's ``ssl=`` gets for a request to that
+  peer: the certificate fingerprint from its signed record, pinned; a plaintext URL only when
+  this node runs with ``exchange.tls = false`` (a trusted LAN).
+- ``ExchangeGuard.open(verifier)``: no admission, no TLS (tests and benchmarks that build an Exchange
+  by hand, without a peer table).
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+import aiohttp
+
+from peerfed.core.admission import STALLED, Ban, GateStats, Limits, PeerGate, Roster
+from peerfed.core.envelope import Verifier
+from peerfed.core.exchange_rules import Refusal
+
+log = logging.getLogger("peerfed.exchange")
+
+
+class PeerNotPinned(ConnectionRefusedError):
+    """We will not send weights to this peer's exchange URL (no pin, or plaintext)."""
+
+
+class ExchangeGuard:
+    def __init__(self, verifier: Verifier, limits: Limits | None, *, server_ssl: ssl.SSLContext | None,
+                 require_tls: bool, clock: Callable[[], float] = time.time,
+                 on_ban: Callable[[Ban], None] | None = None) -> None:
+        self.verifier = verifier  # signatures, network, replay, allowlist (core/envelope.py)
+        self._gate = PeerGate(limits) if limits is not None else None  # None: admit everyone
+        self.server_ssl = server_ssl
+        self._require_tls = require_tls
+        self._clock = clock
+        self._on_ban = on_ban
+
+    @classmethod
+    def open(cls, verifier: Verifier) -> ExchangeGuard:
+        return cls(verifier, None, server_ssl=None, require_tls=False)
+
+    def set_roster(self, roster: Roster) -> None:
+        if self._gate is not None:
+            self._gate.set_roster(roster)
+            self._gate.expire(self._clock())  # published often: ended bans leave the snapshot here
+
+    def admit(self, sender: str, *, cost: int) -> Refusal | None:
+        """None if ``sender`` (a verified signer) may push or download now, else the refusal.
+        ``cost``: the payload bytes it would move (both directions), charged once admitted."""
+        if self._gate is None:
+            return None
+        now = self._clock()
+        refusal = self._gate.admit(sender, now)
+        if refusal is None:
+            self._gate.charge(sender, cost, now)
+        return refusal
+
+    def ban_reason(self, peer_id: str, reason: str) -> None:
+        """``peer_id`` was at fault for ``reason``; bans it at once or after a few strikes."""
+        if self._gate is None or not peer_id:
+            return
+        ban = self._gate.offence(peer_id, reason, self._clock())
+        if ban is not None:
+            log.warning("banning %s for %.0f s: %s", peer_id, ban.until - ban.since, reason)
+            if self._on_ban is not None:
+                self._on_ban(ban)
+
+    def transfer_failed(self, peer_id: str, exc: BaseException) -> None:
+        """An exchange with ``peer_id`` broke off: a timeout (it stalled) is a strike."""
+        if isinstance(exc, TimeoutError):
+            self.ban_reason(peer_id, STALLED)
+
+    def client_ssl(self, peer_id: str, url: str) -> aiohttp.Fingerprint | bool:
+        """aiohttp's ``ssl=`` for a request to ``peer_id`` at ``url``; PeerNotPinned if none is safe."""
+        if url.startswith("https://"):
+            pin = self._pin_of(peer_id)
+            if not pin:
+                raise PeerNotPinned(f"{peer_id}'s peer record carries no TLS certificate fingerprint "
+                                    "(an older peerfed?): its certificate cannot be checked")
+            return aiohttp.Fingerprint(bytes.fromhex(pin))
+        if self._require_tls:
+            raise PeerNotPinned(f"{peer_id} serves its exchange without TLS ({url}); this node requires "
+                                "TLS (exchange.tls = true on both ends)")
+        return True  # plaintext (http://): ssl= is not used
+
+    def _pin_of(self, peer_id: str) -> str:
+        return "" if self._gate is None else self._gate.roster.pins.get(peer_id, "")
+
+    def statistics(self) -> GateStats:
+        """The gate's published snapshot (any thread; a ban whose ``until`` passed is over)."""
+        return GateStats() if self._gate is None else self._gate.statistics()
