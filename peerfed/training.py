@@ -216,6 +216,7 @@ class Training(TrainingSide):
         """/status "admission": peers admitted now, bans in force, bans and faults by reason."""
         gate = self._gate()
         return {"admitted": gate.admitted, "tls": self._config.exchange.tls,
+                "tls_fingerprint": self._plane.guard.tls_fingerprint if self._plane is not None else "",
                 "bans": list(self.banned().values()), "bans_total": dict(gate.bans_total),
                 "offences": dict(gate.offences)}
 

@@ -24,10 +24,10 @@ from typing import Any, TypeVar
 import torch
 import uvloop
 
+from peerfed.core.admission import GateStats, Roster
 from peerfed.core.exchange_rules import Outcome
 from peerfed.core.manifest import Manifest
 from peerfed.net.exchange import Exchange
-from peerfed.core.admission import GateStats, Roster
 from peerfed.net.exchange_state import ExchangeStats
 from peerfed.net.guard import ExchangeGuard
 from peerfed.net.priority import DATA_PLANE_NICE_STEP, lower_thread_priority
