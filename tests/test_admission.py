@@ -19,11 +19,12 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
 from swarmtools import NO_GOSSIP, add_insider, wait_until
-from test_swarm_exchange import UNPINNED, EvilPeer, b64, digits_init
+from test_swarm_exchange import UNPINNED, EvilPeer, api_post, b64, digits_init
 
 from peerfed.core.peerid import Signer
 from peerfed.localswarm import LocalNode, LocalSwarm
@@ -38,7 +39,6 @@ NODE = {"train.init": "local", "train.threads": 1, "exchange.interval": NO_GOSSI
 @pytest.fixture(scope="module")
 def guarded() -> Iterator[tuple[LocalNode, EvilPeer]]:
     import tempfile
-    from pathlib import Path
 
     with tempfile.TemporaryDirectory(prefix="peerfed-admission-") as tmp, \
             LocalSwarm(Path(tmp), network=NETWORK) as swarm:
@@ -116,13 +116,13 @@ def test_a_plaintext_client_cannot_read_weights(guarded: tuple[LocalNode, EvilPe
     # TLS 1.2 is refused too; 1.3 works, and its certificate is the one our record announces
     old = ssl._create_unverified_context()
     old.maximum_version = ssl.TLSVersion.TLSv1_2
-    with pytest.raises((ssl.SSLError, ConnectionError)):
-        with socket.create_connection(("127.0.0.1", node.exchange_port), timeout=10) as sock:
-            old.wrap_socket(sock).close()
-    with socket.create_connection(("127.0.0.1", node.exchange_port), timeout=10) as sock:
-        with UNPINNED.wrap_socket(sock) as tls:
-            assert tls.version() == "TLSv1.3"
-            cert = tls.getpeercert(binary_form=True)
+    with pytest.raises((ssl.SSLError, ConnectionError)), \
+            socket.create_connection(("127.0.0.1", node.exchange_port), timeout=10) as sock:
+        old.wrap_socket(sock).close()
+    with socket.create_connection(("127.0.0.1", node.exchange_port), timeout=10) as sock, \
+            UNPINNED.wrap_socket(sock) as tls:
+        assert tls.version() == "TLSv1.3"
+        cert = tls.getpeercert(binary_form=True)
     assert cert is not None
     status = node.get("/status")
     assert status["exchange_url"].startswith("https://")
@@ -147,7 +147,7 @@ def test_a_bad_digest_bans_the_peer_everywhere_visibly_until_the_ban_expires(
     wait_until(lambda: metric(node, "peerfed_peers_banned") == 1.0, 3, "the banned gauge")
     assert metric(node, "peerfed_peer_bans_total", reason="digest_mismatch") == 1.0
     cli = subprocess.run([sys.executable, "-m", "peerfed", "peers", "--home", str(node.home)],
-                         capture_output=True, text=True, timeout=30)
+                         capture_output=True, text=True, timeout=30, check=True)
     [line] = [line for line in cli.stdout.splitlines() if line.startswith(insider.peer_id)]
     assert "banned" in line and "digest_mismatch" in line, cli.stdout
 
@@ -157,3 +157,46 @@ def test_a_bad_digest_bans_the_peer_everywhere_visibly_until_the_ban_expires(
     assert np.isfinite(np.frombuffer(weights[:len(body)], dtype=np.float32)).all()
     assert node.get("/status")["admission"]["bans"] == []
     wait_until(lambda: metric(node, "peerfed_peers_banned") == 0.0, 3, "the banned gauge back to 0")
+
+
+def test_garbage_on_the_tls_port_costs_no_traceback(guarded: tuple[LocalNode, EvilPeer]) -> None:
+    node, _ = guarded
+    rng = np.random.default_rng(7)
+    for i in range(50):
+        data = rng.integers(0, 256, int(rng.integers(1, 600)), dtype=np.uint8).tobytes()
+        if i % 2:  # a TLS record header first, so the handshake parser gets further
+            data = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + data
+        with socket.create_connection(("127.0.0.1", node.exchange_port), timeout=5) as sock:
+            try:
+                sock.sendall(data)
+                sock.settimeout(1.0)
+                sock.recv(1024)
+            except (ConnectionError, TimeoutError):
+                pass
+    time.sleep(0.5)
+    assert node.is_up()
+    log = node.log_path.read_text(errors="replace")
+    assert "Traceback" not in log and " ERROR " not in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_two_daemons_exchange_over_tls_and_never_in_the_clear(tmp_path: Path) -> None:
+    """Two TLS nodes exchange; a node on exchange.tls = false gets no weights pushed to it in the
+    clear (it may still push to the TLS nodes: over TLS, pinned, like anyone)."""
+    common = {"train.init": "local", "train.threads": 1, "exchange.interval": NO_GOSSIP, "train.eval_interval": 1.0}
+    with LocalSwarm(tmp_path, network=NETWORK) as swarm:
+        a, b = swarm.add_node(settings=common), swarm.add_node(settings=common)
+        lan = swarm.add_node(settings={**common, "exchange.tls": False})
+        swarm.start_all(timeout=120)
+        swarm.wait_full_view(timeout=60)
+        wait_until(lambda: a.get("/status")["admission"]["admitted"] == 2
+                   and b.get("/status")["admission"]["admitted"] == 2, 10, "both to admit their peers")
+        answer = api_post(a, f"/exchange?peer={b.peer_id}")
+        assert answer["outcome"] == "ok", (answer, a.log_tail())
+        assert b.get("/status")["exchanges"]["ok"] >= 1
+        assert api_post(a, f"/exchange?peer={lan.peer_id}")["outcome"] == "no_such_peer"
+        assert "serves its exchange without TLS" in a.log_path.read_text()
+        assert lan.get("/status")["exchange_url"].startswith("http://")
+        answer = api_post(lan, f"/exchange?peer={a.peer_id}")
+        assert answer["outcome"] == "ok", (answer, lan.log_tail())
+        assert "exchange.tls = false" in lan.log_path.read_text()  # the warning at start

@@ -87,3 +87,31 @@ def test_expire_drops_ended_bans_from_the_snapshot() -> None:
 def test_limits_are_checked() -> None:
     with pytest.raises(ValueError):
         PeerGate(Limits(ban_seconds=0))
+
+
+def test_peer_records_carry_the_tls_fingerprint_and_old_ones_still_decode() -> None:
+    from peerfed.core.records import PeerRecord
+
+    pin = "ab" * 32
+    new = PeerRecord(addrs=(), exchange_url="https://h:1", tls_fingerprint=pin)
+    assert PeerRecord.from_wire(new.to_wire()).tls_fingerprint == pin
+    old = PeerRecord(addrs=(), exchange_url="http://h:1")
+    assert "tls_fingerprint" not in old.to_wire()  # what an older node signs: the same bytes as before
+    assert PeerRecord.from_wire(old.to_wire()).tls_fingerprint == ""
+
+
+def test_whom_the_gossip_loop_skips_and_why() -> None:
+    from peerfed.admission import why_not_exchange
+    from peerfed.core.admission import Ban, GateStats
+
+    pin, gate = "ab" * 32, GateStats()
+    assert why_not_exchange(A, "https://h:1", pin=pin, gate=gate, require_tls=True, now=T0) is None
+    old = why_not_exchange(A, "https://h:1", pin="", gate=gate, require_tls=True, now=T0)
+    assert old is not None and "no TLS certificate fingerprint" in old
+    plain = why_not_exchange(A, "http://h:1", pin="", gate=gate, require_tls=True, now=T0)
+    assert plain is not None and "without TLS" in plain
+    assert why_not_exchange(A, "http://h:1", pin="", gate=gate, require_tls=False, now=T0) is None  # trusted LAN
+    banned = GateStats(bans=(Ban(A, "bad_values", since=T0, until=T0 + 10),))
+    assert "banned for bad_values" in (why_not_exchange(A, "https://h:1", pin=pin, gate=banned,
+                                                          require_tls=True, now=T0 + 1) or "")
+    assert why_not_exchange(A, "https://h:1", pin=pin, gate=banned, require_tls=True, now=T0 + 11) is None
