@@ -193,7 +193,7 @@ def test_two_daemons_exchange_over_tls_and_never_in_the_clear(tmp_path: Path) ->
                    and b.get("/status")["admission"]["admitted"] == 2, 10, "both to admit their peers")
         answer = api_post(a, f"/exchange?peer={b.peer_id}")
         assert answer["outcome"] == "ok", (answer, a.log_tail())
-        assert b.get("/status")["exchanges"]["ok"] >= 1
+        wait_until(lambda: b.get("/status")["exchanges"]["ok"] >= 1, 10, "the responder to merge")
         assert api_post(a, f"/exchange?peer={lan.peer_id}")["outcome"] == "no_such_peer"
         assert "serves its exchange without TLS" in a.log_path.read_text()
         assert lan.get("/status")["exchange_url"].startswith("http://")
