@@ -410,17 +410,23 @@ def _bytes(n: float) -> str:
 # ------------------------------------------------------------------ --real: one configuration with daemons
 
 
-def fetch_model(node: Any, network: str, fingerprint: str) -> torch.Tensor:
-    """GET /v1/model (state sync endpoint) from a daemon, signed with a fresh key of our own."""
+def fetch_model(node: Any, network: str, fingerprint: str, as_peer: Any) -> torch.Tensor:
+    """GET /v1/model (state sync endpoint) from a daemon, signed with the key of ``as_peer``, a
+    daemon connected to it (a node admits model requests from its connected peers only)."""
+    import ssl
+
     from peerfed.core.envelope import ModelRequest, seal
-    from peerfed.core.peerid import Signer
+    from peerfed.identity import load_identity, signer_of
     from peerfed.net.transfer import REQUEST_HEADER
 
-    sealed = seal(Signer.generate(), network=network, recipient=node.peer_id,
+    signer = signer_of(load_identity(as_peer.home / "identity.key"))
+    sealed = seal(signer, network=network, recipient=node.peer_id,
                   body=ModelRequest(fingerprint=fingerprint), now=time.time())
-    request = urllib.request.Request(f"http://127.0.0.1:{node.exchange_port}/v1/model",
+    scheme = node.get("/status")["exchange_url"].split("://")[0]
+    request = urllib.request.Request(f"{scheme}://127.0.0.1:{node.exchange_port}/v1/model",
                                      headers={REQUEST_HEADER: base64.b64encode(sealed).decode()})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    unpinned = ssl._create_unverified_context()  # our own daemon on loopback
+    with urllib.request.urlopen(request, timeout=30, context=unpinned) as response:
         data = response.read()
     return torch.frombuffer(bytearray(data), dtype=torch.float32)
 
@@ -467,7 +473,8 @@ def run_real(args: argparse.Namespace) -> None:
             if total >= target:
                 break
             time.sleep(0.2)
-        weights = [fetch_model(node, swarm.network, fingerprint) for node in swarm.nodes]
+        weights = [fetch_model(node, swarm.network, fingerprint, swarm.nodes[(i + 1) % n])
+                   for i, node in enumerate(swarm.nodes)]
         elapsed = time.monotonic() - started
         statuses = [node.get("/status") for node in swarm.nodes]
     total = sum(s["samples"] for s in statuses)
