@@ -72,14 +72,31 @@ def tls_pin_of(record: bytes) -> str:
     return body.tls_fingerprint if isinstance(body, PeerRecord) else ""
 
 
-def roster_of(membership: Membership) -> Roster:
-    """The peers to admit now: connected (libp2p proved their PeerID; a verified record) -> pin."""
-    table = membership.table
-    pins = {}
-    for peer_id in membership.connected_peers():
-        info = table.get(peer_id)
-        pins[peer_id] = tls_pin_of(info.record.envelope) if info is not None else ""
-    return Roster.of(pins)
+class RosterPublisher:
+    """Builds the Roster from the peer table and hands it to the data plane when it changed
+    (or when asked to anyway: the periodic publish also drops ended bans there)."""
+
+    def __init__(self, publish: Callable[[Roster], None]) -> None:
+        self._publish = publish
+        self._last = Roster()
+        self._pins: dict[bytes, str] = {}  # record -> its pin (decoded once per record)
+
+    def update(self, membership: Membership, *, force: bool = False) -> Roster:
+        """The peers to admit now: connected (libp2p proved their PeerID; a verified record) -> pin."""
+        table = membership.table
+        pins = {}
+        for peer_id in membership.connected_peers():
+            info = table.get(peer_id)
+            record = info.record.envelope if info is not None else b""
+            if record not in self._pins:
+                if len(self._pins) > 4 * table.max_peers:
+                    self._pins.clear()
+                self._pins[record] = tls_pin_of(record)
+            pins[peer_id] = self._pins[record]
+        if force or pins != dict(self._last.pins):
+            self._last = Roster.of(pins)
+            self._publish(self._last)
+        return self._last
 
 
 def why_not_exchange(peer_id: str, url: str, *, pin: str, gate: GateStats, require_tls: bool,

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peerfed.admission import GuardSetup, open_guard, roster_of, why_not_exchange
+from peerfed.admission import GuardSetup, RosterPublisher, open_guard, why_not_exchange
 from peerfed.config import Config
 from peerfed.core.admission import GateStats, Roster
 from peerfed.core.envelope import Verifier
@@ -54,6 +54,7 @@ class Exchanging:
     data_plane: DataPlane
     gossip: GossipLoop
     guard: GuardSetup  # admission, limits, bans and TLS (peerfed/admission.py)
+    roster: RosterPublisher  # tells the data plane whom it admits
 
 
 class Training(TrainingSide):
@@ -110,7 +111,7 @@ class Training(TrainingSide):
             candidates=lambda: {} if data_plane.statistics().busy_now else self.candidates(),
             run_exchange=data_plane.exchange_with,
         )
-        return Exchanging(data_plane, gossip, setup)
+        return Exchanging(data_plane, gossip, setup, RosterPublisher(data_plane.set_roster))
 
     async def run(self) -> None:
         """State sync (a newcomer starts from a peer's model), then training, gossip and polls."""
@@ -170,12 +171,9 @@ class Training(TrainingSide):
             found[peer_id] = info.exchange_url
         return found
 
-    def _publish_roster(self) -> Roster:
+    def _publish_roster(self, force: bool = False) -> Roster:
         """Tell the data plane which peers it admits now (connected ones), and return them."""
-        roster = roster_of(self._membership)
-        if self._plane is not None:
-            self._plane.data_plane.set_roster(roster)
-        return roster
+        return self._plane.roster.update(self._membership, force=force) if self._plane is not None else Roster()
 
     async def exchange_now(self, peer_id: str | None) -> dict[str, object]:
         """One exchange now, with ``peer_id`` or a random candidate (local API: tests, benchmarks)."""
@@ -244,7 +242,7 @@ class Training(TrainingSide):
             if process.last_checkpoint is not None:
                 self._metrics.checkpoint_saved(process.last_checkpoint.time)
             self._metrics.set_peers_connected(len(self._membership.connected_peers()))
-            self._publish_roster()  # admission follows the peer table within POLL_INTERVAL
+            self._publish_roster(force=True)  # admission follows the peer table within POLL_INTERVAL
             self._metrics.set_peers_banned(len(self.banned()))
 
 

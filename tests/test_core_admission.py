@@ -115,3 +115,34 @@ def test_whom_the_gossip_loop_skips_and_why() -> None:
     assert "banned for bad_values" in (why_not_exchange(A, "https://h:1", pin=pin, gate=banned,
                                                           require_tls=True, now=T0 + 1) or "")
     assert why_not_exchange(A, "https://h:1", pin=pin, gate=banned, require_tls=True, now=T0 + 11) is None
+
+
+def test_the_roster_is_the_connected_peers_with_the_pins_of_their_signed_records() -> None:
+    import time
+    from types import SimpleNamespace
+
+    from peerfed.admission import RosterPublisher
+    from peerfed.core.envelope import seal
+    from peerfed.core.peerid import Signer
+    from peerfed.core.peerinfo import PeerInfo, SignedRecord
+    from peerfed.core.records import PeerRecord
+
+    new, old = Signer.generate(), Signer.generate()
+    pin = "cd" * 32
+    records = {
+        new.peer_id: seal(new, network="n", recipient="", now=time.time(),
+                          body=PeerRecord(addrs=(), exchange_url="https://h:1", tls_fingerprint=pin)),
+        old.peer_id: seal(old, network="n", recipient="", now=time.time(), body=PeerRecord(addrs=())),
+    }
+    table = SimpleNamespace(max_peers=8, get=lambda p: PeerInfo(p, record=SignedRecord(records[p], 1.0)))
+    connected = [new.peer_id, old.peer_id]
+    membership = SimpleNamespace(table=table, connected_peers=lambda: list(connected))
+    published = []
+    publisher = RosterPublisher(published.append)
+    roster = publisher.update(membership)  # type: ignore[arg-type]
+    assert dict(roster.pins) == {new.peer_id: pin, old.peer_id: ""}
+    publisher.update(membership)  # type: ignore[arg-type]
+    assert len(published) == 1  # unchanged: not published again
+    connected.remove(old.peer_id)
+    assert old.peer_id not in publisher.update(membership)  # type: ignore[arg-type]
+    assert len(published) == 2
