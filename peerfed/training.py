@@ -164,7 +164,7 @@ class Training(TrainingSide):
             if peer_id not in roster or info is None or not info.exchange_url:
                 continue
             why = why_not_exchange(peer_id, info.exchange_url, pin=roster.pins[peer_id], gate=gate,
-                                            require_tls=self._config.exchange.tls, now=now)
+                                   require_tls=self._config.exchange.tls, now=now)
             if why:
                 quiet.log(logging.INFO, f"peer {peer_id}", "not exchanging with %s: %s", peer_id, why)
                 continue
