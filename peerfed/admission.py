@@ -25,7 +25,7 @@ from peerfed.net.tls import load_or_make_server_tls
 
 log = logging.getLogger("peerfed.training")
 
-MIN_PEER_EXCHANGES_PER_MINUTE = 6  # the derived default never goes below one every 10 s
+MIN_PEER_EXCHANGES_PER_MINUTE = 60  # the derived default never goes below one a second
 PLAINTEXT_WARNING = ("exchange.tls = false: model weights travel unencrypted and anyone on the path can read "
                      "or change the connection; use it only on a trusted LAN, on every node of the swarm")
 

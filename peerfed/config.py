@@ -94,7 +94,7 @@ class ExchangeConfig(_Section):
     transfer_timeout: Float = Field(120.0, gt=0)
     max_incoming: Int = Field(1, ge=1)
     tls: Bool = True  # TLS 1.3 with the certificate pinned in the signed peer record; false only on a trusted LAN
-    peer_exchanges_per_minute: Int = Field(0, ge=0)  # per peer, pushes and downloads; 0 = 2 x 60 / interval
+    peer_exchanges_per_minute: Int = Field(0, ge=0)  # per peer, pushes and downloads; 0 = 2 x 60 / interval, at least 60
     peer_mib_per_hour: Float = Field(0.0, ge=0)  # per peer, payload MiB both ways; 0 = no limit
     ban_duration: Float = Field(600.0, gt=0)  # seconds a peer at fault (bad digest or values, stalls) is refused
 

@@ -146,3 +146,11 @@ def test_the_roster_is_the_connected_peers_with_the_pins_of_their_signed_records
     connected.remove(old.peer_id)
     assert old.peer_id not in publisher.update(membership)  # type: ignore[arg-type]
     assert len(published) == 2
+
+
+def test_only_requests_that_go_ahead_count_against_the_limit() -> None:
+    g = gate(exchanges_per_minute=2)
+    for i in range(5):  # refused for another reason (busy): checked, never recorded
+        assert g.check(A, T0 + i) is None
+    assert g.admit(A, T0 + 5) is None and g.admit(A, T0 + 6) is None
+    assert g.check(A, T0 + 7) is not None

@@ -114,9 +114,16 @@ class PeerGate:
         self.roster = roster
         self._stats = replace(self._stats, admitted=len(roster))
 
-    def admit(self, peer_id: str, now: float) -> Refusal | None:
-        """May ``peer_id`` (a verified sender) start an exchange or a download now? None: yes,
-        and it is counted against its per-minute limit."""
+    def admit(self, peer_id: str, now: float, nbytes: int = 0) -> Refusal | None:
+        """check, then record if admitted."""
+        refusal = self.check(peer_id, now)
+        if refusal is None:
+            self.record(peer_id, nbytes, now)
+        return refusal
+
+    def check(self, peer_id: str, now: float) -> Refusal | None:
+        """May ``peer_id`` (a verified sender) start an exchange or a download now? (Nothing
+        is counted: ``record`` counts one that goes ahead.)"""
         ban = self._ban_of(peer_id, now)
         if ban is not None:
             return Refusal(403, "banned", f"banned for {ban.reason} until {ban.until:.0f} (unix time)")
@@ -129,9 +136,13 @@ class PeerGate:
         moved = _window(self._bytes, peer_id, now - HOUR)
         if limits.bytes_per_hour and sum(n for _, n in moved) >= limits.bytes_per_hour:
             return Refusal(429, "peer_byte_limit", f"more than {limits.bytes_per_hour} bytes an hour")
-        starts.append(now)
-        self._forget_oldest()
         return None
+
+    def record(self, peer_id: str, nbytes: int, now: float) -> None:
+        """An exchange or download by ``peer_id`` goes ahead: one start, ``nbytes`` payload bytes."""
+        _window(self._starts, peer_id, now - MINUTE).append(now)
+        self.charge(peer_id, nbytes, now)
+        self._forget_oldest()
 
     def charge(self, peer_id: str, nbytes: int, now: float) -> None:
         """Payload bytes moved with ``peer_id`` (both directions), against its hourly limit."""

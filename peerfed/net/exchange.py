@@ -127,8 +127,8 @@ class Exchange:
         env = self._open_header(request.headers.get(MANIFEST_HEADER), Manifest)
         if isinstance(env, Refusal):
             return env
-        refusal = self._guard.admit(env.sender, cost=2 * self._weights.nbytes) or rules.check_push(
-            env, ours=self._model(), content_length=request.content_length, room=self._occupancy.room())
+        refusal = self._guard.admit(env.sender, cost=2 * self._weights.nbytes, unless=rules.check_push(
+            env, ours=self._model(), content_length=request.content_length, room=self._occupancy.room()))
         return env if refusal is None else self._counted(refusal)
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -208,7 +208,7 @@ class Exchange:
         env = self._open_header(request.headers.get(REQUEST_HEADER), ModelRequest)
         if isinstance(env, Refusal):
             return refusal_response(env)
-        if (refusal := self._guard.admit(env.sender, cost=self._weights.nbytes) or rules.check_model_request(env, ours=self._model(), room=self._occupancy.room())) is not None:
+        if (refusal := self._guard.admit(env.sender, cost=self._weights.nbytes, unless=rules.check_model_request(env, ours=self._model(), room=self._occupancy.room()))) is not None:
             return refusal_response(self._counted(refusal))
         slot = self._occupancy.take()
         response = web.StreamResponse()

@@ -54,15 +54,17 @@ class ExchangeGuard:
             self._gate.set_roster(roster)
             self._gate.expire(self._clock())  # published often: ended bans leave the snapshot here
 
-    def admit(self, sender: str, *, cost: int) -> Refusal | None:
-        """None if ``sender`` (a verified signer) may push or download now, else the refusal.
-        ``cost``: the payload bytes it would move (both directions), charged once admitted."""
+    def admit(self, sender: str, *, cost: int, unless: Refusal | None = None) -> Refusal | None:
+        """None if ``sender`` (a verified signer) may push or download now, else the refusal:
+        ours first (not a peer, banned, over its limits), then ``unless`` (the exchange rules'
+        answer, e.g. busy). Only a request that goes ahead counts against the sender's limits,
+        with ``cost``, the payload bytes it moves (both directions)."""
         if self._gate is None:
-            return None
+            return unless
         now = self._clock()
-        refusal = self._gate.admit(sender, now)
+        refusal = self._gate.check(sender, now) or unless
         if refusal is None:
-            self._gate.charge(sender, cost, now)
+            self._gate.record(sender, cost, now)
         return refusal
 
     def ban_reason(self, peer_id: str, reason: str) -> None:
