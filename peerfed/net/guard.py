@@ -44,6 +44,9 @@ class ExchangeGuard:
         self._require_tls = require_tls
         self._clock = clock
         self._on_ban = on_ban
+        # One Fingerprint object per pin: aiohttp pools connections by their ssl= value, which
+        # compares by identity, so a new object per request would open a new TLS connection each time.
+        self._fingerprints: dict[str, aiohttp.Fingerprint] = {}
 
     @classmethod
     def open(cls, verifier: Verifier) -> ExchangeGuard:
@@ -89,7 +92,11 @@ class ExchangeGuard:
             if not pin:
                 raise PeerNotPinned(f"{peer_id}'s peer record carries no TLS certificate fingerprint "
                                     "(an older peerfed?): its certificate cannot be checked")
-            return aiohttp.Fingerprint(bytes.fromhex(pin))
+            if pin not in self._fingerprints:
+                if len(self._fingerprints) >= 4096:
+                    self._fingerprints.clear()
+                self._fingerprints[pin] = aiohttp.Fingerprint(bytes.fromhex(pin))
+            return self._fingerprints[pin]
         if self._require_tls:
             raise PeerNotPinned(f"{peer_id} serves its exchange without TLS ({url}); this node requires "
                                 "TLS (exchange.tls = true on both ends)")
