@@ -52,6 +52,7 @@ def load_or_make_server_tls(folder: Path, peer_id: str) -> ServerTLS:
         der = _make_cert(cert_path, key_path, peer_id)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.num_tickets = 0  # clients do not resume sessions (aiohttp cannot): no tickets to send
     context.load_cert_chain(cert_path, key_path)
     return ServerTLS(context, fingerprint_of(der))
 
