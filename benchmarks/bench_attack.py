@@ -5,7 +5,7 @@ Run: python benchmarks/bench_attack.py [--seeds 0,1] [--clip 0,2] [--outer none]
 
 THIS IS A SIMULATION (bench_convergence.py's machinery: the real tasks, Dirichlet shards, model,
 optimizer, ExchangeScheduler and the daemon's own merge, peerfed.train.merging.Merger with
-exchange.clip and exchange.outer, and the exchange's bounded_mixing_weight), not real daemons:
+merge.clip and merge.outer, and the exchange's bounded_mixing_weight), not real daemons:
 ten digits daemons flat out for the demo's duration do not fit a 2-core machine shared by
 others. One tick = one local step of every node; an honest node opens an exchange every
 --interval steps (the demo's exchange.interval, 0.5 s, spans ~300 of its steps; we use fewer,
@@ -169,9 +169,9 @@ def exchange(a: SimNode, b: SimNode, hostile: dict[int, Attacker], cfg: SimConfi
 
 
 def real_settings(demo: DemoSettings, index: int, attack: str | None, clip: float, outer: str) -> dict[str, Any]:
-    """A node's config: the demo's, with exchange.clip/outer; an attacker's task is hostile.py's."""
+    """A node's config: the demo's, with merge.clip/outer; an attacker's task is hostile.py's."""
     settings: dict[str, Any] = {**demo.node_config(index % demo.nodes), "log_level": "warning",
-                                "exchange.clip": clip, "exchange.outer": outer}
+                                "merge.clip": clip, "merge.outer": outer}
     if attack is not None:
         options = {**demo.task_options(), "base": demo.task, "attack": REAL_ATTACK.get(attack, attack)}
         if attack in ("claims", "fast"):
@@ -249,8 +249,8 @@ def main() -> None:
     parser.add_argument("--fast-ratio", type=float, default=0.5, help="the fast attacker's interval / honest")
     parser.add_argument("--lr", type=float, default=0.4)
     parser.add_argument("--lr-decay", choices=("none", "cosine"), default="cosine")
-    parser.add_argument("--outer", default="none", help="exchange.outer of the honest nodes: none or nesterov")
-    parser.add_argument("--clip", default="0,2", help="exchange.clip factor(s), comma list; 0 = off (today)")
+    parser.add_argument("--outer", default="none", help="merge.outer of the honest nodes: none or nesterov")
+    parser.add_argument("--clip", default="0,2", help="merge.clip factor(s), comma list; 0 = off (today)")
     parser.add_argument("--attacks", default=",".join(ATTACKS))
     parser.add_argument("--attackers-never-merge", action="store_true",
                         help="attackers keep their own model only (default: they merge like a daemon, as hostile.py)")

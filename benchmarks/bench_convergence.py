@@ -40,7 +40,7 @@ x <- x + a (received - base): "wire" (default), the decoded bytes it sent itself
 noloco: its heavy-ball form, NoLoCo's step); every node keeps outer weights and a momentum
 buffer from the start. "d none" = gossip mean minus that of the same row without outer step.
 
---clip 0,1,2,4 (comma list: rows per factor): exchange.clip, the robust merge
+--clip 0,1,2,4 (comma list: rows per factor): merge.clip, the robust merge
 (peerfed.train.merging.Merger, the daemon's own code): the peer's difference is clipped to
 factor x the node's own movement since its last merge; 0 = off. With --outer nesterov the
 Merger does the outer step too (noloco keeps outer_step_ directly, unclipped).
@@ -103,7 +103,7 @@ class SimConfig:
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     merge_base: str = "wire"  # "exact": merge against the float32 snapshot, not what was sent
-    clip: float = 0.0  # exchange.clip: the robust merge's radius factor (0 = off)
+    clip: float = 0.0  # merge.clip: the robust merge's radius factor (0 = off)
 
     def lr_at(self, done: float) -> float:
         """The learning rate once a fraction ``done`` of the samples has been processed."""
@@ -437,17 +437,23 @@ def _bytes(n: float) -> str:
 # ------------------------------------------------------------------ --real: one configuration with daemons
 
 
-def fetch_model(node: Any, network: str, fingerprint: str) -> torch.Tensor:
-    """GET /v1/model (state sync endpoint) from a daemon, signed with a fresh key of our own."""
+def fetch_model(node: Any, network: str, fingerprint: str, as_peer: Any) -> torch.Tensor:
+    """GET /v1/model (state sync endpoint) from a daemon, signed with the key of ``as_peer``, a
+    daemon connected to it (a node admits model requests from its connected peers only)."""
+    import ssl
+
     from peerfed.core.envelope import ModelRequest, seal
-    from peerfed.core.peerid import Signer
+    from peerfed.identity import load_identity, signer_of
     from peerfed.net.transfer import REQUEST_HEADER
 
-    sealed = seal(Signer.generate(), network=network, recipient=node.peer_id,
+    signer = signer_of(load_identity(as_peer.home / "identity.key"))
+    sealed = seal(signer, network=network, recipient=node.peer_id,
                   body=ModelRequest(fingerprint=fingerprint), now=time.time())
-    request = urllib.request.Request(f"http://127.0.0.1:{node.exchange_port}/v1/model",
+    scheme = node.get("/status")["exchange_url"].split("://")[0]
+    request = urllib.request.Request(f"{scheme}://127.0.0.1:{node.exchange_port}/v1/model",
                                      headers={REQUEST_HEADER: base64.b64encode(sealed).decode()})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    unpinned = ssl._create_unverified_context()  # our own daemon on loopback
+    with urllib.request.urlopen(request, timeout=30, context=unpinned) as response:
         data = response.read()
     return torch.frombuffer(bytearray(data), dtype=torch.float32)
 
@@ -494,7 +500,8 @@ def run_real(args: argparse.Namespace) -> None:
             if total >= target:
                 break
             time.sleep(0.2)
-        weights = [fetch_model(node, swarm.network, fingerprint) for node in swarm.nodes]
+        weights = [fetch_model(node, swarm.network, fingerprint, swarm.nodes[(i + 1) % n])
+                   for i, node in enumerate(swarm.nodes)]
         elapsed = time.monotonic() - started
         statuses = [node.get("/status") for node in swarm.nodes]
     total = sum(s["samples"] for s in statuses)
@@ -550,7 +557,7 @@ def main() -> None:
     parser.add_argument("--outer", default="none", help="outer step(s), comma list of none,nesterov,noloco")
     parser.add_argument("--outer-lr", type=float, default=0.7, help="outer learning rate (--outer)")
     parser.add_argument("--outer-momentum", type=float, default=0.9, help="outer momentum (--outer)")
-    parser.add_argument("--clip", default="0", help="exchange.clip radius factor(s), comma list; 0 = off")
+    parser.add_argument("--clip", default="0", help="merge.clip radius factor(s), comma list; 0 = off")
     parser.add_argument("--no-baselines", action="store_true", help="gossip only (sweeps)")
     parser.add_argument("--real", action="store_true", help="also run one configuration with real daemons")
     parser.add_argument("--real-nodes", type=int, default=8)

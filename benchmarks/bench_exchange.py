@@ -162,14 +162,14 @@ def serial_work(nbytes: int) -> dict[str, float]:
 # ------------------------------------------------------------------ one size
 
 
-def measure_size(size_mib: float, args: argparse.Namespace, encoding: str = "float32") -> dict[str, Any]:
+def measure_size(size_mib: float, args: argparse.Namespace, tls: bool, encoding: str = "float32") -> dict[str, Any]:
     nbytes = flat_bytes(size_mib)
     options = {"mib": size_mib, "step_sleep": args.train_sleep}
     settings = settings_for({}, **{"train.task": "synthetic:sized", "train.options": options,
                                    "train.node_count": 2, "exchange.transfer_timeout": 600.0,
-                                   "train.device": args.device, "exchange.encoding": encoding})
+                                   "train.device": args.device, "exchange.tls": tls, "exchange.encoding": encoding})
     raw = RawTCP(nbytes)
-    result: dict[str, Any] = {"mib": size_mib, "nbytes": nbytes, "encoding": encoding}
+    result: dict[str, Any] = {"mib": size_mib, "nbytes": nbytes, "tls": tls, "encoding": encoding}
     with local_swarm(f"bench-exchange-{size_mib:g}-") as swarm:
         a = swarm.add_node(settings={**settings, "train.node_index": 0})
         b = swarm.add_node(settings={**settings, "train.node_index": 1})
@@ -378,8 +378,8 @@ def timeline(size_mib: float, exchanges: int = 3) -> None:
 
 def report(r: dict[str, Any]) -> None:
     size = r["nbytes"]
-    print(f"\n## {r['mib']:g} MiB model ({size} bytes) in {r['encoding']}, {len(r['ratios'])} exchanges ok, "
-          f"{r['load']} at end")
+    print(f"\n## {r['mib']:g} MiB model ({size} bytes) in {r['encoding']}, exchange "
+          f"{'over TLS 1.3' if r['tls'] else 'in plaintext'}, {len(r['ratios'])} exchanges ok, {r['load']} at end")
     if r.get("not_ok"):
         print(f"   NOT ok: {r['not_ok']}")
     if not r["ratios"]:
@@ -439,7 +439,7 @@ def verdicts(results: list[dict[str, Any]]) -> None:
         cold_ok = all(max(p[n] for p in r["peaks"] + [r["first_peaks"]]) <= r["cold"][n] + size for n in ("A", "B"))
         private_ok = all(max(p[n] for p in r["private_peaks"]) <= r["cold_private"][n] + size for n in ("A", "B"))
         speed = "" if r["mib"] != 100 else f" (target <= {TARGET_RATIO}x: {'MET' if ratio <= TARGET_RATIO else 'MISSED'})"
-        print(f"   {r['mib']:g} MiB {r['encoding']}: exchange {ratio:.2f}x raw TCP{speed}; peak RSS A/B "
+        print(f"   {r['mib']:g} MiB {r['encoding']} {'TLS' if r['tls'] else 'plain'}: exchange {ratio:.2f}x raw TCP{speed}; peak RSS A/B "
               f"{peak_a / MIB:.0f}/{peak_b / MIB:.0f} MiB: <= warm idle + 1x model: {'MET' if warm_ok else 'MISSED'}, "
               f"<= cold idle + 1x model: {'MET' if cold_ok else 'MISSED'}; private peak <= private idle + 1x model: "
               f"{'MET' if private_ok else 'MISSED'}")
@@ -453,6 +453,8 @@ def main() -> None:
     parser.add_argument("--pause", type=float, default=0.3, help="seconds between two timed transfers")
     parser.add_argument("--encodings", default="float32", help="exchange.encoding values to run, comma-separated")
     parser.add_argument("--device", default="cpu", help="the trainers' train.device (cuda: mirror mode on a GPU)")
+    parser.add_argument("--tls", choices=("both", "on", "off"), default="both",
+                        help="exchange over TLS, in plaintext, or both (then TLS is compared with plaintext)")
     parser.add_argument("--timeline", type=float, default=0.0, metavar="MIB",
                         help="only print the step-by-step timeline of an exchange of this size (profiling aid)")
     args = parser.parse_args()
@@ -474,11 +476,35 @@ def main() -> None:
         if available < need:
             print(f"\n## {size:g} MiB: skipped, needs ~{need / 2**30:.1f} GiB free, {available / 2**30:.1f} GiB available")
             continue
-        for encoding in [e.strip() for e in args.encodings.split(",") if e.strip()]:
-            r = measure_size(size, args, encoding)
-            report(r)
-            results.append(r)
+        modes = {"both": (False, True), "on": (True,), "off": (False,)}[args.tls]
+        for tls in modes:
+            for encoding in [e.strip() for e in args.encodings.split(",") if e.strip()]:
+                r = measure_size(size, args, tls, encoding)
+                report(r)
+                results.append(r)
     verdicts(results)
+    compare_tls(results)
+
+
+def compare_tls(results: list[dict[str, Any]]) -> None:
+    """TLS against plaintext, size by size, where both ran in this run."""
+    by_size: dict[float, dict[bool, dict[str, Any]]] = {}
+    for r in results:
+        if r["ratios"]:
+            by_size.setdefault(r["mib"], {})[r["tls"]] = r
+    pairs = {mib: p for mib, p in by_size.items() if len(p) == 2}
+    if not pairs:
+        return
+    print("\n## TLS 1.3 vs plaintext (same run)")
+    for mib, p in pairs.items():
+        plain, tls = p[False], p[True]
+        t_plain, t_tls = median(plain["exchange_out"]), median(tls["exchange_out"])
+        cpu = {n: (median(tls[f"cpu_{n}"]), median(plain[f"cpu_{n}"])) for n in ("a", "b")}
+        print(f"   {mib:g} MiB: exchange {t_tls * 1e3:.1f} ms vs {t_plain * 1e3:.1f} ms = {t_tls / t_plain:.2f}x "
+              f"plaintext ({median(tls['exchange_out']) / median(tls['raw']):.2f}x vs "
+              f"{median(plain['exchange_out']) / median(plain['raw']):.2f}x raw TCP); daemon CPU per exchange "
+              f"A {cpu['a'][0] * 1e3:.0f} vs {cpu['a'][1] * 1e3:.0f} ms (+{(cpu['a'][0] - cpu['a'][1]) * 1e3:.0f}), "
+              f"B {cpu['b'][0] * 1e3:.0f} vs {cpu['b'][1] * 1e3:.0f} ms (+{(cpu['b'][0] - cpu['b'][1]) * 1e3:.0f})")
 
 
 if __name__ == "__main__":

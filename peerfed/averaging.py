@@ -287,7 +287,7 @@ def check_values(buf: torch.Tensor, *, max_norm_per_sqrt_n: float = MAX_NORM_PER
     return ValueCheck(buf, max_norm_per_sqrt_n=max_norm_per_sqrt_n).problem()
 
 
-# ------------------------------------------------------------------ the outer step (exchange.outer)
+# ------------------------------------------------------------------ the outer step (merge.outer)
 
 # DiLoCo's outer optimizer: SGD with Nesterov momentum, lr 0.7, momentum 0.9 (Douillard et al.,
 # arXiv 2311.08105; the same in OpenDiLoCo's training script). NoLoCo's code used lr 0.7 with

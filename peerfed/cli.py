@@ -323,10 +323,7 @@ def cmd_peers(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(peers, indent=1))
         return ExitCode.OK
-    if not peers:
-        print("no peers known yet")
-    for line in peer_lines(peers):
-        print(line)
+    print("\n".join(peer_lines(peers)) or "no peers known yet")
     return ExitCode.OK
 
 
@@ -338,7 +335,10 @@ def peer_lines(peers: list[dict[str, Any]]) -> list[str]:
     lines = [f"{'PEER ID':{width}}  {'STATE':9}  {'RTT':>9}  ADDRESS"]
     for peer in peers:
         rtt = f"{peer['rtt_ms']:.1f} ms" if peer.get("rtt_ms") is not None else "-"
-        lines.append(f"{peer['peer_id']:{width}}  {peer['state']:9}  {rtt:>9}  {' '.join(peer['addrs'][:1])}")
+        ban = peer.get("ban")  # a banned peer's line says why and until when
+        why = f"  (banned for {ban['reason']} until {time.strftime('%H:%M:%S', time.localtime(ban['until']))})" if ban else ""
+        lines.append(f"{peer['peer_id']:{width}}  {'banned' if ban else peer['state']:9}  {rtt:>9}  "
+                     f"{' '.join(peer['addrs'][:1])}{why}")
     return lines
 
 
@@ -354,15 +354,13 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "init": Command("create a node folder: identity key and commented config", add_init_arguments, cmd_init),
     "id": Command("print this node's PeerID and addresses", add_id_arguments, cmd_id),
-    "identity": Command("make a new identity key for an existing node (new)", add_identity_arguments,
-                        cmd_identity),
+    "identity": Command("make a new identity key for an existing node (new)", add_identity_arguments, cmd_identity),
     "config": Command("config file tools (check)", add_config_arguments, cmd_config),
     "bootstrap": Command("list or edit the bootstrap peers", add_bootstrap_arguments, cmd_bootstrap),
     "run": Command("run the node: join the swarm, train, exchange weights", add_run_arguments, cmd_run),
     "status": Command("show the running node's status (from its local API)", add_query_arguments, cmd_status),
     "peers": Command("list the running node's peers (from its local API)", add_query_arguments, cmd_peers),
-    "demo": Command("run N real nodes on this machine next to both baselines; write a report",
-                    add_demo_arguments, cmd_demo),
+    "demo": Command("run N real nodes here next to both baselines; write a report", add_demo_arguments, cmd_demo),
 }
 
 

@@ -1,4 +1,4 @@
-"""Robust merge math (exchange.clip): bound how far one peer can move this node in one merge.
+"""Robust merge math (merge.clip): bound how far one peer can move this node in one merge.
 
 ClippedGossip (He, Karimireddy and Jaggi, 2022, arXiv 2202.01545) merges a neighbour's model
 as x += a * clip(peer - x, tau). Our merge is x += a * (received - sent) (averaging.merge_),
@@ -9,7 +9,7 @@ old replay late in training) moves us by tau * tau / |d|, less than one at the r
 
 The radius: tau = factor x the median of (a) this node's own movement since its last merge
 (|sent - anchor|: the anchor is where the last merge, the start or a state sync left it;
-with exchange.outer = "nesterov", the outer weights) and (b) the peer distances |d| of its
+with merge.outer = "nesterov", the outer weights) and (b) the peer distances |d| of its
 last RECENT_MERGES merges, each counted at most at the radius it was clipped to. Why not the
 own movement alone, as ClippedGossip's analysis suggests: on non-iid shards (Dirichlet 0.1)
 honest peers differ by far more than a node moves between two merges (a radius of 2x that
@@ -33,7 +33,7 @@ import torch
 
 from peerfed.averaging import CHUNK_ELEMENTS, check_flat
 
-# exchange.clip's default (config.py): honest-only accuracy within 0.5 points of no clipping in
+# merge.clip's default (config.py): honest-only accuracy within 0.5 points of no clipping in
 # benchmarks/bench_convergence.py --clip and bench_attack.py (BENCHMARKS.md, "Robust merge").
 CLIP_FACTOR = 2.0
 REDESCEND = 2  # beyond the radius, a difference d moves us by radius x (radius / d) ** (REDESCEND - 1)

@@ -59,8 +59,8 @@ from peerfed.config_values import (
 from peerfed.errors import ConfigError
 
 # What `from peerfed.config import ...` offers (the value checks live in config_values.py).
-__all__ = ["BUILTIN_TASK_NAMES", "CONFIG_FILE_NAME", "KEY_FILE_NAME", "ApiConfig", "CheckpointConfig", "Config",
-           "ExchangeConfig", "P2PConfig", "TrainConfig", "check_bootstrap_address", "check_config_permissions",
+__all__ = ["BUILTIN_TASK_NAMES", "CONFIG_FILE_NAME", "KEY_FILE_NAME", "AdmissionConfig", "ApiConfig", "CheckpointConfig", "Config",
+           "ExchangeConfig", "MergeConfig", "P2PConfig", "TrainConfig", "check_bootstrap_address", "check_config_permissions",
            "check_peer_id", "load_config", "parse_config", "parse_host_port"]
 
 CONFIG_FILE_NAME = "peerfed.toml"
@@ -100,18 +100,12 @@ class ExchangeConfig(_Section):
     connect_timeout: Float = Field(5.0, gt=0)
     transfer_timeout: Float = Field(120.0, gt=0)
     max_incoming: Int = Field(1, ge=1)
-    # exchange.outer: "nesterov" = an outer Nesterov step on the pair's average at each exchange (DiLoCo/NoLoCo)
-    outer: Literal["none", "nesterov"] = "none"
-    outer_lr: Float = Field(0.7, gt=0, le=2)  # the outer step's learning rate (exchange.outer = "nesterov")
-    outer_momentum: Float = Field(0.9, ge=0, lt=1)  # the outer step's momentum
-    clip: Float = Field(2.0, ge=0)  # robust merge: peer differences clipped to clip x the recent spread (clipping.py); 0 = off
     # Weights on the wire (core/encodings.py): "auto" = the smallest both sides accept; float32 always accepted.
     encoding: Literal["auto", "float32", "float16", "bfloat16", "int8"] = "auto"
     max_upload_rate: Rate = ""  # every transfer's upload, paced by one token bucket; "" = unlimited
     max_download_rate: Rate = ""  # every transfer's download, the same way
     max_upload_share: Share = 0.5  # own exchanges spaced so average upload <= share x max_upload_rate
-    max_connections_per_address: Int = Field(16, ge=1)  # open exchange connections from one IP address
-    header_timeout: Float = Field(10.0, gt=0)  # seconds a connection may take to send a request's headers
+    tls: Bool = True  # TLS 1.3 with the certificate pinned in the signed peer record; false only on a trusted LAN
 
     @property
     def listen_host(self) -> str:
@@ -120,6 +114,24 @@ class ExchangeConfig(_Section):
     @property
     def listen_port(self) -> int:
         return parse_host_port(self.listen)[1]
+
+
+class MergeConfig(_Section):
+    """How a peer's weights are folded into ours (train/merging.py)."""
+    # "nesterov" = an outer Nesterov step on the pair's average at each exchange (DiLoCo/NoLoCo)
+    outer: Literal["none", "nesterov"] = "none"
+    outer_lr: Float = Field(0.7, gt=0, le=2)  # the outer step's learning rate (outer = "nesterov")
+    outer_momentum: Float = Field(0.9, ge=0, lt=1)  # the outer step's momentum
+    clip: Float = Field(2.0, ge=0)  # robust merge: peer differences clipped to clip x the recent spread (clipping.py); 0 = off
+
+
+class AdmissionConfig(_Section):
+    """What one peer may cost this node (net/guard.py, net/pacing.py)."""
+    max_connections_per_address: Int = Field(16, ge=1)  # open exchange connections from one IP address
+    header_timeout: Float = Field(10.0, gt=0)  # seconds a connection may take to send a request's headers
+    peer_exchanges_per_minute: Int = Field(0, ge=0)  # per peer, pushes and downloads; 0 = 2 x 60 / interval, at least 60
+    peer_mib_per_hour: Float = Field(0.0, ge=0)  # per peer, payload MiB both ways; 0 = no limit
+    ban_duration: Float = Field(600.0, gt=0)  # seconds a peer at fault (bad digest or values, stalls) is refused
 
 
 class TrainConfig(_Section):
@@ -161,6 +173,8 @@ class Config(_Section):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     p2p: P2PConfig = P2PConfig()
     exchange: ExchangeConfig = ExchangeConfig()
+    merge: MergeConfig = MergeConfig()
+    admission: AdmissionConfig = AdmissionConfig()
     train: TrainConfig = TrainConfig()
     api: ApiConfig = ApiConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -191,7 +191,7 @@ class Daemon:
                            host=self.host, membership=self.membership, training=self.training)
 
     def peers(self) -> list[dict[str, object]]:
-        return peer_rows(self.membership)
+        return peer_rows(self.membership, self.training.banned())
 
     def _status_line(self) -> str:
         return status_line(self.status())

@@ -12,6 +12,7 @@ import asyncio
 import errno
 import logging
 import socket
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ async def serve(app: web.Application, host: str, port: int, *, setting: str, shu
                 sock: socket.socket | None = None,
                 logger: logging.Logger | logging.LoggerAdapter | None = None,  # type: ignore[type-arg]
                 limits: ConnectionLimits | None = None,
+                ssl_context: ssl.SSLContext | None = None,  # TLS on this port (the exchange's)
                 ) -> tuple[web.AppRunner, int]:
     """Serve ``app`` on ``sock`` (from bind_listener) or else on host:port; returns the runner
     and the bound port. Bind failures raise as in bind_listener. ``logger`` replaces aiohttp's
@@ -54,9 +56,10 @@ async def serve(app: web.Application, host: str, port: int, *, setting: str, shu
     await runner.setup()
     if limits is not None:
         sock = sock if sock is not None else bind_listener(host, port, setting=setting)
-        site: web.BaseSite = _LimitedSite(runner, sock, limits)
+        site: web.BaseSite = _LimitedSite(runner, sock, limits, ssl_context)
     else:
-        site = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, host, port)
+        site = (web.SockSite(runner, sock, ssl_context=ssl_context) if sock is not None
+                else web.TCPSite(runner, host, port, ssl_context=ssl_context))
     try:
         await site.start()
     except OSError as exc:
@@ -140,8 +143,9 @@ class _LimitedSite(web.SockSite):
     """A SockSite whose connections pass ConnectionLimits first (aiohttp 3.14's SockSite.start
     with the protocol factory wrapped)."""
 
-    def __init__(self, runner: web.BaseRunner, sock: socket.socket, limits: ConnectionLimits) -> None:
-        super().__init__(runner, sock)
+    def __init__(self, runner: web.BaseRunner, sock: socket.socket, limits: ConnectionLimits,
+                 ssl_context: ssl.SSLContext | None = None) -> None:
+        super().__init__(runner, sock, ssl_context=ssl_context)
         self._limits = limits
 
     async def start(self) -> None:

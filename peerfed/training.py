@@ -17,7 +17,9 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from peerfed.admission import GuardSetup, RosterPublisher, open_guard, why_not_exchange
 from peerfed.config import Config
+from peerfed.core.admission import GateStats, Roster
 from peerfed.core.envelope import Verifier
 from peerfed.core.exchange_rules import Outcome, wire_length
 from peerfed.core.peerid import Signer
@@ -31,6 +33,7 @@ from peerfed.net.exchange_state import ExchangeStats
 from peerfed.net.gossip import GossipLoop
 from peerfed.net.membership import Membership
 from peerfed.net.pacing import LinkStats, Pacing
+from peerfed.net.quiet import QuietLog
 from peerfed.ops.metrics import Metrics
 from peerfed.serving import ConnectionLimits, bind_listener
 from peerfed.state_sync import plan_state_sync, run_state_sync
@@ -40,6 +43,7 @@ from peerfed.train.tasks import TrainSettings
 from peerfed.training_side import TrainingSide
 
 log = logging.getLogger("peerfed.training")
+quiet = QuietLog(log)  # lines about a peer we skip: once a minute per peer
 
 POLL_INTERVAL = 0.5  # seconds between two looks at the trainer (restarts, metrics)
 MANIFEST_MAX_BYTES = 4096
@@ -53,6 +57,8 @@ class Exchanging:
     data_plane: DataPlane
     gossip: GossipLoop
     pacing: Pacing  # the rate caps and meters of every transfer (read by status(), any thread)
+    guard: GuardSetup  # admission, limits, bans and TLS (peerfed/admission.py)
+    roster: RosterPublisher  # tells the data plane whom it admits
 
 
 class Training(TrainingSide):
@@ -63,9 +69,9 @@ class Training(TrainingSide):
         self._signer, self._peer_id = signer, peer_id
         self._membership = membership
         self._metrics = metrics
-        ex = config.exchange
+        m = config.merge
         self._trainer = TrainerSupervisor(TrainSettings.from_config(config), merge_rule=MergeRule(
-            outer=ex.outer, outer_lr=ex.outer_lr, outer_momentum=ex.outer_momentum, clip=ex.clip))
+            outer=m.outer, outer_lr=m.outer_lr, outer_momentum=m.outer_momentum, clip=m.clip))
         # The exchange port is taken now, before anything slow: a taken port is reported at once.
         self._listener = bind_listener(config.exchange.listen_host, config.exchange.listen_port,
                                        setting="exchange.listen")
@@ -88,34 +94,37 @@ class Training(TrainingSide):
         cfg = self._config
         port = await plane.data_plane.start_server(cfg.exchange.listen_host, cfg.exchange.listen_port,
                                                    self._listener)
-        self.exchange_url = cfg.exchange.advertise_url or \
-            f"http://{advertised_host(cfg.exchange.listen_host, (*cfg.p2p.announce, *cfg.p2p.listen))}:{port}"
+        self.exchange_url = cfg.exchange.advertise_url or (f"{plane.guard.scheme}://"
+            f"{advertised_host(cfg.exchange.listen_host, (*cfg.p2p.announce, *cfg.p2p.listen))}:{port}")
+        self._membership.set_own_fields(tls_fingerprint=plane.guard.tls_fingerprint)  # clients pin it
 
     def _open_exchange(self) -> Exchanging:
         cfg, metrics = self._config, self._metrics
+        verifier = Verifier(network=cfg.network, own_peer_id=self._peer_id, clock=time.time,
+                            allowlist=_allowlist(cfg), max_size=MANIFEST_MAX_BYTES)
+        setup = open_guard(cfg, peer_id=self._peer_id, verifier=verifier, on_ban=metrics.peer_banned)
         pacing = Pacing(max_upload_rate=parse_rate(cfg.exchange.max_upload_rate),
                         max_download_rate=parse_rate(cfg.exchange.max_download_rate),
                         transfer_timeout=cfg.exchange.transfer_timeout,
-                        connections=ConnectionLimits(max_per_address=cfg.exchange.max_connections_per_address,
-                                                     header_timeout=cfg.exchange.header_timeout))
+                        connections=ConnectionLimits(max_per_address=cfg.admission.max_connections_per_address,
+                                                     header_timeout=cfg.admission.header_timeout))
         exchange = Exchange(
-            signer=self._signer, network=cfg.network, weights=self._trainer.weights,
-            verifier=Verifier(network=cfg.network, own_peer_id=self._peer_id, clock=time.time,
-                              allowlist=_allowlist(cfg), max_size=MANIFEST_MAX_BYTES),
+            signer=self._signer, network=cfg.network, weights=self._trainer.weights, verifier=verifier,
+            guard=setup.guard,
             max_incoming=cfg.exchange.max_incoming, connect_timeout=cfg.exchange.connect_timeout,
             transfer_timeout=cfg.exchange.transfer_timeout, on_rejected=metrics.rejected, encoding=cfg.exchange.encoding,
             on_finished=lambda role, outcome, duration, sent, got: metrics.exchange_finished(
                 outcome, duration, sent, got),
             pacing=pacing,
         )
-        data_plane = DataPlane(exchange)
+        data_plane = DataPlane(exchange, setup.guard)
         gossip = GossipLoop(
             scheduler=ExchangeScheduler(interval=self._interval(cfg), rng=random.Random(), now=time.monotonic()),
             # Only our own exchange in flight holds ours back: it has a slot of its own (issue 12).
             candidates=lambda: {} if data_plane.statistics().outgoing_now else self.candidates(),
             run_exchange=data_plane.exchange_with,
         )
-        return Exchanging(data_plane, gossip, pacing)
+        return Exchanging(data_plane, gossip, pacing, setup, RosterPublisher(data_plane.set_roster))
 
     def _interval(self, config: Config) -> float:
         """exchange.interval, stretched so that our average upload (our pushes, and about as
@@ -165,17 +174,28 @@ class Training(TrainingSide):
             self._plane.gossip.set_interval(self._interval(config))
 
     def candidates(self) -> dict[str, str]:
-        """peer_id -> exchange URL of connected peers that train our model."""
-        live = set(self._membership.connected_peers())
+        """peer_id -> exchange URL of connected peers that train our model, not banned, and
+        reachable the way our exchange requires (TLS with a pinned certificate, by default)."""
+        roster = self._publish_roster()
         table = self._membership.table
-        found = {}
+        gate, found, now = self._gate(), {}, time.time()
         for peer_id in table.exchange_candidates(self.fingerprint):
             info = table.get(peer_id)
+            if peer_id not in roster or info is None or not info.exchange_url:
+                continue
+            why = why_not_exchange(peer_id, info.exchange_url, pin=roster.pins[peer_id], gate=gate,
+                                   require_tls=self._config.exchange.tls, now=now)
+            if why:
+                quiet.log(logging.INFO, f"peer {peer_id}", "not exchanging with %s: %s", peer_id, why)
+                continue
             # Pairing: its URL, a tunnel over libp2p (a peer behind a NAT), or none for now.
-            url = self._membership.exchange_route(peer_id, info.exchange_url) if info is not None else ""
-            if peer_id in live and url:
+            if url := self._membership.exchange_route(peer_id, info.exchange_url):
                 found[peer_id] = url
         return found
+
+    def _publish_roster(self, force: bool = False) -> Roster:
+        """Tell the data plane which peers it admits now (connected ones), and return them."""
+        return self._plane.roster.update(self._membership, force=force) if self._plane is not None else Roster()
 
     async def exchange_now(self, peer_id: str | None) -> dict[str, object]:
         """One exchange now, with ``peer_id`` or a random candidate (local API: tests, benchmarks)."""
@@ -210,10 +230,27 @@ class Training(TrainingSide):
                 "duration_s": round(last.duration_s, 4), "at": last.at},
             "exchange_rejected": dict(ex.rejected),
             "merges": {**asdict(self._trainer.weights.merge_statistics()),
-                       "outer": self._config.exchange.outer, "clip": self._config.exchange.clip},
+                       "outer": self._config.merge.outer, "clip": self._config.merge.clip},
             "link": _link_status(self._plane.pacing.statistics() if self._plane is not None else LinkStats(),
                                  self._plane.gossip.statistics().interval if self._plane is not None else None),
+            "admission": self._admission_status(),
         }
+
+    def _admission_status(self) -> dict[str, object]:
+        """/status "admission": peers admitted now, bans in force, bans and faults by reason."""
+        gate = self._gate()
+        return {"admitted": gate.admitted, "tls": self._config.exchange.tls,
+                "tls_fingerprint": self._plane.guard.tls_fingerprint if self._plane is not None else "",
+                "bans": list(self.banned().values()), "bans_total": dict(gate.bans_total),
+                "offences": dict(gate.offences)}
+
+    def banned(self) -> dict[str, dict[str, object]]:
+        """peer_id -> its ban in force (for /status and `peerfed peers`)."""
+        now = time.time()
+        return {b.peer_id: b.as_json() for b in self._gate().bans if b.until > now}
+
+    def _gate(self) -> GateStats:
+        return self._plane.data_plane.gate_statistics() if self._plane is not None else GateStats()
 
     async def _poll_trainer(self) -> None:
         """Restart a dead trainer (the supervisor decides when) and feed /metrics."""
@@ -233,6 +270,8 @@ class Training(TrainingSide):
             self._metrics.set_peers_connected(len(self._membership.connected_peers()))
             merges = self._trainer.weights.merge_statistics()
             self._metrics.update_merges(merges.merges, merges.clipped)
+            self._publish_roster(force=True)  # admission follows the peer table within POLL_INTERVAL
+            self._metrics.set_peers_banned(len(self.banned()))
             if self._plane is not None:
                 link = self._plane.pacing.statistics()
                 self._metrics.update_link(link.upload_now, link.upload_avg, link.download_now, link.download_avg)

@@ -24,6 +24,7 @@ class TrainingSide(Protocol):
     def status(self) -> dict[str, object]: ...
     def progress(self) -> int | None: ...
     async def exchange_now(self, peer_id: str | None) -> dict[str, object]: ...
+    def banned(self) -> dict[str, dict[str, object]]: ...
 
 
 class NoTraining:
@@ -52,3 +53,6 @@ class NoTraining:
 
     async def exchange_now(self, peer_id: str | None) -> dict[str, object]:
         return {"outcome": "disabled"}
+
+    def banned(self) -> dict[str, dict[str, object]]:
+        return {}  # no exchange, nobody to ban

@@ -46,13 +46,17 @@ def reachability_status(membership: Membership) -> dict[str, Any]:
     return {"reachability": stats.reachability, "observed_addrs": list(stats.observed_addrs), "nat": nat}
 
 
-def peer_rows(membership: Membership) -> list[dict[str, Any]]:
-    """The peer table, with "connected" only for peers whose connection is up right now."""
+def peer_rows(membership: Membership, banned: dict[str, dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The peer table, with "connected" only for peers whose connection is up right now, and
+    each peer's ban in force (None if none: {reason, since, until})."""
     live = set(membership.connected_peers())
     rows = membership.peers_snapshot()
+    banned = banned or {}
     for row in rows:
         if row["state"] == "connected" and row["peer_id"] not in live:
             row["state"] = "known"
+        ban = banned.get(row["peer_id"])
+        row["ban"] = None if ban is None else {k: ban[k] for k in ("reason", "since", "until")}
     return rows
 
 

@@ -23,6 +23,8 @@ from libp2p.security.noise.transport import Transport as Noise
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_ID
 from libp2p.stream_muxer.yamux.yamux import Yamux
 
+from peerfed.core.peerid import Signer
+from peerfed.identity import load_identity, signer_of
 from peerfed.localswarm import LocalNode, LocalSwarm
 
 NO_TRAINING = {"train.enabled": False}
@@ -220,3 +222,16 @@ class NotifyListener:
         self._closed = True
         self._sock.close()
         self._thread.join(2.0)
+
+
+def add_insider(swarm: LocalSwarm, *nodes: LocalNode, timeout: float = 60.0) -> Signer:
+    """The key of a new relay node (a real daemon, no training) connected to ``nodes``: they
+    admit pushes and model requests signed with it (core/admission.py), as from any peer."""
+    relay = swarm.add_node(bootstrap=[nodes[0].p2p_addr], settings=NO_TRAINING)
+    relay.start()
+    relay.wait_up(timeout)
+    wait_until(lambda: all(relay.peer_id in n.connected_peers() for n in nodes), timeout,
+               "the insider to be connected")
+    time.sleep(1.0)  # the data plane's roster follows the peer table within 0.5 s
+    return signer_of(load_identity(relay.home / "identity.key"))
+

@@ -27,7 +27,10 @@ from peerfed.localswarm import LocalNode, LocalSwarm
 from peerfed.net.p2p import peers_protocol
 
 NETWORK = "hostile-test"
-NODE = {"train.init": "local", "train.threads": 1, "train.task": "digits-lr", "exchange.interval": NO_GOSSIP}
+# exchange.tls = false: the garbage must reach the HTTP layer (with TLS it stops at the handshake,
+# test_admission.py)
+NODE = {"train.init": "local", "train.threads": 1, "train.task": "digits-lr", "exchange.interval": NO_GOSSIP,
+        "exchange.tls": False}
 
 
 def http_garbage(rng: random.Random) -> Iterator[bytes]:

@@ -15,9 +15,9 @@ def exchange(**values: object) -> dict[str, object]:
 
 
 def test_defaults_are_unlimited_with_half_the_upload_for_exchanges() -> None:
-    cfg = parse_config({}, base_dir=None).exchange
-    assert (cfg.max_upload_rate, cfg.max_download_rate, cfg.max_upload_share) == ("", "", 0.5)
-    assert cfg.max_connections_per_address >= 1 and cfg.header_timeout > 0
+    cfg = parse_config({}, base_dir=None)
+    assert (cfg.exchange.max_upload_rate, cfg.exchange.max_download_rate, cfg.exchange.max_upload_share) == ("", "", 0.5)
+    assert cfg.admission.max_connections_per_address >= 1 and cfg.admission.header_timeout > 0
 
 
 @pytest.mark.parametrize("text", ["500kbit", "20Mbit", "1Gbit", "2.5MB", ""])

@@ -43,6 +43,8 @@ def test_render_parses_and_names_follow_conventions() -> None:
         "peerfed_exchange_bytes": "counter",
         "peerfed_exchange_duration_seconds": "histogram",
         "peerfed_rejected_messages": "counter",
+        "peerfed_peers_banned": "gauge",
+        "peerfed_peer_bans": "counter",
         "peerfed_train_steps": "counter",
         "peerfed_train_samples": "counter",
         "peerfed_train_loss": "gauge",
@@ -140,3 +142,12 @@ def test_link_rates_are_shown_by_direction_and_window() -> None:
     metrics.update_link(1000.0, 500.0, 250.0, 125.0)
     assert value(metrics, "peerfed_link_rate_bytes_per_second", direction="upload", window="now") == 1000.0
     assert value(metrics, "peerfed_link_rate_bytes_per_second", direction="download", window="average") == 125.0
+def test_bans_are_counted_by_reason_and_the_gauge_says_how_many_are_in_force() -> None:
+    from peerfed.core.admission import Ban
+
+    metrics = Metrics()
+    metrics.peer_banned(Ban("p", "bad_values", since=0.0, until=10.0))
+    metrics.peer_banned(Ban("q", "bad_values", since=0.0, until=10.0))
+    metrics.set_peers_banned(2)
+    assert value(metrics, "peerfed_peer_bans_total", reason="bad_values") == 2.0
+    assert value(metrics, "peerfed_peers_banned") == 2.0

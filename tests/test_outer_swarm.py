@@ -1,4 +1,4 @@
-"""exchange.outer = "nesterov" with real daemons: a swarm on harsh non-iid shards converges.
+"""merge.outer = "nesterov" with real daemons: a swarm on harsh non-iid shards converges.
 
 Three digits-mlp daemons on Dirichlet(0.1) shards (alone, each knows ~3 of the 10 digits:
 local-only training ends near 30% accuracy), with the outer Nesterov step and the default
@@ -22,7 +22,7 @@ NODES = 3
 def test_nesterov_outer_step_converges_on_non_iid_digits(tmp_path: Path) -> None:
     common = {"train.task": "digits-mlp", "train.threads": 1, "train.init": "local", "train.seed": 0,
               "train.node_count": NODES, "train.options": {"alpha": 0.1}, "train.eval_interval": 1.0,
-              "exchange.interval": 0.5, "exchange.outer": "nesterov", "checkpoint.interval": 3600.0,
+              "exchange.interval": 0.5, "merge.outer": "nesterov", "checkpoint.interval": 3600.0,
               "log_level": "warning"}
     with LocalSwarm(tmp_path, network="outer-test") as swarm:
         nodes = [swarm.add_node(settings={**common, "train.node_index": i}) for i in range(NODES)]

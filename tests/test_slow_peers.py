@@ -175,7 +175,7 @@ HEADER_TIMEOUT = 3.0
 @pytest.mark.slow
 def test_half_sent_requests_are_closed_in_time_and_the_api_answers_throughout(tmp_path: Path) -> None:
     with LocalSwarm(tmp_path, network=NETWORK) as swarm:
-        node = swarm.add_node(settings={**NODE, "exchange.interval": 1e9, "exchange.header_timeout": HEADER_TIMEOUT})
+        node = swarm.add_node(settings={**NODE, "exchange.interval": 1e9, "admission.header_timeout": HEADER_TIMEOUT})
         node.start()
         node.wait_up(timeout=120)
         api_times: list[float] = []

@@ -23,6 +23,7 @@ import os
 import re
 import signal
 import socket
+import ssl
 import threading
 import time
 import urllib.error
@@ -37,7 +38,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from swarmtools import NO_GOSSIP, wait_until
+from swarmtools import NO_GOSSIP, add_insider, wait_until
 
 from peerfed.averaging import (
     FlatLayout,
@@ -68,9 +69,14 @@ NETWORK = "exch-test"
 TESTS_DIR = Path(__file__).resolve().parent
 # A node we attack: trains at once (no state-sync wait), never starts an exchange itself.
 VICTIM_TRANSFER_TIMEOUT = 5.0
+# Its attackers are insiders (connected peers: only they are admitted), on a trusted LAN (plain
+# HTTP, so the raw-socket client here can send exactly the bytes it wants), never banned for
+# long (each garbage push would ban its sender) and not rate-limited.
 VICTIM = {"train.init": "local", "train.threads": 1, "exchange.interval": NO_GOSSIP,
           "train.eval_interval": 1.0, "exchange.transfer_timeout": VICTIM_TRANSFER_TIMEOUT,
-          "exchange.clip": 0.0}  # the control test checks the exact merge; clipping: test_merging.py
+          "merge.clip": 0.0,  # the control test checks the exact merge; clipping: test_merging.py
+          "exchange.tls": False, "admission.ban_duration": 0.001, "admission.peer_exchanges_per_minute": 1_000_000}
+INSIDERS: list[Signer] = []  # keys of peers connected to the victim (its fixture adds them)
 BIG_SAMPLE_WEIGHT = 1e9  # asks for a mixing weight ~1 (clamped to 10/11)
 HONEST_MAX_ABS = 100.0   # digits-mlp weights stay far below this; all garbage here is above
 MARK = 42.0
@@ -191,9 +197,25 @@ def post_exchange(node: LocalNode, header: str | None, body: bytes, *, expect: b
 
 # -- the test's own peer ---------------------------------------------------------------------------
 
+def _next_insider() -> Signer:
+    """One of the victim's insiders in turn (two EvilPeer() in a row are two peers), else a fresh key."""
+    if not INSIDERS:
+        return Signer.generate()
+    INSIDERS.append(INSIDERS.pop(0))
+    return INSIDERS[-1]
+
+
+def exchange_base(node: LocalNode) -> str:
+    """The node's exchange URL on 127.0.0.1 (https unless it runs with exchange.tls = false)."""
+    return node.get("/status")["exchange_url"].split("://")[0] + f"://127.0.0.1:{node.exchange_port}"
+
+
+UNPINNED = ssl._create_unverified_context()  # the test trusts the node it started
+
+
 @dataclass
 class EvilPeer:
-    signer: Signer = field(default_factory=Signer.generate)
+    signer: Signer = field(default_factory=_next_insider)
 
     @property
     def peer_id(self) -> str:
@@ -247,9 +269,8 @@ class EvilPeer:
     def fetch_model(self, node: LocalNode, fp: str = DIGITS_FP, timeout: float = 60.0) -> np.ndarray:
         """The node's current weights through a signed GET /v1/model (state sync's path)."""
         sealed = self.model_request(node, fp)
-        request = urllib.request.Request(f"http://127.0.0.1:{node.exchange_port}/v1/model",
-                                         headers={REQUEST_HEADER: b64(sealed)})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        request = urllib.request.Request(f"{exchange_base(node)}/v1/model", headers={REQUEST_HEADER: b64(sealed)})
+        with urllib.request.urlopen(request, timeout=timeout, context=UNPINNED) as response:
             data = response.read()
             header = response.headers[MANIFEST_HEADER]
         payload = self.verify_from(node, header, "model", nonce_of(sealed), data)
@@ -333,9 +354,11 @@ def victim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalNode]:
         node = swarm.add_node(settings=VICTIM)
         node.start()
         node.wait_up(timeout=120)
+        INSIDERS[:] = [add_insider(swarm, node), add_insider(swarm, node)]
         wait_until(lambda: (node.get("/status")["metrics"].get("accuracy") or 0) > 0.85, 90,
                    "the victim to train to accuracy > 0.85")
         yield node
+        INSIDERS.clear()
         assert node.process is not None and node.process.poll() is None, node.log_tail()
 
 
@@ -694,7 +717,7 @@ def test_newcomer_state_sync_yields_the_donors_weights(tmp_path: Path) -> None:
         wait_until(lambda: newcomer.get("/status")["state_sync"].startswith("from "), 60, "state sync to finish")
         assert newcomer.get("/status")["state_sync"] == f"from {donor.peer_id}"
         wait_until(lambda: donor.get("/status")["exchanges"]["ok"] >= 2, 30, "the donor to exchange")
-        peer = EvilPeer()
+        peer = EvilPeer(add_insider(swarm, donor, newcomer))
         donor_w, newcomer_w = peer.fetch_model(donor), peer.fetch_model(newcomer)
         own_init, donor_init = digits_init(2), digits_init(1)
 
@@ -718,7 +741,7 @@ def test_a_node_waiting_for_its_first_weights_shares_none(tmp_path: Path) -> Non
     # train.init = peer and no peer yet: it holds a random init, which must neither be averaged
     # into a trained peer nor handed to a newcomer. Both are "not ready" (429: ask again later).
     with LocalSwarm(tmp_path, network=NETWORK) as swarm:
-        node = swarm.add_node(settings={"train.init": "peer", "train.threads": 1})
+        node = swarm.add_node(settings={"train.init": "peer", "train.threads": 1, "exchange.tls": False})  # raw HTTP
         node.start()
         node.wait_up(120)
         wait_until(lambda: node.get("/status")["state_sync"].startswith("waiting"), 30, "the node to wait")
@@ -768,7 +791,7 @@ def test_killing_the_responder_mid_transfer_merges_nothing_on_the_initiator(tmp_
         wait_until(lambda: any(p["peer_id"] == responder.peer_id and p["state"] == "connected"
                                and p["exchange_url"] for p in initiator.get("/peers")), 60,
                    "the initiator to know the responder's exchange URL")
-        peer = EvilPeer()
+        peer = EvilPeer(add_insider(swarm, initiator, responder))
         before_w = peer.fetch_model(initiator, big_fp)
         responder_w = peer.fetch_model(responder, big_fp)
         assert np.abs(before_w - responder_w).max() > 1e-3  # a merge (alpha 0.5) would show

@@ -35,6 +35,9 @@ class PeerRecord:
     # them reads (and signs) as before.
     reachability: str = ""   # "public" | "private" | "" (unknown)
     private_addrs: int = 0
+    # hex SHA-256 of its exchange's TLS certificate, pinned by clients (net/tls.py); "" from
+    # a node without TLS or older than it (the field is then left out of the wire form).
+    tls_fingerprint: str = ""
 
     def to_wire(self) -> dict[str, Any]:
         wire: dict[str, Any] = {"addrs": list(self.addrs), "exchange_url": self.exchange_url,
@@ -43,6 +46,8 @@ class PeerRecord:
             wire["reachability"] = self.reachability
         if self.private_addrs:
             wire["private_addrs"] = self.private_addrs
+        if self.tls_fingerprint:
+            wire["tls_fingerprint"] = self.tls_fingerprint
         return wire
 
     @classmethod
@@ -63,7 +68,8 @@ class PeerRecord:
                    exchange_url=read_text(wire, "exchange_url", "", MAX_URL_CHARS),
                    fingerprint=read_text(wire, "fingerprint", ""),
                    version=read_text(wire, "version", ""),
-                   reachability=reachability, private_addrs=private_addrs)
+                   reachability=reachability, private_addrs=private_addrs,
+                   tls_fingerprint=read_text(wire, "tls_fingerprint", "", 64))
 
 
 @dataclass(frozen=True)

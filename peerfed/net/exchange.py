@@ -28,6 +28,7 @@ from peerfed.core.manifest import Manifest
 from peerfed.core.peerid import Signer
 from peerfed.errors import TrainerUnavailable
 from peerfed.net.exchange_state import ExchangeStats, LastExchange, Occupancy, Role
+from peerfed.net.guard import ExchangeGuard
 from peerfed.net.pacing import CLIENT_IDLE_S, Pacing, TransferGuard
 from peerfed.net.quiet import BAD_HTTP, HttpServerLog, QuietLog, describe
 from peerfed.net.transfer import (
@@ -69,33 +70,32 @@ class Exchange:
         on_finished: Callable[[Role, Outcome, float, int, int], None] | None = None,  # seconds, sent, received
         encoding: str = "float32",  # exchange.encoding (the daemon passes it; its default is "auto")
         pacing: Pacing | None = None,  # rate caps and the floor of every transfer (net/pacing.py)
+        guard: ExchangeGuard | None = None,  # holding ``verifier`` (None: anyone who signs, plaintext)
     ) -> None:
-        self._signer, self._network, self._weights, self._verifier = signer, network, weights, verifier
+        self._signer, self._network, self._weights = signer, network, weights
+        self._guard = guard or ExchangeGuard.open(verifier)  # who may talk to us: signatures, admission, TLS
         self._occupancy = Occupancy.for_model(weights.nbytes, max_incoming)
         self._stats = ExchangeStats()  # published: replaced, never changed, after each change
         # The client's timeouts; their total is also the responder's deadline for one exchange.
         self._timeout = aiohttp.ClientTimeout(total=transfer_timeout, sock_connect=connect_timeout)
         self._on_rejected, self._on_finished = on_rejected, on_finished
         # encodings and the transfer workers, which carry the pacing
-        self._wire = Wire(encoding, verifier, pacing or Pacing(transfer_timeout=transfer_timeout))
+        self._wire = Wire(encoding, self._guard.verifier, pacing or Pacing(transfer_timeout=transfer_timeout))
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
     # -- lifecycle and state (from the owning loop) ---------------------------------------
 
     async def start_server(self, host: str, port: int, sock: socket.socket | None = None) -> int:
-        """Serve /v1/exchange and /v1/model on ``sock``, else on host:port; returns the port.
-
-        Reserves the buffers of one exchange first (2x the model, zeroed so the pages are
-        really there): a daemon's memory does not grow when its first exchange comes.
-        """
+        """Serve /v1/exchange and /v1/model on ``sock``, else on host:port; returns the port. Reserves the buffers
+        of one exchange first (2x the model, zeroed): memory does not grow when the first exchange comes."""
         await asyncio.to_thread(self._occupancy.free_slots[-1].buffers)
         app = web.Application()
         app.router.add_post("/v1/exchange", self._serve_exchange, expect_handler=self._expect)
         app.router.add_get("/v1/model", self._serve_model)
         self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0, sock=sock,
                                           logger=HttpServerLog(quiet, self._count_rejected),
-                                          limits=self._pacing.connections)
+                                          limits=self._pacing.connections, ssl_context=self._guard.server_ssl)
         return bound
 
     async def close(self) -> None:
@@ -108,19 +108,13 @@ class Exchange:
             await self._session.close()
         self._wire.workers.shutdown()
 
-    def stop_accepting(self) -> None:
-        """Refuse new exchanges from now on (shutting down)."""
+    def stop_accepting(self) -> None:  # refuse new exchanges from now on (shutting down)
         self._occupancy.accepting = False
 
-    def set_weights_ready(self, ready: bool) -> None:
-        """Whether our weights may be shared (False while a state sync replaces a random init)."""
+    def set_weights_ready(self, ready: bool) -> None:  # False while a state sync replaces a random init
         self._occupancy.weights_ready = ready
 
-    def set_allowlist(self, allowlist: frozenset[str] | None) -> None:
-        self._verifier.set_allowlist(allowlist)
-
-    def statistics(self) -> ExchangeStats:
-        """The latest published snapshot (any thread may call this)."""
+    def statistics(self) -> ExchangeStats:  # the latest published snapshot (any thread may call this)
         return self._stats
 
     # -- responder ------------------------------------------------------------------------
@@ -132,9 +126,10 @@ class Exchange:
         env = self._open_header(request.headers.get(MANIFEST_HEADER), Manifest)
         if isinstance(env, Refusal):
             return env
-        refusal = self._pacing.refusal(env.sender) or rules.check_push(
-            env, ours=self._model(), content_length=request.content_length, room=self._occupancy.room(),
-            accepts=self._wire.choice.accepts)
+        refusal = self._pacing.refusal(env.sender) or self._guard.admit(
+            env.sender, cost=2 * self._weights.nbytes, unless=rules.check_push(
+                env, ours=self._model(), content_length=request.content_length, room=self._occupancy.room(),
+                accepts=self._wire.choice.accepts))
         return env if refusal is None else self._counted(refusal)
 
     async def _expect(self, request: web.Request) -> web.StreamResponse | None:
@@ -172,13 +167,14 @@ class Exchange:
         except (ProtocolError, HttpProcessingError) as exc:  # bad bytes, or a body that broke HTTP's framing
             outcome = Outcome.REFUSED
             reason = exc.reason if isinstance(exc, ProtocolError) else BAD_HTTP
-            self._count_rejected(reason)
+            self._count_rejected(reason, env.sender)
             quiet.warning(f"peer {env.sender}", "exchange from %s refused: %s (%s); nothing merged",
                           env.sender, reason, describe(exc))
             response.force_close()
         except (ConnectionError, asyncio.TimeoutError, OSError, TrainerUnavailable) as exc:
             quiet.log(logging.INFO, f"peer {env.sender}", "exchange from %s failed: %s; nothing merged",
                       env.sender, describe(exc))
+            self._guard.transfer_failed(env.sender, exc)
             response.force_close()
         finally:
             self._occupancy.give_back(slot, incoming=True)
@@ -210,7 +206,7 @@ class Exchange:
         env = self._open_header(request.headers.get(REQUEST_HEADER), ModelRequest)
         if isinstance(env, Refusal):
             return refusal_response(env)
-        if (refusal := rules.check_model_request(env, ours=self._model(), room=self._occupancy.room())) is not None:
+        if (refusal := self._guard.admit(env.sender, cost=self._weights.nbytes, unless=rules.check_model_request(env, ours=self._model(), room=self._occupancy.room()))) is not None:
             return refusal_response(self._counted(refusal))
         slot = self._occupancy.take()
         response = web.StreamResponse()
@@ -255,9 +251,8 @@ class Exchange:
             return Outcome.BUSY
         slot = self._occupancy.take(outgoing=True)
         self._publish()
-        started = time.monotonic()
+        started, sent, got = time.monotonic(), 0, 0
         outcome: Outcome | str = Outcome.FAILED
-        sent = got = 0
         filled = False  # every chunk of `send` holds what we sent (the digest is sealed)
         try:
             send, recv = slot.buffers()
@@ -279,7 +274,7 @@ class Exchange:
             async with self._http().post(
                 url.rstrip("/") + "/v1/exchange", data=StreamPayload(size, produce), expect100=True,
                 headers={MANIFEST_HEADER: encode_header(sealed), "Content-Length": str(size)},
-                timeout=self._timeout,
+                timeout=self._timeout, ssl=self._guard.client_ssl(peer_id, url),
             ) as response:
                 if response.status != 200:
                     answer = await response.text()
@@ -295,21 +290,18 @@ class Exchange:
                     env, peer_id=peer_id, push_nonce=push_nonce, ours=self._model(), accepts=self._wire.choice.accepts)
                 if refusal is not None:
                     log.info("exchange with %s: refused its reply: %s", peer_id, refusal.detail)
-                    outcome = Outcome.REFUSED
-                    return outcome
+                    return (outcome := Outcome.REFUSED)
                 values, receive = self._wire.receive_checked(guard.reader(response.content), recv, env)
                 got = await receive
             if not filled:  # an honest peer ends its reply only after all of our push
                 log.info("exchange with %s: its reply ended before our push was sent; nothing merged", peer_id)
                 return Outcome.FAILED
-            sent = ours.length
-            outcome = await self._merge(recv, send, env.body, peer_id, values)
+            sent, outcome = ours.length, await self._merge(recv, send, env.body, peer_id, values)
             return outcome
         except Rejected as exc:
-            self._count_rejected(exc.reason)
+            self._count_rejected(exc.reason, peer_id)
             log.warning("exchange with %s: its reply was refused: %s (%s); nothing merged", peer_id, exc.reason, exc)
-            outcome = Outcome.REFUSED
-            return outcome
+            return (outcome := Outcome.REFUSED)
         except (ProtocolError, ConnectionError, asyncio.TimeoutError, aiohttp.ClientError, OSError,
                 TrainerUnavailable) as exc:
             log.info("exchange with %s failed: %s", peer_id, describe(exc))
@@ -324,11 +316,10 @@ class Exchange:
         manifest (with the donor's lr clock), or None."""
         sealed = seal(self._signer, network=self._network, recipient=peer_id,
                       body=ModelRequest(fingerprint=self._weights.fingerprint), now=time.time())
-        request_nonce = nonce_of(sealed)
         ours = ModelShape(self._weights.fingerprint, dst.numel() * dst.element_size())
         try:
             async with self._http().get(
-                url.rstrip("/") + "/v1/model", headers={REQUEST_HEADER: encode_header(sealed)}, timeout=self._timeout,
+                url.rstrip("/") + "/v1/model", headers={REQUEST_HEADER: encode_header(sealed)}, timeout=self._timeout, ssl=self._guard.client_ssl(peer_id, url),
             ) as response:
                 if response.status != 200:  # 429: busy, or syncing itself (the caller asks again)
                     log.log(logging.DEBUG if response.status == 429 else logging.INFO, "state sync from %s: %s %s",
@@ -336,7 +327,7 @@ class Exchange:
                     return None
                 env = self._open_header(response.headers.get(MANIFEST_HEADER), Manifest)
                 refusal = env if isinstance(env, Refusal) else rules.check_model_reply(
-                    env, peer_id=peer_id, request_nonce=request_nonce, ours=ours, accepts=self._wire.choice.accepts)
+                    env, peer_id=peer_id, request_nonce=nonce_of(sealed), ours=ours, accepts=self._wire.choice.accepts)
                 if refusal is not None:
                     log.info("state sync from %s failed: %s", peer_id, refusal.detail)
                     return None
@@ -372,14 +363,14 @@ class Exchange:
 
     def _open_header(self, value: str | None, kind: type[Body]) -> Envelope | Refusal:
         """The verified envelope in a signed header, or the refusal (counted)."""
-        opened = rules.open_header(self._verifier, decode_header(value), kind)
+        opened = rules.open_header(self._guard.verifier, decode_header(value), kind)
         return self._counted(opened) if isinstance(opened, Refusal) else opened
 
     async def _merge(self, received: torch.Tensor, sent: torch.Tensor, theirs: Manifest, peer_id: str,
                      values: ValueCheck) -> Outcome:
         problem = await in_receive_worker(self._wire.workers, values.problem)  # checked as it arrived: little left
         if problem:
-            self._count_rejected("bad_values")
+            self._count_rejected("bad_values", peer_id)
             quiet.warning(f"peer {peer_id}", "not merging weights from %s: %s", peer_id, problem)
             return Outcome.REFUSED
         alpha = bounded_mixing_weight(self._weights.num_samples, theirs.sample_weight)
@@ -391,8 +382,9 @@ class Exchange:
             self._count_rejected(refusal.reason)
         return refusal
 
-    def _count_rejected(self, reason: str) -> None:
+    def _count_rejected(self, reason: str, peer_id: str = "") -> None:
         self._stats = self._stats.with_rejection(reason)
+        self._guard.ban_reason(peer_id, reason)  # "": not a fault of a peer's own
         if self._on_rejected is not None:
             self._on_rejected(reason)
 

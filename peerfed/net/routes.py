@@ -30,7 +30,11 @@ class ExchangeRoutes:
 
     def route(self, peer_id: str, url: str, reachable: bool) -> str:
         """The URL to exchange with ``peer_id`` at ("" = none for now)."""
-        return url if reachable else self._tunnels.get(peer_id, "")
+        if reachable:
+            return url
+        tunnel = self._tunnels.get(peer_id, "")
+        # The tunnel carries bytes to the peer's exchange port as they are: TLS there, TLS here.
+        return "https://" + tunnel.removeprefix("http://") if tunnel and url.startswith("https://") else tunnel
 
     def tunnels(self) -> dict[str, dict[str, str]]:
         """PeerID -> {"url": local URL, "connection": "direct" (hole-punched) | "relayed"}."""

@@ -24,6 +24,7 @@ from prometheus_client import (
 )
 
 from peerfed import __version__
+from peerfed.core.admission import Ban
 from peerfed.core.exchange_rules import EXCHANGE_OUTCOMES, Outcome
 
 __all__ = ["CONTENT_TYPE", "EXCHANGE_DURATION_BUCKETS", "EXCHANGE_OUTCOMES", "Metrics"]
@@ -90,6 +91,9 @@ class _ExchangeMetrics:
             "peerfed_link_rate_bytes_per_second", "Payload bytes per second moved by the data plane, "
             "over the last 10 s (window=now) and since start (window=average).", ["direction", "window"], registry=r,
         )
+        self.peers_banned = Gauge("peerfed_peers_banned", "Peers whose exchanges are refused now (a ban).", registry=r)
+        self.peer_bans = Counter("peerfed_peer_bans", "Bans of peers, by the fault that started them.", ["reason"],
+                                 registry=r)
         # Pre-create label children so each series exists at 0 from the first scrape
         # (rate() over a series that appears late misses its first increment).
         for outcome in EXCHANGE_OUTCOMES:
@@ -117,10 +121,10 @@ class _TrainingMetrics:
         self.trainer_restarts = Counter(
             "peerfed_trainer_restarts", "Times the trainer process was restarted.", registry=r
         )
-        self.merged = (  # merges, and those whose peer difference was clipped (exchange.clip)
+        self.merged = (  # merges, and those whose peer difference was clipped (merge.clip)
             _MonotonicCounter(Counter("peerfed_merges", "Exchanges merged into this node's weights.", registry=r)),
             _MonotonicCounter(Counter("peerfed_merges_clipped", "Merges whose peer difference was clipped "
-                                      "(exchange.clip).", registry=r)),
+                                      "(merge.clip).", registry=r)),
         )
         self.steps = _MonotonicCounter(self.train_steps)
         self.samples = _MonotonicCounter(self.train_samples)
@@ -156,6 +160,12 @@ class Metrics:
         for direction, window, value in (("upload", "now", upload_now), ("upload", "average", upload_avg),
                                          ("download", "now", download_now), ("download", "average", download_avg)):
             self._exchange.link_rate.labels(direction, window).set(value)
+    def set_peers_banned(self, count: int) -> None:
+        self._exchange.peers_banned.set(count)
+
+    def peer_banned(self, ban: Ban) -> None:
+        """A ban started (any thread: the data plane's guard calls it)."""
+        self._exchange.peer_bans.labels(ban.reason).inc()
 
     def rejected(self, reason: str) -> None:
         self._exchange.rejected_messages.labels(reason).inc()

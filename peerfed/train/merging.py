@@ -1,15 +1,15 @@
-"""This node's side of every merge: the outer step (exchange.outer) and the clip (exchange.clip).
+"""This node's side of every merge: the outer step (merge.outer) and the clip (merge.clip).
 
 `Merger` turns one exchange's (sent, received, mixing weight) into the change of our weights:
-- exchange.outer = "none": x += a' (received - sent), as averaging.merge_;
-- exchange.outer = "nesterov": averaging.outer_step_ on the outer weights phi and momentum m
+- merge.outer = "none": x += a' (received - sent), as averaging.merge_;
+- merge.outer = "nesterov": averaging.outer_step_ on the outer weights phi and momentum m
   that the Merger keeps (DiLoCo's Nesterov SGD on the pseudo-gradient phi - pair average; with
   NoLoCo's pairing), after which the trainer goes on from phi (plus the steps it took while the
   bytes were in flight).
 What travels is the same in both: the trainer's current weights x. Outer weights are not sent:
 as averaging.outer_step_ shows, the pair average of x is all NoLoCo's and DiLoCo's updates need.
 
-a' is the mixing weight with the peer's difference clipped (clipping.py): to exchange.clip x
+a' is the mixing weight with the peer's difference clipped (clipping.py): to merge.clip x
 the median of our own movement since the last merge and the peer distances of our recent
 merges, shrinking further beyond. Our movement is measured from an anchor: phi with the outer
 step (x restarts from phi at every exchange), else a buffer holding where the last merge left
@@ -45,7 +45,7 @@ from peerfed.clipping import ClipScale, clipped_weight, distance
 
 @dataclass(frozen=True, slots=True)
 class MergeRule:
-    """How this node merges (from exchange.outer, outer_lr, outer_momentum, clip)."""
+    """How this node merges (from merge.outer, outer_lr, outer_momentum, clip)."""
 
     outer: str = "none"  # "none" | "nesterov"
     outer_lr: float = OUTER_LR

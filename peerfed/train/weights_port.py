@@ -71,7 +71,7 @@ class WeightsPort:
                  merge_rule: MergeRule | None = None) -> None:
         self._clock = clock  # the supervisor's lr clock (lock-free)
         self._request_timeout = request_timeout
-        self._merge_rule = merge_rule or MergeRule()  # exchange.outer and exchange.clip
+        self._merge_rule = merge_rule or MergeRule()  # merge.outer and merge.clip
         self._lock = threading.Lock()  # one operation at a time; guards the fields below
         self._buffers: SharedWeights | None = None
         self._link: TrainerLink | None = None
@@ -133,7 +133,7 @@ class WeightsPort:
 
     def merge(self, received: torch.Tensor, sent: torch.Tensor, alpha: float) -> float:
         """weights += alpha * (received - sent) (steps taken since `sent` was taken are kept),
-        with the peer's difference clipped and the outer step as exchange.clip and exchange.outer
+        with the peer's difference clipped and the outer step as merge.clip and merge.outer
         say (merging.py). Returns the share of the peer's difference kept (1.0: not clipped)."""
         if not -1e3 < alpha < 1e3:
             raise ValueError(f"bad mixing weight {alpha!r}")
