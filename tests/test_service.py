@@ -611,8 +611,9 @@ def test_metrics_parse_and_exchange_counters_grow(tmp_path: Path) -> None:
     received = ("peerfed_exchange_bytes_total", (("direction", "received"),))
     durations = ("peerfed_exchange_duration_seconds_count", (("outcome", "ok"),))
     with local_swarm(tmp_path) as swarm:
-        a = swarm.add_node(settings=TRAIN)
-        b = swarm.add_node(settings=TRAIN)
+        float32 = {**TRAIN, "exchange.encoding": "float32"}  # wire bytes = model bytes
+        a = swarm.add_node(settings=float32)
+        b = swarm.add_node(settings=float32)
         swarm.start_all()
         swarm.wait_full_view(timeout=30)
         wait_training(a)

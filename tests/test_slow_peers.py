@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import ssl
 import threading
 import time
 import urllib.request
@@ -40,6 +41,8 @@ INTERVAL = 1.0
 NODE = {"train.init": "local", "train.threads": 1, "train.task": "digits-lr", "train.eval_interval": 5.0,
         "exchange.interval": INTERVAL}
 TRICKLE_EVERY = 4.5
+TLS_CLIENT = ssl.create_default_context()
+TLS_CLIENT.check_hostname, TLS_CLIENT.verify_mode = False, ssl.CERT_NONE  # an attacker pins nothing
 PHASE_S = 40.0
 
 
@@ -94,7 +97,8 @@ class SlowPusher:
             self._stop.wait(0.2)
 
     def _once(self) -> None:
-        with socket.create_connection(("127.0.0.1", self.node.exchange_port), timeout=5) as sock:
+        raw = socket.create_connection(("127.0.0.1", self.node.exchange_port), timeout=5)
+        with TLS_CLIENT.wrap_socket(raw) as sock:  # exchange.tls is on by default: speak it
             sock.sendall(self._head())
             first = sock.recv(4096)
             status = int(first.split(b" ", 2)[1]) if first.startswith(b"HTTP/1.1 ") else 0

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import base64
 import re
+import ssl
 import time
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from swarmtools import NO_GOSSIP, post_exchange, wait_until
+from swarmtools import NO_GOSSIP, add_insider, post_exchange, wait_until
 
 from peerfed import codecs
 from peerfed.averaging import fingerprint
@@ -30,6 +31,7 @@ from peerfed.train.tasks import NodeContext, TrainSettings, digits_mlp
 
 pytestmark = pytest.mark.slow
 NETWORK = "encodings-test"
+INSIDER: list[Signer] = []  # the key of a relay daemon connected to all three (the fixture's)
 COMMON = {"train.init": "local", "train.threads": 1, "exchange.interval": NO_GOSSIP, "train.eval_interval": 2.0}
 DIGITS_NUMEL = sum(p.numel() for p in digits_mlp(TrainSettings(), NodeContext(0, 1, 0)).model.parameters())
 
@@ -44,6 +46,7 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, LocalN
         for node in named.values():  # every node knows every other's exchange URL
             wait_until(lambda node=node: sum(bool(p["exchange_url"]) for p in node.get("/peers")) >= 2, 60,
                        f"node {node.index} to know its peers' exchange URLs")
+        INSIDER.append(add_insider(swarm, *named.values()))  # a connected peer's key: admitted
         yield named
         for node in named.values():
             assert node.process is not None and node.process.poll() is None, node.log_tail()
@@ -118,13 +121,13 @@ def test_int8_cuts_the_wire_bytes_of_one_digits_exchange_below_0_3x_float32(node
 
 def test_state_sync_stays_float32(nodes: dict[str, LocalNode]) -> None:
     """GET /v1/model answers in float32 whatever exchange.encoding says (exact weights, once)."""
-    signer, node = Signer.generate(), nodes["I"]
+    signer, node = INSIDER[0], nodes["I"]
     model = digits_mlp(TrainSettings(), NodeContext(0, 1, 0)).model
     sealed = seal(signer, network=NETWORK, recipient=node.peer_id, body=ModelRequest(fingerprint=fingerprint(model)),
                   now=time.time())
-    request = urllib.request.Request(f"http://127.0.0.1:{node.exchange_port}/v1/model",
+    request = urllib.request.Request(f"https://127.0.0.1:{node.exchange_port}/v1/model",
                                      headers={REQUEST_HEADER: base64.b64encode(sealed).decode()})
-    with urllib.request.urlopen(request, timeout=30) as response:
+    with urllib.request.urlopen(request, timeout=30, context=ssl._create_unverified_context()) as response:
         data, header = response.read(), response.headers[MANIFEST_HEADER]
     verifier = Verifier(network=NETWORK, own_peer_id=signer.peer_id, clock=time.time, max_size=4096)
     manifest = verifier.verify(base64.b64decode(header), expected_kind=Manifest).body

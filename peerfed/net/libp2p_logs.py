@@ -33,12 +33,14 @@ def adopt_libp2p_logger() -> None:
 
 
 class _RefusedProtocolFilter(logging.Filter):
-    """Drops py-libp2p's multi-line ERROR for a stream the peer refused: _trio_request raises
-    ForeignPeer for it and membership logs it once, in one line."""
+    """Drops py-libp2p's multi-line ERROR for a stream the peer refused (_trio_request raises
+    ForeignPeer for it and membership logs it once, in one line) or hung up on while it was
+    being negotiated (a foreign peer closing the connection: the caller gets the error)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         text = str(record.msg)
-        return not (text.startswith("Failed to open stream") and "not supported" in text
+        return not (text.startswith("Failed to open stream")
+                    and ("not supported" in text or "protocol read failed" in text)
                     # a peer's AutoNAT dial-back (net/autonat.py) hangs up after the handshake
                     or text.startswith("fail to upgrade mux"))
 
