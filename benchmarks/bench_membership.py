@@ -210,10 +210,14 @@ def print_verdicts(results: dict[int, list[dict[str, Any]]]) -> None:
         limit = 60.0 if n <= 64 else 120.0
         times = [r["view_s"] for r in runs]
         held = all(t is not None and t <= limit for t in times)
-        cpu_ok = all(r.get("cpu") and median(r["cpu"]) <= 1.0 for r in runs if r["view_s"] is not None)
-        connected = all(r.get("connected") for r in runs if r["view_s"] is not None)
+        measured = [r for r in runs if r["view_s"] is not None]  # idle CPU is read once views are held
+
+        def verdict(ok: bool) -> str:
+            return ("MET" if ok else "MISSED") if measured else "not measured (views never held)"
+        cpu_ok = all(r.get("cpu") and median(r["cpu"]) <= 1.0 for r in measured)
+        connected = all(r.get("connected") for r in measured)
         print(f"   N={n}: views held within {limit:g} s of all up: {'MET' if held else 'MISSED'}; overlay connected: "
-              f"{'MET' if connected else 'MISSED'}; median idle CPU <= 1% of a core: {'MET' if cpu_ok else 'MISSED'}")
+              f"{verdict(connected)}; median idle CPU <= 1% of a core: {verdict(cpu_ok)}")
     if TARGET_N not in results:
         print(f"   N={TARGET_N} not measured (--sizes): no verdict")
     else:
