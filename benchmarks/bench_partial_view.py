@@ -8,8 +8,8 @@ merge and ExchangeScheduler). Part 1: for each N, gossip where every node may on
 with its active view, kept by the real policy (peerfed.core.view.PartialView: fill at random,
 prune above slack, rotate one link per period) over a passive view of at most 64 records,
 against the same swarm with a full view (anyone with anyone). One exchange interval stands
-for 10 s of the daemon's clock, so the view rotates about once per interval, as a daemon
-with exchange.interval = 10 does. Each node takes --steps local steps whatever N (so the
+for 10 s of the daemon's clock, so the view rotates about once per two intervals, as a
+daemon with exchange.interval = 10 does. Each node takes --steps local steps whatever N (so the
 epochs grow with N). Printed: mean and worst accuracy of both, the difference (target:
 partial within 0.5 points of full), and how uniform the partners were: distinct partners per
 node, and how often the most and least chosen node was chosen against the mean.
@@ -177,7 +177,7 @@ def scale_model(args: argparse.Namespace) -> None:
     slack = max(2, k // 4)
     pings = 2 * k * 60 / PING_INTERVAL  # we ping each link, each link pings us
     swaps = 2 * 60 / GOSSIP_INTERVAL  # one peer list sent, about one received
-    rotations = 2 * 60 / 10.0  # one link closed and one dialed per ~10 s, and as many by others
+    rotations = 2 * 60 / PartialView.rotate_every  # one link closed and one dialed per period, as many by others
     print(f"\nper node, any N: connections {k}..{k + slack} (hard cap {k + 8}); per minute: {pings:.0f} pings, "
           f"{swaps:.0f} peer-list swaps (<= {PASSIVE + 1} records each), ~{rotations:.0f} handshakes from rotation")
     print(f"{'N':>6} | {'newcomer holds its view (s)':>27} | {'as findable as an old node (s)':>30} | {'s':>4}")

@@ -49,7 +49,7 @@ class PartialView:
     """Keeps the active view near ``target`` live connections (see the module doc)."""
 
     target: int
-    rotate_every: float = 10.0
+    rotate_every: float = 20.0
     slack: int = -1  # links allowed above target before pruning; -1: max(2, target // 4)
     rng: random.Random = field(default_factory=random.Random)
     counters: ViewCounters = field(default_factory=ViewCounters)

@@ -363,7 +363,12 @@ class Membership:
     async def _ping_loop(self) -> None:
         while True:
             await asyncio.sleep(PING_INTERVAL)
-            await asyncio.gather(*(self._ping(p) for p in self.connected_peers()))
+            # a link that carried a peer list since the last round is live: no ping needed
+            now = self._clock()
+            quiet = [p for p in self.connected_peers()
+                     if (info := self.table.get(p)) is None or info.last_seen is None
+                     or now - info.last_seen >= PING_INTERVAL]
+            await asyncio.gather(*(self._ping(p) for p in quiet))
 
     async def _ping(self, peer_id: str) -> None:
         try:
