@@ -418,12 +418,15 @@ def established_to(port: int) -> set[tuple[str, str]]:
 
 
 class BackgroundExchange(threading.Thread):
-    """POST /exchange on `node` until a peer is there to exchange with; keeps the last result."""
+    """POST /exchange on `node` until an exchange gets under way; keeps the last result. Until
+    `started` is set, an early answer (no peer yet, or the peer not yet admitting us: 401
+    until its roster has our connection) is retried."""
 
     def __init__(self, node: LocalNode) -> None:
         super().__init__(daemon=True)
         self.node = node
         self.result: dict[str, Any] | str | None = None
+        self.started = threading.Event()
 
     def run(self) -> None:
         deadline = time.monotonic() + 60
@@ -433,7 +436,7 @@ class BackgroundExchange(threading.Thread):
             except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
                 self.result = f"no answer: {exc!r}"  # the node stopped while we waited
                 return
-            if self.result.get("outcome") != "no_such_peer":
+            if self.result.get("outcome") == "ok" or self.started.is_set():
                 return
             time.sleep(0.2)
 
@@ -442,10 +445,13 @@ def sigterm_mid_exchange(initiator: LocalNode, responder: LocalNode, victim: Loc
     """Start an exchange, SIGTERM `victim` once the transfer is under way; check it exits 0
     within 10 s with a loadable checkpoint and that the SIGTERM fell inside the exchange."""
     survivor = responder if victim is initiator else initiator
+    for node in (initiator, responder):  # each admits the other (401 until its roster has it)
+        wait_until(lambda node=node: node.get("/status")["admission"]["admitted"] >= 1, 30, "admission")
     known = established_to(responder.exchange_port)
     exchange = BackgroundExchange(initiator)
     exchange.start()
     wait_until(lambda: bool(established_to(responder.exchange_port) - known), 60, "the exchange connection")
+    exchange.started.set()
     time.sleep(0.15)
     sent_at = time.time()
     victim.signal(signal.SIGTERM)
