@@ -117,7 +117,7 @@ class Training(TrainingSide):
                 outcome, duration, sent, got),
             pacing=pacing,
         )
-        data_plane = DataPlane(exchange, setup.guard)
+        data_plane = DataPlane(exchange)
         gossip = GossipLoop(
             scheduler=ExchangeScheduler(interval=self._interval(cfg), rng=random.Random(), now=time.monotonic()),
             # Only our own exchange in flight holds ours back: it has a slot of its own (issue 12).

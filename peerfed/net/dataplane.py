@@ -29,7 +29,6 @@ from peerfed.core.exchange_rules import Outcome
 from peerfed.core.manifest import Manifest
 from peerfed.net.exchange import Exchange
 from peerfed.net.exchange_state import ExchangeStats
-from peerfed.net.guard import ExchangeGuard
 from peerfed.net.priority import DATA_PLANE_NICE_STEP, lower_thread_priority
 
 T = TypeVar("T")
@@ -38,9 +37,8 @@ T = TypeVar("T")
 class DataPlane:
     """Owns the data-plane thread and forwards calls to the Exchange living on it."""
 
-    def __init__(self, exchange: Exchange, guard: ExchangeGuard | None = None) -> None:
+    def __init__(self, exchange: Exchange) -> None:
         self._exchange = exchange
-        self._guard = guard  # the one ``exchange`` consults (None: it has an open one of its own)
         self._loop = uvloop.new_event_loop()
         self._thread = threading.Thread(target=self._run, name="peerfed-dataplane", daemon=True)
         self._thread.start()
@@ -80,22 +78,19 @@ class DataPlane:
         self._soon_on_plane(self._exchange.stop_accepting)
 
     def set_allowlist(self, allowlist: frozenset[str] | None) -> None:
-        if self._guard is not None:
-            self._soon_on_plane(self._guard.verifier.set_allowlist, allowlist)
+        self._soon_on_plane(self._exchange.guard.verifier.set_allowlist, allowlist)
 
     def set_roster(self, roster: Roster) -> None:
         """The peers admitted from now on (connected over libp2p) and their certificate pins."""
-        if self._guard is not None:
-            self._soon_on_plane(self._guard.set_roster, roster)
+        self._soon_on_plane(self._exchange.guard.set_roster, roster)
 
     def ban_reason(self, peer_id: str, reason: str) -> None:
         """Report ``peer_id`` at fault for ``reason`` (a strike, or a ban at once; core/admission.py)."""
-        if self._guard is not None:
-            self._soon_on_plane(self._guard.ban_reason, peer_id, reason)
+        self._soon_on_plane(self._exchange.guard.ban_reason, peer_id, reason)
 
     def gate_statistics(self) -> GateStats:
         """Admission and bans as last published (immutable; read from any thread)."""
-        return self._guard.statistics() if self._guard is not None else GateStats()
+        return self._exchange.guard.statistics()
 
     def statistics(self) -> ExchangeStats:
         """The Exchange's latest published snapshot (immutable; read from any thread)."""

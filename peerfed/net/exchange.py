@@ -73,14 +73,14 @@ class Exchange:
         guard: ExchangeGuard | None = None,  # holding ``verifier`` (None: anyone who signs, plaintext)
     ) -> None:
         self._signer, self._network, self._weights = signer, network, weights
-        self._guard = guard or ExchangeGuard.open(verifier)  # who may talk to us: signatures, admission, TLS
+        self.guard = guard or ExchangeGuard.open(verifier)  # who may talk to us (DataPlane forwards to it)
         self._occupancy = Occupancy.for_model(weights.nbytes, max_incoming)
         self._stats = ExchangeStats()  # published: replaced, never changed, after each change
         # The client's timeouts; their total is also the responder's deadline for one exchange.
         self._timeout = aiohttp.ClientTimeout(total=transfer_timeout, sock_connect=connect_timeout)
         self._on_rejected, self._on_finished = on_rejected, on_finished
         # encodings and the transfer workers, which carry the pacing
-        self._wire = Wire(encoding, self._guard.verifier, pacing or Pacing(transfer_timeout=transfer_timeout))
+        self._wire = Wire(encoding, self.guard.verifier, pacing or Pacing(transfer_timeout=transfer_timeout))
         self._session: aiohttp.ClientSession | None = None
         self._runner: web.AppRunner | None = None
 
@@ -95,7 +95,7 @@ class Exchange:
         app.router.add_get("/v1/model", self._serve_model)
         self._runner, bound = await serve(app, host, port, setting="exchange.listen", shutdown_timeout=2.0, sock=sock,
                                           logger=HttpServerLog(quiet, self._count_rejected),
-                                          limits=self._pacing.connections, ssl_context=self._guard.server_ssl)
+                                          limits=self._pacing.connections, ssl_context=self.guard.server_ssl)
         return bound
 
     async def close(self) -> None:
@@ -126,7 +126,7 @@ class Exchange:
         env = self._open_header(request.headers.get(MANIFEST_HEADER), Manifest)
         if isinstance(env, Refusal):
             return env
-        refusal = self._pacing.refusal(env.sender) or self._guard.admit(
+        refusal = self._pacing.refusal(env.sender) or self.guard.admit(
             env.sender, cost=2 * self._weights.nbytes, unless=rules.check_push(
                 env, ours=self._model(), content_length=request.content_length, room=self._occupancy.room(),
                 accepts=self._wire.choice.accepts))
@@ -174,7 +174,7 @@ class Exchange:
         except (ConnectionError, asyncio.TimeoutError, OSError, TrainerUnavailable) as exc:
             quiet.log(logging.INFO, f"peer {env.sender}", "exchange from %s failed: %s; nothing merged",
                       env.sender, describe(exc))
-            self._guard.transfer_failed(env.sender, exc)
+            self.guard.transfer_failed(env.sender, exc)
             response.force_close()
         finally:
             self._occupancy.give_back(slot, incoming=True)
@@ -206,7 +206,7 @@ class Exchange:
         env = self._open_header(request.headers.get(REQUEST_HEADER), ModelRequest)
         if isinstance(env, Refusal):
             return refusal_response(env)
-        if (refusal := self._guard.admit(env.sender, cost=self._weights.nbytes, unless=rules.check_model_request(env, ours=self._model(), room=self._occupancy.room()))) is not None:
+        if (refusal := self.guard.admit(env.sender, cost=self._weights.nbytes, unless=rules.check_model_request(env, ours=self._model(), room=self._occupancy.room()))) is not None:
             return refusal_response(self._counted(refusal))
         slot = self._occupancy.take()
         response = web.StreamResponse()
@@ -274,7 +274,7 @@ class Exchange:
             async with self._http().post(
                 url.rstrip("/") + "/v1/exchange", data=StreamPayload(size, produce), expect100=True,
                 headers={MANIFEST_HEADER: encode_header(sealed), "Content-Length": str(size)},
-                timeout=self._timeout, ssl=self._guard.client_ssl(peer_id, url),
+                timeout=self._timeout, ssl=self.guard.client_ssl(peer_id, url),
             ) as response:
                 if response.status != 200:
                     answer = await response.text()
@@ -319,7 +319,7 @@ class Exchange:
         ours = ModelShape(self._weights.fingerprint, dst.numel() * dst.element_size())
         try:
             async with self._http().get(
-                url.rstrip("/") + "/v1/model", headers={REQUEST_HEADER: encode_header(sealed)}, timeout=self._timeout, ssl=self._guard.client_ssl(peer_id, url),
+                url.rstrip("/") + "/v1/model", headers={REQUEST_HEADER: encode_header(sealed)}, timeout=self._timeout, ssl=self.guard.client_ssl(peer_id, url),
             ) as response:
                 if response.status != 200:  # 429: busy, or syncing itself (the caller asks again)
                     log.log(logging.DEBUG if response.status == 429 else logging.INFO, "state sync from %s: %s %s",
@@ -363,7 +363,7 @@ class Exchange:
 
     def _open_header(self, value: str | None, kind: type[Body]) -> Envelope | Refusal:
         """The verified envelope in a signed header, or the refusal (counted)."""
-        opened = rules.open_header(self._guard.verifier, decode_header(value), kind)
+        opened = rules.open_header(self.guard.verifier, decode_header(value), kind)
         return self._counted(opened) if isinstance(opened, Refusal) else opened
 
     async def _merge(self, received: torch.Tensor, sent: torch.Tensor, theirs: Manifest, peer_id: str,
@@ -384,7 +384,7 @@ class Exchange:
 
     def _count_rejected(self, reason: str, peer_id: str = "") -> None:
         self._stats = self._stats.with_rejection(reason)
-        self._guard.ban_reason(peer_id, reason)  # "": not a fault of a peer's own
+        self.guard.ban_reason(peer_id, reason)  # "": not a fault of a peer's own
         if self._on_rejected is not None:
             self._on_rejected(reason)
 
