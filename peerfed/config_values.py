@@ -24,7 +24,7 @@ DEVICE_RE = re.compile(r"auto|cpu|cuda|cuda:\d+|mps")
 _TASK_MODULE_RE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*")
 # The names of peerfed.train.tasks.BUILTIN_TASKS (this module imports no torch; a test keeps
 # the two equal).
-BUILTIN_TASK_NAMES = ("digits-lr", "digits-mlp")
+BUILTIN_TASK_NAMES = ("digits-lr", "digits-mlp", "digits-wide")
 _HOSTNAME_RE = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*\.?")
 _EXAMPLE_BOOTSTRAP = "/ip4/203.0.113.5/tcp/7401/p2p/12D3KooW..."
 

@@ -21,7 +21,7 @@ from peerfed.admission import GuardSetup, RosterPublisher, open_guard, why_not_e
 from peerfed.config import Config
 from peerfed.core.admission import GateStats, Roster
 from peerfed.core.envelope import Verifier
-from peerfed.core.exchange_rules import Outcome, wire_length
+from peerfed.core.exchange_rules import Outcome, upload_per_exchange
 from peerfed.core.peerid import Signer
 from peerfed.core.rates import parse_rate, stretched_interval
 from peerfed.core.schedule import ExchangeScheduler
@@ -128,8 +128,9 @@ class Training(TrainingSide):
 
     def _interval(self, config: Config) -> float:
         """exchange.interval, stretched so that our average upload (our pushes, and about as
-        many replies to others' pushes) stays below max_upload_share x max_upload_rate."""
-        per_exchange = 2 * wire_length(self._trainer.weights.nbytes)
+        many replies to others' pushes) stays below max_upload_share x max_upload_rate. Sized
+        in the encoding we offer first ("auto": int8), not float32: a quarter of the bytes."""
+        per_exchange = upload_per_exchange(config.exchange.encoding, self._trainer.weights.nbytes // 4)
         return stretched_interval(config.exchange.interval, per_exchange, parse_rate(config.exchange.max_upload_rate),
                                   config.exchange.max_upload_share)
 

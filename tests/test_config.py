@@ -332,7 +332,7 @@ def test_builtin_task_names_match_the_tasks_module() -> None:
 @pytest.mark.parametrize("task, expected", [
     ("digits_mlp", 'did you mean "digits-mlp"'),
     ("digit-lr", 'did you mean "digits-lr"'),
-    ("resnet", 'not a built-in task (digits-lr, digits-mlp) nor "module:factory" (got'),
+    ("resnet", 'not a built-in task (digits-lr, digits-mlp, digits-wide) nor "module:factory" (got'),
     ("my-pkg:factory", '"package.module:factory"'),
 ])
 def test_a_task_that_is_no_builtin_nor_module_factory_is_refused(tmp_path: Path, task: str, expected: str) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import pytest
 
 from peerfed.config import parse_config
+from peerfed.core import encodings
+from peerfed.core.exchange_rules import upload_per_exchange, wire_length
 from peerfed.core.rates import parse_rate, stretched_interval
 from peerfed.errors import ConfigError
 
@@ -51,3 +53,15 @@ def test_the_interval_is_stretched_to_keep_the_average_upload_below_the_share() 
     assert stretched_interval(10.0, 2 * 44.7e6, rate, 0.5) == pytest.approx(71.52)
     assert stretched_interval(10.0, 2 * 44.7e6, None, 0.5) == 10.0  # unlimited: as configured
     assert stretched_interval(10.0, 2 * 1e6, rate, 0.5) == 10.0  # a small model: no stretch needed
+
+
+def test_the_stretch_counts_the_bytes_of_the_encoding_sent() -> None:
+    numel = 11_689_512  # ResNet-18
+    float32 = upload_per_exchange("float32", numel)
+    assert float32 == 2 * wire_length(4 * numel)
+    assert upload_per_exchange("auto", numel) == 2 * wire_length(encodings.wire_length("int8", numel))
+    assert upload_per_exchange("bfloat16", numel) == 2 * wire_length(2 * numel)
+    # "auto" sends int8: about a quarter of float32's bytes, so a quarter of the stretch
+    rate = parse_rate("20Mbit")
+    assert stretched_interval(10.0, upload_per_exchange("auto", numel), rate, 0.5) == pytest.approx(
+        stretched_interval(10.0, float32, rate, 0.5) / 4, rel=0.01)

@@ -30,7 +30,8 @@ def test_the_exchange_interval_is_stretched_to_the_upload_share(tmp_path: Path) 
     cap = parse_rate(CAP)
     assert cap is not None
     expected_interval = 2 * wire_length(_model_bytes()) / (SHARE * cap)
-    settings = {"train.init": "local", "train.threads": 1, "exchange.interval": 1.0,
+    # float32: "auto" sends int8, whose 2.4 kB this cap carries without a stretch
+    settings = {"train.init": "local", "train.threads": 1, "exchange.interval": 1.0, "exchange.encoding": "float32",
                 "exchange.max_upload_rate": CAP, "exchange.max_download_rate": "1MB",
                 "exchange.max_upload_share": SHARE}
     with LocalSwarm(tmp_path, network="link-test") as swarm:

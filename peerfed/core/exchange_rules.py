@@ -89,6 +89,13 @@ def wire_length(payload_length: int) -> int:
     return payload_length + TRAILER_SIZE
 
 
+def upload_per_exchange(encoding_setting: str, numel: int) -> int:
+    """What a node uploads per exchange interval: its push and about one reply to a peer's
+    push, both in the encoding it offers first (exchange.encoding; "auto": int8)."""
+    first = encodings.expand_preferences([encoding_setting])[0]
+    return 2 * wire_length(encodings.wire_length(first, numel))
+
+
 FLOAT32_ONLY: tuple[str, ...] = (encodings.LOSSLESS,)
 
 

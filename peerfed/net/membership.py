@@ -23,7 +23,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,14 @@ from peerfed.core.envelope import (
     verify_peer_record,
 )
 from peerfed.core.errors import Rejected
+from peerfed.core.gossip_pace import GossipPace, PaceStats
 from peerfed.core.peerid import Signer
 from peerfed.core.peers import PeerState, PeerTable
 from peerfed.core.reachability import dial_order
 from peerfed.core.record_cache import VerifiedRecords
 from peerfed.core.view import PartialView
 from peerfed.net.addrs import local_ipv4_addresses
+from peerfed.net.membership_parts import Links as _Links
 from peerfed.net.membership_parts import Rejections as _Rejections
 from peerfed.net.membership_parts import Us as _Us
 from peerfed.net.p2p import DialError, ForeignPeer, HostStats, P2PHost
@@ -53,7 +55,8 @@ log = logging.getLogger("peerfed.membership")
 quiet = QuietLog(log)  # lines about what a peer sent: once a minute per peer
 
 DIAL_TICK = 1.0
-GOSSIP_INTERVAL = 5.0
+GOSSIP_INTERVAL = 5.0       # between peer-list swaps while they bring news; up to GOSSIP_CEILING once quiet
+GOSSIP_CEILING = 60.0
 PING_INTERVAL = 30.0       # liveness of live links; a closed socket is noticed at once anyway (10 s cost 0.4% of a core at 8 links)
 SAVE_INTERVAL = 30.0
 RECORD_REFRESH = 600.0       # re-sign our record well before others consider it expired
@@ -76,18 +79,7 @@ class MembershipStats:
     table: Mapping[str, int]      # peers by state, and the table's own counters
     host: HostStats
     view: Mapping[str, int]       # the partial view's target and what it did (core/view.py)
-
-
-@dataclass
-class _Links:
-    """Our libp2p connections as membership sees them, and the view that decides them."""
-
-    view: PartialView
-    live: set[str] = field(default_factory=set)  # PeerIDs with an open libp2p connection
-    # live connections whose peer has not shown a verified record yet: since when
-    unverified_since: dict[str, float] = field(default_factory=dict)
-    dialing: set[str] = field(default_factory=set)
-    since: dict[str, float] = field(default_factory=dict)  # when each live connection came up
+    gossip: PaceStats             # the peer-list swap interval now, lists with and without news
 
 
 class Membership:
@@ -117,7 +109,8 @@ class Membership:
         # The allowlist lives here (verify_peer_record asks it too; reload changes it).
         self._verifier = Verifier(network=network, own_peer_id=signer.peer_id, clock=clock, allowlist=allowlist)
         self._rejections = _Rejections(on_rejected)
-        self._links = _Links(view=PartialView(target=max_connections, rng=self._rng))
+        self._links = _Links(view=PartialView(target=max_connections, rng=self._rng),
+                             pace=GossipPace(GOSSIP_INTERVAL, GOSSIP_CEILING, self._rng, clock()))
         self._records = VerifiedRecords(max_age=RECORD_MAX_AGE, limit=4 * table.max_peers)
         self._tasks: set[asyncio.Task[Any]] = set()  # our loops and short side tasks; stop() ends them
 
@@ -177,7 +170,7 @@ class Membership:
                 quiet.warning(f"peer {remote}", "rejected a peer list from %s: it is signed by %s",
                               remote, env.sender)
             raise PermissionError("peer list rejected")  # p2p.py: refused and logged here already
-        self._absorb(env.body.records, direct_from=remote)
+        self._links.pace.heard(self._absorb(env.body.records, direct_from=remote), self._clock())
         return self._sealed_peer_list(remote)
 
     def on_connection_change(self, peer_id: str, up: bool) -> None:
@@ -215,7 +208,7 @@ class Membership:
         return MembershipStats(peers_connected=len(self.connected_peers()), known=len(self.table),
                                rejected=dict(self._rejections.by_reason), verifier=self._verifier.statistics(),
                                table=self.table.statistics(), host=self._host.statistics(),
-                               view=self._links.view.statistics())
+                               view=self._links.view.statistics(), gossip=self._links.pace.statistics())
 
     def save(self) -> bool:
         """Write the peer table atomically so a restarted node rejoins without bootstrap;
@@ -252,8 +245,9 @@ class Membership:
                           describe(exc))
             return None
 
-    def _absorb(self, records: Sequence[bytes], *, direct_from: str) -> None:
-        now = self._clock()
+    def _absorb(self, records: Sequence[bytes], *, direct_from: str) -> bool:
+        """Take the records we did not have; whether any was news (core/gossip_pace.py)."""
+        now, news = self._clock(), False
         room_to_replace = REPLACE_PER_LIST
         for raw in records:
             subject = self._records.subject(raw, now)
@@ -271,13 +265,17 @@ class Membership:
                 continue
             self._records.add(raw, env.sender, env.timestamp)
             rec: PeerRecord = env.body
-            full_and_new = len(self.table) >= self.table.max_peers and env.sender not in self.table
+            held = self.table.get(env.sender)  # add_record updates it in place: what we knew, first
+            known = None if held is None else (held.exchange_url, held.fingerprint, frozenset(held.addrs))
+            full_and_new = len(self.table) >= self.table.max_peers and held is None
             if self.table.add_record(env.sender, addrs=rec.addrs, exchange_url=rec.exchange_url,
                                      fingerprint=rec.fingerprint, record=raw, record_time=env.timestamp,
                                      now=now, may_replace=room_to_replace > 0):
                 self._file.dirty = True
                 room_to_replace -= full_and_new
+                news |= known is None or known[:2] != (rec.exchange_url, rec.fingerprint) or not known[2] >= set(rec.addrs)
             self._mark_if_direct(env.sender, direct_from, now)
+        return news
 
     def _mark_if_direct(self, subject: str, direct_from: str, now: float) -> None:
         """The peer we are talking to sent its own record: it is connected and verified."""
@@ -305,7 +303,7 @@ class Membership:
         env = self._verify(reply, peer_id)
         if env is None or env.sender != peer_id:
             return
-        self._absorb(env.body.records, direct_from=peer_id)
+        self._links.pace.heard(self._absorb(env.body.records, direct_from=peer_id), self._clock())
 
     async def _dial(self, peer_id: str) -> None:
         info = self.table.get(peer_id)
@@ -355,9 +353,9 @@ class Membership:
 
     async def _gossip_loop(self) -> None:
         while True:
-            await asyncio.sleep(GOSSIP_INTERVAL * self._rng.uniform(0.8, 1.2))
+            await asyncio.sleep(DIAL_TICK)
             live = self.connected_peers()
-            if live:
+            if live and self._links.pace.due(self._clock()):
                 await self._exchange_with(self._rng.choice(live))
 
     async def _ping_loop(self) -> None:

@@ -1,5 +1,5 @@
-"""Two small parts of membership (net/membership.py): who we are with our own signed record,
-and the count of what we refused.
+"""Small parts of membership (net/membership.py): who we are with our own signed record, our
+connections, and the count of what we refused.
 
 Owner: the Membership that holds them (the daemon's main loop).
 """
@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from peerfed.core.envelope import PeerList, PeerRecord, seal
+from peerfed.core.gossip_pace import GossipPace
 from peerfed.core.peerid import Signer
+from peerfed.core.view import PartialView
 from peerfed.net.reachability import ReachabilityService
 
 
@@ -29,6 +31,19 @@ class Us:
     def seal(self, body: PeerRecord | PeerList, now: float, recipient: str = "") -> bytes:
         return seal(self.signer, network=self.network, recipient=recipient, body=body, now=now)
 
+
+@dataclass
+class Links:
+    """Our libp2p connections as membership sees them, the view that decides them, and the
+    pace of peer-list swaps over them."""
+
+    view: PartialView
+    pace: GossipPace
+    live: set[str] = field(default_factory=set)  # PeerIDs with an open libp2p connection
+    # live connections whose peer has not shown a verified record yet: since when
+    unverified_since: dict[str, float] = field(default_factory=dict)
+    dialing: set[str] = field(default_factory=set)
+    since: dict[str, float] = field(default_factory=dict)  # when each live connection came up
 
 
 class Rejections:

@@ -2,8 +2,9 @@
 
 A task factory is `factory(settings: TrainSettings, ctx: NodeContext) -> Task`. It runs inside
 the trainer process (and once in `peerfed config check`, on the CPU, to catch a bad task
-early); built-ins are "digits-lr" and "digits-mlp", anything else is "package.module:factory",
-imported by the daemon's Python (PYTHONPATH or a package installed in its environment).
+early); built-ins are "digits-lr", "digits-mlp" and "digits-wide"; anything else is
+"package.module:factory", imported by the daemon's Python (PYTHONPATH or a package installed
+in its environment).
 `load_task_factory` wraps every factory so that a failure, or a result that is not a Task,
 raises TaskLoadError naming `train.task`. Helpers for writing tasks (batches, evaluation,
 losses, lr schedules) live in task_helpers.py and are re-exported here.
@@ -44,7 +45,7 @@ from peerfed.train.task_helpers import (
 __all__ = [
     "BUILTIN_TASKS", "LR_SCHEDULES", "Batch", "CheckpointSettings", "DigitsData", "LossFn", "LrSchedule", "NodeContext", "Task",
     "TaskFactory", "TaskLoadError", "TrainSettings", "accuracy", "binary_logit_loss", "check_task",
-    "classification_evaluator", "digits_lr", "digits_mlp", "dirichlet_split", "endless_batches",
+    "classification_evaluator", "digits_lr", "digits_mlp", "digits_wide", "dirichlet_split", "endless_batches",
     "is_one_logit", "load_digits_split", "load_task_factory", "lr_factor", "lr_schedule_from_options",
     "parse_alpha", "predicted_labels", "split_digits", "true_labels",
 ]
@@ -369,4 +370,13 @@ def digits_mlp(settings: TrainSettings, ctx: NodeContext) -> Task:
     return _digits_task(settings, ctx, nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)))
 
 
-BUILTIN_TASKS: dict[str, TaskFactory] = {"digits-lr": digits_lr, "digits-mlp": digits_mlp}
+def digits_wide(settings: TrainSettings, ctx: NodeContext) -> Task:
+    """MLP 64-1024-10 with ReLU on digits: 78k weights (307 kB in float32), big enough that a
+    shaped home uplink, not the libp2p chatter beside it, is what limits its exchanges
+    (benchmarks/bench_home_links.py)."""
+    _check_ctx(ctx)
+    torch.manual_seed(ctx.seed)
+    return _digits_task(settings, ctx, nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 10)))
+
+
+BUILTIN_TASKS: dict[str, TaskFactory] = {"digits-lr": digits_lr, "digits-mlp": digits_mlp, "digits-wide": digits_wide}
