@@ -7,7 +7,8 @@ Each daemon sits in its own network namespace, joined to one bridge through a ve
 tc (tbf) shapes both ways: upload (the node's eth0) so that one float32 push of the model
 takes ``--push-seconds`` (profile "home": 18 s, a ResNet-18 on 20 Mbit/s; "fiber": 0.4 s),
 download 5x faster. Task digits-wide (built in for this benchmark: digits-mlp's 9.6 kB
-would make the uplink a few kbit/s, where libp2p's own chatter is what fills it), Dirichlet
+would make the uplink a few kbit/s, where libp2p's own chatter fills it and the transfer
+floor of 16 kB/s cuts every exchange; digits-wide's 2.46 MB makes it 1.1 Mbit/s), Dirichlet
 alpha 0.1, the demo's training settings and duration.
 
 Runs (``--runs``, in order; each starts fresh daemons):
@@ -49,7 +50,7 @@ from peerfed.demo_report import DemoSettings, DemoTraining
 
 TASK = "digits-wide"
 NODES = 8
-MODEL_BYTES = 76_810 * 4  # digits-wide in float32
+MODEL_BYTES = (64 * 8192 + 8192 + 8192 * 10 + 10) * 4  # digits-wide in float32: 2.46 MB
 PROFILES = {"home": 18.0, "fiber": 0.4}  # seconds for one float32 push
 DOWNLOAD_FACTOR = 5
 CAP_OF_LINK = 0.8  # the capped runs' max_upload_rate, as a share of the uplink
@@ -163,9 +164,11 @@ def run_one(run: Run, demo: DemoSettings, step_sleep: float) -> dict[str, Any]:
         t0 = time.monotonic()
         steps0 = [int(n.status().get("step", 0)) for n in swarm.nodes]
         curve: list[tuple[float, list[float], list[int]]] = []  # (t, accuracies, uplink bytes)
+        payload_peak = [0.0] * NODES  # the data plane's own 10 s upload rate (exchange payload)
         while time.monotonic() - t0 < demo.duration + 5:
             time.sleep(2.0)
             statuses = [n.status() for n in swarm.nodes]
+            payload_peak = [max(p, float(s["link"]["upload_rate_now"])) for p, s in zip(payload_peak, statuses, strict=True)]
             counts = meter.samples[-1][1] if meter.samples else {}
             curve.append((time.monotonic() - t0, [float((s.get("metrics") or {}).get("accuracy") or 0.0)
                                                   for s in statuses], [counts.get(m.name, 0) for m in machines]))
@@ -185,7 +188,8 @@ def run_one(run: Run, demo: DemoSettings, step_sleep: float) -> dict[str, Any]:
             "steps_per_s": (int(s.get("step", 0)) - steps0[i]) / (t1 - t0), "exchanges": s["exchanges"]["ok"],
             "wire_up_bytes": sent, "peak10_bps": 8 * highest_window(marks), "limit_bps": limit[i],
             "busy": 8 * sent / span / limit[i], "slow": run.mixed and i in SLOW,
-            "counters": s["exchanges"], "bytes_sent": s.get("bytes_sent"),
+            "counters": s["exchanges"], "bytes_sent": s.get("bytes_sent"), "payload_peak10_bps": 8 * payload_peak[i],
+            "payload_avg_bps": 8 * float(s["link"]["upload_rate_avg"]),
         })
     return {"run": run.name, "profile": run.profile, "nodes": nodes, "start_counts": start_counts,
             "curve": [(tt, acc, [b - start_counts.get(m.name, 0) for b, m in zip(bts, machines, strict=True)])
@@ -227,8 +231,12 @@ def report(result: dict[str, Any], allreduce: float, alone_rate: float | None) -
             continue
         print(f"  {tag} uplinks: {sum(n['wire_up_bytes'] for n in group) / len(group) / 1e6:.2f} MB sent per node; "
               f"highest 10 s window {max(n['peak10_bps'] / n['limit_bps'] for n in group):.3f}x the "
-              f"{'cap' if result['run'] not in ('alone', 'float32') else 'link'}; busy share "
-              f"max {max(n['busy'] for n in group):.3f}, mean {sum(n['busy'] for n in group) / len(group):.3f}")
+              f"{'cap' if result['run'] not in ('alone', 'float32') else 'link'} on the wire, "
+              f"{max(n['payload_peak10_bps'] / n['limit_bps'] for n in group):.3f}x in exchange payload; busy share "
+              f"max {max(n['busy'] for n in group):.3f}, mean {sum(n['busy'] for n in group) / len(group):.3f} on the "
+              f"wire, max {max(n['payload_avg_bps'] / n['limit_bps'] for n in group):.3f} in payload since start")
+        ok = [n["counters"] for n in group]
+        print(f"  {tag} exchanges: " + ", ".join(f"{k} {sum(c[k] for c in ok)}" for k in ("ok", "busy", "refused", "failed")))
 
 
 def main() -> None:
