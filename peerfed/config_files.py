@@ -73,10 +73,11 @@ def write_default_config(path: str | os.PathLike[str], *, network: str | None = 
                          exchange_listen: str | None = None, api_listen: str | None = None,
                          bootstrap: Sequence[str] = (), settings: Mapping[str, Any] | None = None) -> Config:
     """Write the commented template with these values filled in and return it loaded.
-    settings: dotted key -> value (e.g. public_relay.SETTINGS), set before the options above.
 
-    The result is validated before anything is written (a bad value leaves no file or folder
-    behind: ConfigError); a missing folder is created 0700; never overwrites (AlreadyExistsError).
+    settings: dotted key -> value (e.g. public_relay.SETTINGS), applied before the options, so
+    an explicit option wins. The result is validated before anything is written (a bad value
+    leaves no file or folder behind: ConfigError); a missing folder is created 0700; never
+    overwrites (AlreadyExistsError).
     """
     path = Path(path).expanduser().absolute()
     doc = tomlkit.parse(default_config_text())
