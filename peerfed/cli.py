@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peerfed import __version__
+from peerfed import __version__, public_relay
 from peerfed.config import CONFIG_FILE_NAME, KEY_FILE_NAME, load_config
 from peerfed.config_files import edit_bootstrap, write_default_config
 from peerfed.demo import add_demo_arguments, cmd_demo
@@ -82,6 +82,7 @@ def add_init_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-listen", metavar="HOST:PORT", help="local admin API (loopback only)")
     parser.add_argument("--bootstrap", metavar="MULTIADDR", action="append", default=[],
                         help="peer to contact first, ending /p2p/<PeerID> (repeatable)")
+    parser.add_argument("--public-relay", action="store_true", help=public_relay.HELP)
 
 
 def cmd_init(args: argparse.Namespace) -> int:
@@ -102,7 +103,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     try:  # validates every option before it writes anything
         cfg = write_default_config(config_path, network=args.network, p2p_listen=args.p2p_listen,
                                    exchange_listen=args.exchange_listen, api_listen=args.api_listen,
-                                   bootstrap=args.bootstrap)
+                                   bootstrap=args.bootstrap, settings=public_relay.SETTINGS if args.public_relay else None)
     except ConfigError as exc:
         raise ConfigError("invalid init options; nothing was written:",
                           [p.removeprefix(f"{config_path}: ") for p in exc.problems]) from None
@@ -115,6 +116,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     print(f"peer id:  {peer_id_of(key_pair)}")
     print(f"identity: {key_path} (private: back it up, never share it)")
     print(f"config:   {config_path}")
+    if args.public_relay:  # what the box does, and the line its rigs paste
+        print(*public_relay.instructions(cfg, peer_id_of(key_pair)), sep="\n")
     return ExitCode.OK
 
 
@@ -235,8 +238,6 @@ def cmd_bootstrap(args: argparse.Namespace) -> int:
         print(f"{len(after)} bootstrap peer(s) in {path}")
     return ExitCode.OK
 
-
-# ---- command table ----
 
 # ---- run / status / peers ----
 

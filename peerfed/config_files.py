@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -71,16 +71,24 @@ def _array(values: Iterable[str]) -> Any:
 def write_default_config(path: str | os.PathLike[str], *, network: str | None = None,
                          p2p_listen: str | Sequence[str] | None = None,
                          exchange_listen: str | None = None, api_listen: str | None = None,
-                         bootstrap: Sequence[str] = ()) -> Config:
+                         bootstrap: Sequence[str] = (), settings: Mapping[str, Any] | None = None) -> Config:
     """Write the commented template with these values filled in and return it loaded.
 
-    The result is validated before anything is written (a bad value leaves no file or folder
-    behind: ConfigError); a missing folder is created 0700; never overwrites (AlreadyExistsError).
+    settings: dotted key -> value (e.g. public_relay.SETTINGS), applied before the options, so
+    an explicit option wins. The result is validated before anything is written (a bad value
+    leaves no file or folder behind: ConfigError); a missing folder is created 0700; never
+    overwrites (AlreadyExistsError).
     """
     path = Path(path).expanduser().absolute()
     doc = tomlkit.parse(default_config_text())
     p2p: Any = doc["p2p"]
     # Assigning a value keeps the template's comment on that line.
+    for key, value in (settings or {}).items():
+        *tables, name = key.split(".")
+        table: Any = doc
+        for part in tables:
+            table = table[part]
+        table[name] = _array(value) if isinstance(value, list) else value
     if network is not None:
         doc["network"] = network
     if p2p_listen is not None:
