@@ -268,6 +268,7 @@ def test_ten_thousand_hostile_inputs_leave_the_node_up_unmerged_and_quiet(tmp_pa
         swarm.start_all()
         inputs = make_inputs(rng, node)
         nice_children(node)
+        rss_start = rss_mib(node)
         started = time.monotonic()
         outcomes = send_batch(node, inputs, 0.0, WARMUP_SHARE)
         time.sleep(1.0)
@@ -288,13 +289,14 @@ def test_ten_thousand_hostile_inputs_leave_the_node_up_unmerged_and_quiet(tmp_pa
     sent = {kind: sum(n for key, n in outcomes.items() if key.startswith(kind + " ")) for kind in PLAN}
     undelivered = sum(n for key, n in outcomes.items() if " refused" in key or " unsent" in key)
     print(f"\n{sum(sent.values())} hostile inputs in {fuzz_s:.1f} s: {sent}; outcomes {dict(sorted(outcomes.items()))}\n"
-          f"daemon RSS {rss_before:.1f} MiB after the warm-up tenth, {rss_after:.1f} MiB after all "
+          f"daemon RSS {rss_start:.1f} MiB at start, {rss_before:.1f} MiB after the warm-up tenth, {rss_after:.1f} MiB after all "
           f"(+{rss_after - rss_before:.1f} MiB); bad_http {bad_http:.0f}, malformed {malformed:.0f}, exchanges {status['exchanges']}, "
           f"merges {status['merges']['merges']}, rejected {status['exchange_rejected']}, "
           f"inbound p2p errors {status['membership']['host']['inbound_errors']}; log {len(log)} bytes, "
           f"{len(log.splitlines())} lines; test {time.monotonic() - test_started:.1f} s")
     assert sum(sent.values()) == sum(PLAN.values()) == 10_000, sent
     assert status["merges"]["merges"] == 0 and status["exchanges"]["ok"] == 0, status
+    assert status["trainer"]["restarts"] == 0 and status["trainer"]["alive"], status["trainer"]
     assert rss_after - rss_before <= MAX_RSS_GROWTH_MIB, (rss_before, rss_after)
     assert "Traceback" not in log and " ERROR " not in log, log
     # the garbage reached the layers it was meant for: counted there, not stopped before
