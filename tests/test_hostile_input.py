@@ -44,11 +44,13 @@ from swarmtools import NO_GOSSIP, make_test_peer
 from peerfed.core.peerid import Signer
 from peerfed.localswarm import LocalNode, LocalSwarm
 from peerfed.net.p2p import peers_protocol
+from peerfed.net.tunnel import tunnel_protocol
 
 NETWORK = "hostile-test"
 NODE = {"train.init": "local", "train.threads": 1, "train.task": "digits-lr", "exchange.interval": NO_GOSSIP}
 SEED = 12
-PLAN = {"exchange_http": 4000, "exchange_tls": 2500, "p2p_raw": 1500, "p2p_frames": 1500, "p2p_yamux": 500}
+PLAN = {"exchange_http": 4000, "exchange_tls": 2500, "p2p_raw": 1500, "p2p_frames": 1200, "p2p_tunnel": 300,
+        "p2p_yamux": 500}
 WARMUP_SHARE = 0.1  # of every kind, before the first RSS reading
 CONCURRENCY = 12  # connections at once to each port: under admission.max_connections_per_address (16)
 STREAMS_AT_ONCE = 8
@@ -129,23 +131,39 @@ async def deliver_all(node: LocalNode, inputs: list[tuple[str, str, bytes]]) -> 
 
 # -- the libp2p port as a Noise-authenticated peer (py-libp2p on trio) ------------------------------
 
-def deliver_authenticated(node: LocalNode, frames: list[tuple[bytes, bool]], yamux: list[list[bytes]],
-                          outcomes: Counter[str]) -> None:
-    """Each frame input on a stream of our protocol of its own (STREAMS_AT_ONCE at a time), then
-    each list of yamux frames written under the Noise layer of a connection of its own."""
+def deliver_authenticated(node: LocalNode, streams: list[tuple[str, str, str, bytes, bool]],
+                          yamux: list[list[bytes]], outcomes: Counter[str]) -> None:
+    """Each stream input (kind, protocol, mode, bytes, close after them) on a stream of its own,
+    STREAMS_AT_ONCE at a time; then each list of yamux frames written under the Noise layer
+    of a connection of its own."""
 
     async def ignore(stream: Any) -> None:  # the node's own peer exchange with us: refused
         await stream.reset()
 
-    async def one_stream(host: Any, peer: Any, data: bytes, close: bool) -> None:
-        try:
-            with trio.fail_after(5):
-                stream = await host.new_stream(peer, [peers_protocol(NETWORK)])
-                await stream.write(data)
-        except Exception as exc:  # noqa: BLE001 - the node hung up, or reset the stream at once
-            outcomes[f"p2p_frames unsent ({type(exc).__name__})"] += 1
-            return
-        outcomes["p2p_frames sent"] += 1
+    async def tls_over(stream: Any, data: bytes) -> None:
+        """``data`` as TLS records through the exchange tunnel (the node's TLS server at its end)."""
+        incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        tls = CLIENT_TLS.wrap_bio(incoming, outgoing, server_hostname="peer")
+        while True:
+            try:
+                tls.do_handshake()
+                break
+            except ssl.SSLWantReadError:
+                if flight := outgoing.read():
+                    await stream.write(flight)
+                incoming.write(await stream.read(65536))
+        tls.write(data)
+        with suppress(ssl.SSLError):
+            tls.unwrap()
+        await stream.write(outgoing.read())
+
+    async def one_stream(host: Any, peer: Any, kind: str, protocol: str, mode: str, data: bytes,
+                         close: bool) -> None:
+        """Raises if the input could not be written (the node reset the stream, or hung up)."""
+        with trio.fail_after(5):
+            stream = await host.new_stream(peer, [protocol])
+            await (tls_over(stream, data) if mode == "tls-http" else stream.write(data))
+        outcomes[f"{kind} sent"] += 1
         with suppress(Exception):  # the node answers, resets the stream, or (StreamEOF) closes it
             if close:
                 await stream.close()
@@ -163,16 +181,23 @@ def deliver_authenticated(node: LocalNode, frames: list[tuple[bytes, bool]], yam
             await host.connect(info)
             limiter = trio.Semaphore(STREAMS_AT_ONCE)
 
-            async def limited(data: bytes, close: bool) -> None:
+            async def limited(*item: Any) -> None:
                 async with limiter:
-                    if not host.get_network().get_connections(info.peer_id):
+                    try:
+                        await one_stream(host, info.peer_id, *item)
+                        return
+                    except Exception:  # noqa: BLE001 - the node may have hung up: call again, once
                         with suppress(Exception), trio.fail_after(10):
-                            await host.connect(info)  # the node hung up on our garbage: call again
-                    await one_stream(host, info.peer_id, data, close)
+                            if not host.get_network().get_connections(info.peer_id):
+                                await host.connect(info)
+                    try:
+                        await one_stream(host, info.peer_id, *item)
+                    except Exception as exc:  # noqa: BLE001 - the node resets a stream it refuses at once
+                        outcomes[f"{item[0]} unsent ({type(exc).__name__})"] += 1
 
             async with trio.open_nursery() as nursery:
-                for data, close in frames:
-                    nursery.start_soon(limited, data, close)
+                for item in streams:
+                    nursery.start_soon(limited, *item)
             for batch in yamux:
                 written = 0
                 try:
@@ -202,9 +227,16 @@ def make_inputs(rng: random.Random, node: LocalNode) -> dict[str, list[Any]]:
         "exchange_http": [("exchange_http", "tls-http", exchange_http_input(rng, stranger, NETWORK, node.peer_id))
                           for _ in range(PLAN["exchange_http"])],
         "exchange_tls": [], "p2p_raw": [("p2p_raw", "raw", p2p_raw_input(rng)) for _ in range(PLAN["p2p_raw"])],
-        "p2p_frames": [frame_input(rng) for _ in range(PLAN["p2p_frames"])],
-        "p2p_yamux": [],
+        "p2p_frames": [("p2p_frames", peers_protocol(NETWORK), "raw", *frame_input(rng))
+                       for _ in range(PLAN["p2p_frames"])],
+        "p2p_tunnel": [], "p2p_yamux": [],
     }
+    for _ in range(PLAN["p2p_tunnel"]):  # what the exchange tunnel carries to the exchange port
+        if rng.random() < 0.5:
+            item = ("tls-http", exchange_http_input(rng, stranger, NETWORK, node.peer_id))
+        else:
+            item = ("raw", tls_garbage_input(rng, hello) or rng.randbytes(rng.randint(1, 300)))
+        inputs["p2p_tunnel"].append(("p2p_tunnel", tunnel_protocol(NETWORK), *item, True))
     for _ in range(PLAN["exchange_tls"]):
         data = tls_garbage_input(rng, hello)
         inputs["exchange_tls"].append(("exchange_tls", "raw", data) if data is not None else
@@ -222,8 +254,9 @@ def send_batch(node: LocalNode, inputs: dict[str, list[Any]], start: float, end:
 
     outcomes: Counter[str] = Counter()
     p2p_outcomes: Counter[str] = Counter()  # the other thread's
-    authenticated = threading.Thread(target=deliver_authenticated,
-                                     args=(node, part("p2p_frames"), part("p2p_yamux"), p2p_outcomes))
+    streams = part("p2p_frames") + part("p2p_tunnel")
+    random.Random(SEED).shuffle(streams)
+    authenticated = threading.Thread(target=deliver_authenticated, args=(node, streams, part("p2p_yamux"), p2p_outcomes))
     authenticated.start()
     raw = part("exchange_http") + part("exchange_tls") + part("p2p_raw")
     random.Random(SEED).shuffle(raw)  # the kinds interleaved, in a fixed order
