@@ -4,8 +4,9 @@ Exchange port (TLS 1.3 by default): HTTP garbage sent inside a TLS session (malf
 requests, bad headers, mutated signed requests from a stranger's key, random bytes), and
 garbage at the TLS layer itself (mutated and truncated ClientHellos, random bytes, plaintext
 HTTP, garbage records after a completed handshake). libp2p port: random bytes and mutated
-multistream/Noise openings before authentication; garbage frames on our protocol and garbage
-yamux frames from a Noise-authenticated peer (test_hostile_input.py sends those).
+multistream/Noise openings before authentication; garbage frames on our protocol, TLS and HTTP
+garbage through the exchange tunnel (net/tunnel.py) and garbage yamux frames from a
+Noise-authenticated peer (test_hostile_input.py sends those).
 
 Every generator is a pure function of the ``rng`` (and of values fixed before the run: the
 stranger's key, the node's PeerID, one ClientHello, whose own random fields OpenSSL picks), so

@@ -5,8 +5,8 @@ The node runs with its defaults for what faces the network (TLS on the exchange 
 admission on). Exchange port: HTTP garbage inside TLS (malformed requests, bad headers,
 mutated requests validly signed by a stranger, random bytes) and garbage at the TLS layer
 (mutated ClientHellos, random bytes, plaintext, garbage records after a handshake). libp2p
-port: random bytes before authentication, garbage frames on our protocol and garbage yamux
-frames from a Noise-authenticated peer. The inputs come from hostile_inputs.py with a fixed
+port: random bytes before authentication; from a Noise-authenticated peer, garbage frames on our
+protocol, TLS/HTTP garbage through the exchange tunnel, and garbage yamux frames. The inputs come from hostile_inputs.py with a fixed
 seed; they go over many connections at once, a warm-up tenth first, then the rest, and the
 daemon's RSS (not its trainer's) is read after each.
 """
