@@ -181,19 +181,31 @@ def deliver_authenticated(node: LocalNode, streams: list[tuple[str, str, str, by
             await host.connect(info)
             limiter = trio.Semaphore(STREAMS_AT_ONCE)
 
+            reconnecting, connection = trio.Lock(), [0]  # which connection we are on
+
+            async def reconnect(failed_on: int) -> None:
+                """A new connection, unless another stream made one since ``failed_on`` failed."""
+                async with reconnecting:
+                    if connection[0] != failed_on:
+                        return
+                    with suppress(Exception), trio.fail_after(10):
+                        with suppress(Exception):
+                            await host.disconnect(info.peer_id)
+                        await host.connect(info)
+                    connection[0] += 1
+
             async def limited(*item: Any) -> None:
                 async with limiter:
-                    try:
-                        await one_stream(host, info.peer_id, *item)
-                        return
-                    except Exception:  # noqa: BLE001 - the node may have hung up: call again, once
-                        with suppress(Exception), trio.fail_after(10):
-                            if not host.get_network().get_connections(info.peer_id):
-                                await host.connect(info)
-                    try:
-                        await one_stream(host, info.peer_id, *item)
-                    except Exception as exc:  # noqa: BLE001 - the node resets a stream it refuses at once
-                        outcomes[f"{item[0]} unsent ({type(exc).__name__})"] += 1
+                    for attempt in range(3):  # the node closes a peer that gave no record (~10 s)
+                        on = connection[0]
+                        try:
+                            await one_stream(host, info.peer_id, *item)
+                            return
+                        except Exception as exc:  # noqa: BLE001 - a reset stream or a closed connection
+                            if attempt == 2:
+                                outcomes[f"{item[0]} unsent ({type(exc).__name__})"] += 1
+                            else:
+                                await reconnect(on)
 
             async with trio.open_nursery() as nursery:
                 for item in streams:
