@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import pytest
+from aiohttp import ClientConnectionResetError
 from aiohttp.http_exceptions import BadStatusLine, LineTooLong
 
 from peerfed.net.quiet import (
@@ -122,3 +123,22 @@ def test_a_library_traceback_becomes_one_line_limited_per_place(caplog: pytest.L
     assert len(lines) == 1
     assert lines[0].exc_info is None and lines[0].levelno == logging.ERROR
     assert lines[0].getMessage() == "yamux: failed to read from peer0 (ValueError: bad frame from peer 0)"
+
+
+def test_a_clients_undecodable_header_or_hang_up_is_not_logged_as_our_bug(caplog: pytest.LogCaptureFixture) -> None:
+    """Found by test_hostile_input.py: ``Expect: <not UTF-8>`` made aiohttp's default expect
+    handler raise UnicodeEncodeError, and a client that hung up before its 100 Continue made
+    it raise ClientConnectionResetError; both were ERROR tracebacks."""
+    rejected: list[str] = []
+    server_log = HttpServerLog(QuietLog(logging.getLogger("peerfed.test.http3"), LogLimiter()), rejected.append)
+    with caplog.at_level(logging.DEBUG, logger="peerfed.test.http3"):
+        for _ in range(10):
+            try:
+                "Unknown Expect: \udc9c".encode()
+            except UnicodeEncodeError as exc:
+                server_log.exception("Error handling request from %s", "127.0.0.1", exc_info=exc)
+            gone = ClientConnectionResetError("Cannot write to closing transport")
+            server_log.exception("Error handling request from %s", "127.0.0.1", exc_info=gone)
+    assert rejected == [BAD_HTTP] * 10  # the undecodable header counts as a malformed request
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.levelno for r in loud] == [logging.WARNING] and loud[0].exc_info is None, loud

@@ -29,6 +29,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from aiohttp import ClientConnectionResetError
 from aiohttp.http_exceptions import HttpProcessingError
 
 PERIOD_S = 60.0
@@ -137,8 +138,11 @@ class HttpServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
 
     def exception(self, msg: object, *args: object, exc_info: Any = True, **kwargs: Any) -> None:
         exc = exc_info if isinstance(exc_info, BaseException) else sys.exc_info()[1]
-        if isinstance(exc, HttpProcessingError):
+        if isinstance(exc, HttpProcessingError) or _undecodable_header(exc):
             self._bad_request(args, exc)
+            return
+        if isinstance(exc, ClientConnectionResetError):  # the client hung up before our answer (a 100 Continue)
+            self.logger.debug(f"{msg}: the client is gone", *args)
             return
         kind = type(exc).__name__ if exc is not None else "error"
         left_out = self._quiet.limiter.allow(f"bug {kind}")
@@ -148,12 +152,18 @@ class HttpServerLog(logging.LoggerAdapter):  # type: ignore[type-arg]
         suffix = f" ({left_out} more like it since)" if left_out else ""
         self.logger.error(f"{msg}{suffix}", *args, exc_info=exc if exc is not None else exc_info, **kwargs)
 
-    def _bad_request(self, args: tuple[object, ...], exc: HttpProcessingError) -> None:
+    def _bad_request(self, args: tuple[object, ...], exc: BaseException) -> None:
         remote = str(args[0]) if args else "?"  # aiohttp passes request.remote
         if self._on_rejected is not None:
             self._on_rejected(BAD_HTTP)
         self._quiet.warning(f"http {remote}", "malformed HTTP request from %s: %s: %s", remote,
-                            type(exc).__name__, one_line(exc.message or exc))
+                            type(exc).__name__, one_line(getattr(exc, "message", None) or exc))
+
+
+def _undecodable_header(exc: BaseException | None) -> bool:
+    """aiohttp keeps a header's non-UTF-8 bytes as surrogates, and its own handlers choke on
+    them (an unknown ``Expect`` is echoed in a 417): the client's bytes, not our bug."""
+    return isinstance(exc, UnicodeEncodeError) and "surrogates not allowed" in exc.reason
 
 
 class OneLineRelay(logging.Handler):
