@@ -47,10 +47,11 @@ from natswarm import NsNode, NsSwarm
 from netlab import Machine, NetLab, missing_requirements
 
 from peerfed.demo_report import DemoSettings, DemoTraining
+from peerfed.train.tasks import NodeContext, TrainSettings, digits_wide
 
 TASK = "digits-wide"
 NODES = 8
-MODEL_BYTES = (64 * 8192 + 8192 + 8192 * 10 + 10) * 4  # digits-wide in float32: 2.46 MB
+MODEL_BYTES = 4 * sum(p.numel() for p in digits_wide(TrainSettings(task=TASK), NodeContext(0, 1, 0)).model.parameters())
 PROFILES = {"home": 18.0, "fiber": 0.4}  # seconds for one float32 push
 DOWNLOAD_FACTOR = 5
 CAP_OF_LINK = 0.8  # the capped runs' max_upload_rate, as a share of the uplink
@@ -81,6 +82,11 @@ RUNS = {
 def uplink_bps(profile: str) -> float:
     """Bits per second on the wire that carry one float32 push in the profile's time."""
     return MODEL_BYTES * 8 / PROFILES[profile]
+
+
+def node_uplink_bps(run: Run, index: int) -> float:
+    """The node's uplink: the profile's, 4x slower for the mixed run's slow nodes."""
+    return uplink_bps(run.profile) / (SLOW_FACTOR if run.mixed and index in SLOW else 1)
 
 
 def capped(run: Run) -> bool:
@@ -132,8 +138,7 @@ def highest_window(marks: list[tuple[float, int]], window: float = 10.0) -> floa
 def node_settings(run: Run, demo: DemoSettings, index: int, step_sleep: float) -> dict[str, Any]:
     s = {**demo.node_config(index), **run.settings, "p2p.port_mapping": False, "log_level": "warning"}
     if capped(run):
-        up = uplink_bps(run.profile) / (SLOW_FACTOR if run.mixed and index in SLOW else 1)
-        s.update({"exchange.max_upload_rate": f"{CAP_OF_LINK * up / 1e3:.1f}kbit", "exchange.max_upload_share": SHARE})
+        s.update({"exchange.max_upload_rate": f"{CAP_OF_LINK * node_uplink_bps(run, index) / 1e3:.1f}kbit", "exchange.max_upload_share": SHARE})
     if run.mixed:  # the same model under the benchmark's throttled wrapper: trainers 4x slower
         sleep = step_sleep if index in SLOW else 0.0
         s.update({"train.task": "synthetic:digits", "train.options": {**s["train.options"], "base": TASK,
@@ -148,8 +153,7 @@ def run_one(run: Run, demo: DemoSettings, step_sleep: float) -> dict[str, Any]:
         t = lab.home_topology({})
         machines = [t.public] + [lab.on_internet(t, f"n{i}", f"198.18.0.{20 + i}") for i in range(1, NODES)]
         for i, m in enumerate(machines):
-            slow = run.mixed and i in SLOW
-            shape(lab, t.internet, m, uplink_bps(run.profile) / (SLOW_FACTOR if slow else 1))
+            shape(lab, t.internet, m, node_uplink_bps(run, i))
         swarm = NsSwarm(lab, Path(tmp))
         first: NsNode | None = None
         for i, m in enumerate(machines):
@@ -176,8 +180,7 @@ def run_one(run: Run, demo: DemoSettings, step_sleep: float) -> dict[str, Any]:
         final = [n.status() for n in swarm.nodes]
         meter.stop()
         start_counts = next((c for ts, c in meter.samples if ts >= t0), meter.samples[0][1])
-    up = [uplink_bps(run.profile) / (SLOW_FACTOR if run.mixed and i in SLOW else 1) for i in range(NODES)]
-    limit = [CAP_OF_LINK * u if capped(run) else u for u in up]  # bits per second
+    limit = [node_uplink_bps(run, i) * (CAP_OF_LINK if capped(run) else 1.0) for i in range(NODES)]  # bit/s
     nodes = []
     for i, (m, s) in enumerate(zip(machines, final, strict=True)):
         marks = meter.between(m.name, t0, t1)
@@ -198,7 +201,6 @@ def run_one(run: Run, demo: DemoSettings, step_sleep: float) -> dict[str, Any]:
 
 def allreduce_baseline(demo: DemoSettings, samples: int) -> float:
     from peerfed.baselines import train_allreduce
-    from peerfed.train.tasks import TrainSettings
 
     t = demo.training
     train = TrainSettings(task=TASK, device="cpu", batch_size=t.batch_size, lr=t.lr, seed=t.seed,

@@ -105,6 +105,7 @@ class Training(TrainingSide):
         setup = open_guard(cfg, peer_id=self._peer_id, verifier=verifier, on_ban=metrics.peer_banned)
         pacing = Pacing(max_upload_rate=parse_rate(cfg.exchange.max_upload_rate),
                         max_download_rate=parse_rate(cfg.exchange.max_download_rate),
+                        max_upload_share=cfg.exchange.max_upload_share,
                         transfer_timeout=cfg.exchange.transfer_timeout,
                         connections=ConnectionLimits(max_per_address=cfg.admission.max_connections_per_address,
                                                      header_timeout=cfg.admission.header_timeout))
@@ -120,8 +121,10 @@ class Training(TrainingSide):
         data_plane = DataPlane(exchange)
         gossip = GossipLoop(
             scheduler=ExchangeScheduler(interval=self._interval(cfg), rng=random.Random(), now=time.monotonic()),
-            # Only our own exchange in flight holds ours back: it has a slot of its own (issue 12).
-            candidates=lambda: {} if data_plane.statistics().outgoing_now else self.candidates(),
+            # Only our own exchange in flight holds ours back: it has a slot of its own (issue 12);
+            # and the upload budget: our push waits until the last minute leaves room for it.
+            candidates=lambda: {} if data_plane.statistics().outgoing_now or not pacing.upload_budget_allows(
+                self._push_bytes()) else self.candidates(),
             run_exchange=data_plane.exchange_with,
         )
         return Exchanging(data_plane, gossip, pacing, setup, RosterPublisher(data_plane.set_roster))
@@ -133,6 +136,9 @@ class Training(TrainingSide):
         per_exchange = upload_per_exchange(config.exchange.encoding, self._trainer.weights.nbytes // 4)
         return stretched_interval(config.exchange.interval, per_exchange, parse_rate(config.exchange.max_upload_rate),
                                   config.exchange.max_upload_share)
+
+    def _push_bytes(self) -> int:
+        return upload_per_exchange(self._config.exchange.encoding, self._trainer.weights.nbytes // 4) // 2
 
     async def run(self) -> None:
         """State sync (a newcomer starts from a peer's model), then training, gossip and polls."""
@@ -280,11 +286,13 @@ class Training(TrainingSide):
 
 def _link_status(link: LinkStats, interval: float | None) -> dict[str, object]:
     """/status "link": payload bytes per second over the last 10 s and since start, the caps
-    (null: unlimited), the exchange interval after stretching, transfers cut for slowness."""
+    (null: unlimited), the exchange interval after stretching, transfers cut for slowness, and
+    the share of the upload budget (max_upload_share x max_upload_rate) the last minute used."""
+    budget = None if link.upload_budget_used is None else round(link.upload_budget_used, 3)
     return {"upload_rate_now": round(link.upload_now), "upload_rate_avg": round(link.upload_avg),
             "download_rate_now": round(link.download_now), "download_rate_avg": round(link.download_avg),
             "max_upload_rate": link.max_upload_rate, "max_download_rate": link.max_download_rate,
-            "exchange_interval_s": interval, "transfers_cut_slow": link.slow_cuts}
+            "exchange_interval_s": interval, "transfers_cut_slow": link.slow_cuts, "upload_budget_used": budget}
 
 
 def _allowlist(config: Config) -> frozenset[str] | None:

@@ -14,10 +14,13 @@ import peerfed.core.rates as rates_module
 from peerfed.core.rates import (
     RateMeter,
     TokenBucket,
+    UploadBudget,
+    ack_upload_bytes,
     check_share,
     default_burst,
     parse_rate,
     stretched_interval,
+    wire_upload_bytes,
 )
 
 
@@ -157,3 +160,45 @@ def test_rate_meter_reports_the_last_window_and_the_whole_run() -> None:
     early = RateMeter(window=10.0, now=0.0)
     early.add(3000, 0.5)
     assert early.current(2.0) == pytest.approx(1500.0)  # 2 s since the start, not the whole window
+
+
+def test_the_uplink_carries_headers_on_what_we_send_and_acks_for_what_we_receive() -> None:
+    assert wire_upload_bytes(1448 * 1000) == pytest.approx(1514 * 1000)  # one full Ethernet frame per segment
+    assert ack_upload_bytes(2 * 1448 * 1000) == pytest.approx(66 * 1000)  # one bare ACK per two segments
+    # both at their caps with a 5x faster download: the ACKs are ~11% of the uplink's cap
+    assert 0.10 < ack_upload_bytes(5 * 1_000_000) / 1_000_000 < 0.12
+
+
+def test_bytes_charged_without_asking_delay_the_next_send() -> None:
+    bucket = TokenBucket(1000.0, 100.0, now=0.0)
+    assert bucket.delay_for(100, 0.0) == 0.0  # the burst
+    bucket.charge(500, 0.0)  # our ACKs went out meanwhile
+    assert bucket.delay_for(100, 0.0) == pytest.approx(0.6)
+    idle = TokenBucket(1000.0, 100.0, now=0.0)
+    idle.charge(50, 10.0)  # charged into a full bucket: half the burst is left
+    assert idle.available(10.0) == pytest.approx(50.0)
+
+
+def test_the_upload_budget_holds_the_share_over_the_last_window() -> None:
+    budget = UploadBudget(1000.0, 0.5, window=60.0, now=0.0)  # 30 kB per minute
+    assert budget.limit == pytest.approx(30_000)
+    assert budget.allows(30_000, 0.0)
+    budget.add(20_000, 1.0)
+    assert budget.allows(10_000, 2.0) and not budget.allows(10_001, 2.0)
+    assert budget.used_share(2.0) == pytest.approx(2 / 3)
+    assert budget.allows(30_000, 62.5)  # a minute later the 20 kB are out of the window
+    assert budget.used_share(62.5) == 0.0
+
+
+def test_an_upload_larger_than_the_whole_budget_goes_alone_after_an_idle_window() -> None:
+    budget = UploadBudget(1000.0, 0.5, window=60.0, now=0.0)
+    assert budget.allows(100_000, 0.0)  # nothing in the window: one big model still goes
+    budget.add(100_000, 0.5)
+    assert not budget.allows(1, 30.0)
+    assert budget.allows(100_000, 61.5)
+
+
+@pytest.mark.parametrize("args", [(0.0, 0.5), (float("inf"), 0.5), (1000.0, 0.0), (1000.0, 1.5)])
+def test_bad_budgets_are_refused(args: tuple[float, float]) -> None:
+    with pytest.raises(ValueError):
+        UploadBudget(*args)

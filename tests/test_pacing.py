@@ -227,3 +227,27 @@ def test_data_that_came_while_our_loop_was_starved_is_not_blamed_on_the_peer() -
         return (await reading)[0]
 
     assert asyncio.run(main()) == b"d" * 1000
+
+
+def test_a_push_we_could_not_afford_to_answer_is_refused_for_the_upload_budget() -> None:
+    now = [0.0]
+    pacing = Pacing(max_upload_rate=1000.0, max_upload_share=0.5, clock=lambda: now[0])  # 30 kB a minute
+    assert pacing.refusal("peer-a", reply_bytes=20_000) is None and pacing.upload_budget_allows(20_000)
+    pacing.uploaded(20_000)  # one reply sent (20.9 kB on the wire with its headers)
+    assert not pacing.upload_budget_allows(9_000)
+    refusal = pacing.refusal("peer-a", reply_bytes=9_000)
+    assert refusal is not None and (refusal.status, refusal.reason) == (429, "upload_budget")
+    assert not refusal.counted  # about us, not the peer's message
+    assert pacing.statistics().upload_budget_used == pytest.approx(20_000 * 1514 / 1448 / 30_000, rel=1e-4)
+    now[0] = 61.5
+    assert pacing.refusal("peer-a", reply_bytes=9_000) is None
+
+
+def test_without_a_cap_there_is_no_budget_and_downloads_charge_the_upload_bucket_with_acks() -> None:
+    free = Pacing()
+    free.downloaded(10**9)
+    assert free.upload_budget_allows(10**12) and free.statistics().upload_budget_used is None
+    now = [0.0]
+    capped = Pacing(max_upload_rate=10_000.0, clock=lambda: now[0])
+    capped.downloaded(2 * 1448 * 100)  # 100 ACKs of 66 bytes went up
+    assert capped.upload is not None and capped.upload.available(0.0) == pytest.approx(16_384 - 6_600)

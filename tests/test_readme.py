@@ -73,3 +73,17 @@ def test_apt_part_calls_apt_directly_without_sudo_and_through_sudo_with_it(tmp_p
     assert run_apt_part(tmp_path, with_sudo=False) == ["apt-get update DEBIAN_FRONTEND=", install]
     assert run_apt_part(tmp_path, with_sudo=True) == [
         "sudo apt-get", "apt-get update DEBIAN_FRONTEND=", "sudo env", install]
+
+
+def test_readme_config_examples_are_valid_configs() -> None:
+    """Every ```toml block of the README, laid over the defaults, passes the config's checks
+    (the home rig's whole example included: rates, share, outer step, bootstrap address)."""
+    import tomllib
+
+    from peerfed.config import parse_config
+
+    blocks = re.findall(r"```toml\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    home_rig = [b for b in blocks if "max_upload_share" in b and "[merge]" in b]
+    assert home_rig, "the README lost its home rig example"
+    for block in blocks:
+        parse_config(tomllib.loads(block), base_dir=ROOT, source="README.md")

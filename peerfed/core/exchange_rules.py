@@ -38,7 +38,7 @@ EXCHANGE_OUTCOMES: tuple[Outcome, ...] = (Outcome.OK, Outcome.BUSY, Outcome.REFU
 
 NOT_READY = "not ready: our first weights are still coming (state sync)"
 # Refusals that say something about us, not about the message: answered, never counted.
-OUR_STATE = frozenset({"shutting_down", "not_ready", "busy"})
+OUR_STATE = frozenset({"shutting_down", "not_ready", "busy", "upload_budget"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,7 +50,7 @@ class Refusal:
 
     @property
     def counted(self) -> bool:
-        """A rejection of the message, counted by reason (not busy, not ready, shutting down)."""
+        """A rejection of the message, counted by reason (not busy, not ready, shutting down, out of upload budget)."""
         return self.reason not in OUR_STATE
 
 

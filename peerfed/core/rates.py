@@ -12,6 +12,10 @@ Decisions only: no I/O, no clock (`now`, in seconds on any monotonic clock, is p
 - `stretched_interval`: the time between this node's exchanges, made long enough that its
   average upload stays below max_upload_share x max_upload_rate.
 - `RateMeter`: bytes per second over the last few seconds and since the start (for /status).
+- `wire_upload_bytes`, `ack_upload_bytes`: what the uplink really carries for a payload sent
+  (TCP/IP and Ethernet headers) and for one received (our ACKs), so a cap holds on the wire.
+- `UploadBudget`: max_upload_share as a rule over a sliding minute: an upload starts only
+  when it fits in the share of the rate that the last minute left over.
 """
 
 from __future__ import annotations
@@ -85,6 +89,10 @@ class TokenBucket:
         self._full_at = max(self._full_at, send_at) + nbytes / self.rate
         return send_at - now
 
+    def charge(self, nbytes: float, now: float) -> None:
+        """Count `nbytes` that went out without asking (our ACKs): later sends wait for them."""
+        self._full_at = max(self._full_at, now) + nbytes / self.rate
+
     def available(self, now: float) -> float:
         """Bytes that could go out at `now` without waiting."""
         return max(0.0, self.burst - max(0.0, self._full_at - now) * self.rate)
@@ -135,6 +143,11 @@ class RateMeter:
         span = now - max(self.start, oldest * self.resolution)
         return sum(nbytes for _, nbytes in self._buckets) / span if span > 0 else 0.0
 
+    def recent_bytes(self, now: float) -> int:
+        """Bytes in the buckets that overlap the last `window` seconds."""
+        self._drop_old(now)
+        return sum(nbytes for _, nbytes in self._buckets)
+
     def average(self, now: float) -> float:
         elapsed = now - self.start
         return self.total / elapsed if elapsed > 0 else 0.0
@@ -145,6 +158,51 @@ class RateMeter:
         while self._buckets and self._buckets[0][0] < oldest:
             self._buckets.popleft()
         return oldest
+
+
+# -- what the uplink carries beyond the payload (issue 10: a cap holds on the wire) -----------
+
+SEGMENT_PAYLOAD = 1448  # TCP payload per segment: 1500-byte MTU, IPv4, timestamps on
+SEGMENT_HEADERS = 66    # Ethernet 14 + IPv4 20 + TCP 20 + timestamp option 12 (IPv6: 20 more)
+SEGMENTS_PER_ACK = 2    # delayed ACKs: one pure ACK per two full segments received
+
+
+def wire_upload_bytes(payload: int) -> float:
+    """Bytes our uplink carries to send `payload` bytes of TCP payload."""
+    return payload * (1 + SEGMENT_HEADERS / SEGMENT_PAYLOAD)
+
+
+def ack_upload_bytes(downloaded: int) -> float:
+    """Bytes our uplink carries acknowledging `downloaded` bytes (with a 5x faster download,
+    about 11% of the uplink when both run at their caps: not to be left out)."""
+    return downloaded * SEGMENT_HEADERS / (SEGMENTS_PER_ACK * SEGMENT_PAYLOAD)
+
+
+BUDGET_WINDOW = 60.0  # seconds over which max_upload_share holds
+
+
+class UploadBudget:
+    """max_upload_share x max_upload_rate as an average over any `window` seconds: an upload
+    of n bytes (our push, or the reply to a peer's) may start when the uplink's bytes of the
+    last window plus n fit in share x rate x window, or when the last window was idle (an
+    upload larger than the whole budget still goes, alone)."""
+
+    def __init__(self, rate: float, share: float, *, window: float = BUDGET_WINDOW, now: float = 0.0) -> None:
+        if not (math.isfinite(rate) and rate > 0):
+            raise ValueError("rate must be positive and finite")
+        self.limit = check_share(share) * rate * window  # bytes per window
+        self.meter = RateMeter(window=window, resolution=1.0, now=now)
+
+    def add(self, nbytes: float, now: float) -> None:
+        self.meter.add(round(nbytes), now)
+
+    def allows(self, nbytes: float, now: float) -> bool:
+        used = self.meter.recent_bytes(now)
+        return used == 0 or used + nbytes <= self.limit
+
+    def used_share(self, now: float) -> float:
+        """The last window's bytes as a share of the budget (1.0: all of it)."""
+        return self.meter.recent_bytes(now) / self.limit
 
 
 # -- the minimum rate of a transfer (issue 12: a slot cannot be held) ------------------------

@@ -126,7 +126,7 @@ class Exchange:
         env = self._open_header(request.headers.get(MANIFEST_HEADER), Manifest)
         if isinstance(env, Refusal):
             return env
-        refusal = self._pacing.refusal(env.sender) or self.guard.admit(
+        refusal = self._pacing.refusal(env.sender, reply_bytes=env.body.length) or self.guard.admit(
             env.sender, cost=2 * self._weights.nbytes, unless=rules.check_push(
                 env, ours=self._model(), content_length=request.content_length, room=self._occupancy.room(),
                 accepts=self._wire.choice.accepts))

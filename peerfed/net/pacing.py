@@ -16,6 +16,11 @@ hands out; ``statistics()`` may be called from any thread (the meters sit behind
   back by its last byte while our push is still uploading is not mistaken for a stall.
 - A peer whose push was cut is answered 429 ``slow_peer`` for a while (doubling per cut), so
   an immediate retry cannot take the slot again.
+- The upload bucket counts what the uplink carries, not only payload: TCP/IP headers on what
+  we send and the ACKs for what we receive (core.rates.wire_upload_bytes, ack_upload_bytes).
+- With a max_upload_rate, exchange.max_upload_share holds over any minute
+  (core.rates.UploadBudget): our own push waits for room (``upload_budget_allows``) and a
+  peer's push, whose reply we would upload, is answered 429 ``upload_budget`` while none is left.
 """
 
 from __future__ import annotations
@@ -35,8 +40,11 @@ from peerfed.core.rates import (
     RateMeter,
     TokenBucket,
     TransferFloor,
+    UploadBudget,
+    ack_upload_bytes,
     default_burst,
     transfer_floor,
+    wire_upload_bytes,
 )
 from peerfed.serving import ConnectionLimits
 
@@ -52,6 +60,10 @@ MAX_SLOW_PEERS = 1024  # memory bound of the cooldown table (oldest forgotten fi
 CLIENT_IDLE_S = 4.0
 
 
+UPLOAD_BUDGET_SPENT = Refusal(429, "upload_budget", "our upload budget (exchange.max_upload_share) is spent "
+                              "for this minute; try another peer")
+
+
 class TransferTooSlow(ConnectionError):
     """The peer moved fewer bytes than the transfer's floor for about FLOOR_WINDOW seconds."""
 
@@ -59,7 +71,8 @@ class TransferTooSlow(ConnectionError):
 @dataclass(frozen=True, slots=True)
 class LinkStats:
     """Payload bytes per second through this node's data plane: over the last 10 s and
-    since start; the caps (None: unlimited); transfers cut for going below their floor."""
+    since start; the caps (None: unlimited); transfers cut for going below their floor;
+    the share of the upload budget the last minute used (None: no max_upload_rate)."""
 
     upload_now: float = 0.0
     upload_avg: float = 0.0
@@ -68,6 +81,7 @@ class LinkStats:
     max_upload_rate: float | None = None
     max_download_rate: float | None = None
     slow_cuts: int = 0
+    upload_budget_used: float | None = None
 
 
 class TransferGuard:
@@ -185,8 +199,8 @@ class Pacing:
     """The node's two token buckets, rate meters and slow-peer cooldowns (see the module doc)."""
 
     def __init__(self, *, max_upload_rate: float | None = None, max_download_rate: float | None = None,
-                 transfer_timeout: float = 120.0, connections: ConnectionLimits | None = None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 max_upload_share: float = 1.0, transfer_timeout: float = 120.0,
+                 connections: ConnectionLimits | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         # The exchange server's header timeout and per-address cap (serving.py)
         self.connections = connections or ConnectionLimits(max_per_address=16, header_timeout=10.0)
@@ -195,6 +209,8 @@ class Pacing:
             TokenBucket(max_upload_rate, default_burst(max_upload_rate), now=now)
         self.download = None if max_download_rate is None else \
             TokenBucket(max_download_rate, default_burst(max_download_rate), now=now)
+        self.budget = None if max_upload_rate is None else \
+            UploadBudget(max_upload_rate, max_upload_share, now=now)
         self._transfer_timeout = transfer_timeout
         self._lock = threading.Lock()  # the meters: fed on the data plane, read by statistics()
         self._meters = (RateMeter(now=now), RateMeter(now=now))  # upload, download
@@ -218,7 +234,7 @@ class Pacing:
         return TransferGuard(TransferFloor(floor, window=FLOOR_WINDOW, now=self._clock()), self._clock, on_cut, self)
 
     async def wait_upload(self, nbytes: int) -> None:
-        if self.upload is not None and (delay := self.upload.delay_for(nbytes, self._clock())) > 0:
+        if self.upload is not None and (delay := self.upload.delay_for(wire_upload_bytes(nbytes), self._clock())) > 0:
             await asyncio.sleep(delay)
 
     async def wait_download(self, nbytes: int) -> None:
@@ -226,22 +242,39 @@ class Pacing:
             await asyncio.sleep(delay)
 
     def uploaded(self, nbytes: int) -> None:
+        now = self._clock()
         with self._lock:
-            self._meters[0].add(nbytes, self._clock())
+            self._meters[0].add(nbytes, now)
+            if self.budget is not None:
+                self.budget.add(wire_upload_bytes(nbytes), now)
 
     def downloaded(self, nbytes: int) -> None:
+        now, acks = self._clock(), ack_upload_bytes(nbytes)
         with self._lock:
-            self._meters[1].add(nbytes, self._clock())
+            self._meters[1].add(nbytes, now)
+            if self.budget is not None:
+                self.budget.add(acks, now)
+        if self.upload is not None:
+            self.upload.charge(acks, now)
+
+    def upload_budget_allows(self, payload_bytes: int) -> bool:
+        """Whether uploading ``payload_bytes`` now keeps max_upload_share over the last minute."""
+        if self.budget is None:
+            return True
+        with self._lock:
+            return self.budget.allows(wire_upload_bytes(payload_bytes), self._clock())
 
     # -- slow peers ------------------------------------------------------------------------
 
-    def refusal(self, peer_id: str) -> Refusal | None:
-        """429 slow_peer while ``peer_id`` is in cooldown after a push cut for slowness."""
+    def refusal(self, peer_id: str, reply_bytes: int = 0) -> Refusal | None:
+        """429 slow_peer while ``peer_id`` is in cooldown after a push cut for slowness;
+        429 upload_budget while uploading our ``reply_bytes`` would break max_upload_share."""
         until, _ = self._cooldowns.get(peer_id, (0.0, 0))
-        left = until - self._clock()
-        if left <= 0:
-            return None
-        return Refusal(429, "slow_peer", f"your last push was below the minimum rate; try again in {math.ceil(left)} s")
+        if (left := until - self._clock()) > 0:
+            return Refusal(429, "slow_peer", f"your last push was below the minimum rate; try again in {math.ceil(left)} s")
+        if not self.upload_budget_allows(reply_bytes):
+            return UPLOAD_BUDGET_SPENT
+        return None
 
     def _cool_down(self, peer_id: str) -> None:
         _, cuts = self._cooldowns.pop(peer_id, (0.0, 0))
@@ -260,4 +293,5 @@ class Pacing:
                              download_now=down.current(now), download_avg=down.average(now),
                              max_upload_rate=None if self.upload is None else self.upload.rate,
                              max_download_rate=None if self.download is None else self.download.rate,
-                             slow_cuts=self._slow_cuts)
+                             slow_cuts=self._slow_cuts,
+                             upload_budget_used=None if self.budget is None else self.budget.used_share(now))
