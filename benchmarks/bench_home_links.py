@@ -169,9 +169,10 @@ def run_one(run: Run, demo: DemoSettings, step_sleep: float) -> dict[str, Any]:
         steps0 = [int(n.status().get("step", 0)) for n in swarm.nodes]
         curve: list[tuple[float, list[float], list[int]]] = []  # (t, accuracies, uplink bytes)
         payload_peak = [0.0] * NODES  # the data plane's own 10 s upload rate (exchange payload)
+        slowest_status = [0.0]  # the longest a node's local API took to answer /status
         while time.monotonic() - t0 < demo.duration + 5:
             time.sleep(2.0)
-            statuses = [n.status() for n in swarm.nodes]
+            statuses = [timed_status(n, slowest_status) for n in swarm.nodes]
             payload_peak = [max(p, float(s["link"]["upload_rate_now"])) for p, s in zip(payload_peak, statuses, strict=True)]
             counts = meter.samples[-1][1] if meter.samples else {}
             curve.append((time.monotonic() - t0, [float((s.get("metrics") or {}).get("accuracy") or 0.0)
@@ -195,8 +196,17 @@ def run_one(run: Run, demo: DemoSettings, step_sleep: float) -> dict[str, Any]:
             "payload_avg_bps": 8 * float(s["link"]["upload_rate_avg"]),
         })
     return {"run": run.name, "profile": run.profile, "nodes": nodes, "start_counts": start_counts,
+            "slowest_status_s": slowest_status[0],
             "curve": [(tt, acc, [b - start_counts.get(m.name, 0) for b, m in zip(bts, machines, strict=True)])
                       for tt, acc, bts in curve]}
+
+
+def timed_status(node: NsNode, slowest: list[float]) -> dict[str, Any]:
+    """/status, waiting up to 60 s: a node whose main loop stalls is reported, not fatal."""
+    started = time.monotonic()
+    status = node.status(timeout=60.0)
+    slowest[0] = max(slowest[0], time.monotonic() - started)
+    return status
 
 
 def allreduce_baseline(demo: DemoSettings, samples: int) -> float:
@@ -227,7 +237,8 @@ def report(result: dict[str, Any], allreduce: float, alone_rate: float | None) -
     print(f"  accuracy mean {mean:.2f}%, worst {worst:.2f}%; all-reduce {100 * allreduce:.2f}% "
           f"(mean {mean - 100 * allreduce:+.2f}, worst {worst - 100 * allreduce:+.2f} points)")
     print(f"  step rate {rate:.1f}/s per {'fast ' if len(fast) < len(nodes) else ''}node ({rel}); "
-          f"exchanges per node {sum(n['exchanges'] for n in nodes) / len(nodes):.1f}")
+          f"exchanges per node {sum(n['exchanges'] for n in nodes) / len(nodes):.1f}; "
+          f"slowest /status answer {result['slowest_status_s']:.2f} s")
     for tag, group in (("fast", fast), ("slow", [n for n in nodes if n["slow"]])):
         if not group:
             continue
@@ -262,6 +273,8 @@ def main() -> None:
         report(result, allreduce, alone_rate)
         if name == "alone":
             alone_rate = sum(n["steps_per_s"] for n in result["nodes"]) / NODES
+        if args.json:  # after every run: a later run that fails keeps the earlier ones
+            args.json.write_text(json.dumps(results, indent=1))
     if "float32" in results:
         f32 = results["float32"]
         target = sum(n["accuracy"] for n in f32["nodes"]) / NODES
@@ -271,8 +284,6 @@ def main() -> None:
             got = bytes_to_reach(r, target) if r["run"] != "alone" else None
             ratio = f" = {base / got:.1f}x fewer than float32" if got and base else ""
             print(f"  {name:9} {'never' if got is None else f'{got / 1e6:.2f} MB'}{ratio}")
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

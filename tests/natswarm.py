@@ -35,11 +35,11 @@ class NsNode:
     def p2p_addr(self) -> str:
         return f"/ip4/{self.machine.ip}/tcp/{self.node.p2p_port}/p2p/{self.node.peer_id}"
 
-    def get(self, path: str) -> Any:
-        return self.lab.get_json(self.machine.ns, f"http://127.0.0.1:{self.node.api_port}{path}")
+    def get(self, path: str, timeout: float = 5.0) -> Any:
+        return self.lab.get_json(self.machine.ns, f"http://127.0.0.1:{self.node.api_port}{path}", timeout=timeout)
 
-    def status(self) -> dict[str, Any]:
-        return self.get("/status")  # type: ignore[no-any-return]
+    def status(self, timeout: float = 5.0) -> dict[str, Any]:
+        return self.get("/status", timeout)  # type: ignore[no-any-return]
 
     def connected(self) -> set[str]:
         return {p["peer_id"] for p in self.get("/peers") if p["state"] == "connected"}

@@ -139,10 +139,11 @@ def test_trainer_follows_the_schedule_and_stamps_evaluations(tmp_path: Path) -> 
 @pytest.mark.slow
 @pytest.mark.timeout(290)
 def test_demo_runs_a_real_swarm_and_meets_the_targets(tmp_path: Path) -> None:
-    """4 daemons for 40 s (the default 8 for 60 s is the issue's run; this keeps CI shorter)."""
+    """4 daemons for the default 60 s (the default 8 nodes is the issue's run; 4 keep CI shorter). At
+    40 s the 2-point target failed 2 runs of 3 on a slow 2-core machine (mean 2.1 and 2.9 points under)."""
     out = tmp_path / "demo"
     proc = subprocess.run(
-        [sys.executable, "-m", "peerfed", "demo", "--nodes", "4", "--alpha", "0.1", "--duration", "40",
+        [sys.executable, "-m", "peerfed", "demo", "--nodes", "4", "--alpha", "0.1", "--duration", "60",
          "--out", str(out)],
         cwd=ROOT, capture_output=True, text=True, timeout=280,
     )
@@ -171,7 +172,7 @@ def test_demo_runs_a_real_swarm_and_meets_the_targets(tmp_path: Path) -> None:
     assert report["samples"] == sum(n["samples"] for n in nodes) > 0
     assert report["epochs"] == pytest.approx(report["samples"] / DIGITS_TRAIN_SIZE)
     assert report["settings"]["nodes"] == 4 and report["settings"]["alpha"] == 0.1
-    assert report["duration"] > 40 and report["clean_exit"] is True
+    assert report["duration"] > 60 and report["clean_exit"] is True
     assert report["final_reading"]["stale"] == []
     # The issue's targets: gossip tracks all-reduce, and clearly beats training alone.
     assert mean >= allreduce - 0.020, report["baselines"]

@@ -215,7 +215,7 @@ def shm_mappings(pid: int) -> set[str]:
 
 # ---------------------------------------------------------------- crash safety
 
-CRASH_CYCLES = 30
+CRASH_CYCLES = 20  # ~9 s each: the slow suite's longest test, sized to keep CI under 25 min
 CRASH_CHECKPOINT_INTERVAL = 0.5
 CRASH_KEEP = 3
 
@@ -250,7 +250,7 @@ def crash_schedule(rng: random.Random) -> list[str]:
     "running" (daemon only, like a crash: its orphaned trainer checkpoints and exits), "write"
     (the whole process group the moment a checkpoint is being written, like the OOM killer or
     systemd's final SIGKILL)."""
-    plan = ["startup"] * 5 + ["running"] * 12 + ["write"] * 13
+    plan = ["startup"] * 3 + ["running"] * 8 + ["write"] * 9
     rng.shuffle(plan)
     plan[-1] = "running"  # the last restart is checked below: make it a normal one
     return plan[:CRASH_CYCLES]
@@ -360,7 +360,7 @@ def test_sigkill_at_random_moments_always_resumes_from_a_valid_checkpoint(tmp_pa
         assert found is not None and found[1]["step"] > crashes.on_disk
     print(f"{CRASH_CYCLES} kill cycles in {time.monotonic() - began:.0f} s; {crashes.mid_write_kills} kills "
           f"left a half-written checkpoint; resumed steps {crashes.resumes}")
-    assert len(crashes.resumes) >= CRASH_CYCLES - 5 and crashes.resumes[-1] > 0
+    assert len(crashes.resumes) >= CRASH_CYCLES - 3 and crashes.resumes[-1] > 0
     assert crashes.mid_write_kills >= 1, "no kill landed during a checkpoint write"
 
 

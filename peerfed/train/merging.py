@@ -122,6 +122,5 @@ class Merger:
                         chunk=chunk, hold=hold)
             return
         merge_(local, sent, received, weight, chunk=chunk, hold=hold)
-        if self._anchor is not None:  # where this merge leaves us, but for the steps in flight
-            self._anchor.copy_(sent)
-            merge_(self._anchor, sent, received, weight, chunk=chunk)
+        if self._anchor is not None:  # where this merge leaves us, but for the steps in flight:
+            torch.lerp(sent, received, weight, out=self._anchor)  # sent + weight (received - sent)
