@@ -164,7 +164,9 @@ def test_plaintext_only_peer_cannot_connect(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_daemon_still_accepts_connections_after_400_connect_disconnect_cycles(tmp_path: Path) -> None:
+def test_daemon_still_accepts_connections_after_300_connect_disconnect_cycles(tmp_path: Path) -> None:
+    """py-libp2p 0.8.1 never frees an inbound connection's limiter slot and refuses all after 250
+    (design.md section 5): 300 cycles go past that, and a fresh peer still connects."""
     with make_swarm(tmp_path, 1) as swarm:
         swarm.start_all()
         node = swarm.nodes[0]
@@ -174,7 +176,7 @@ def test_daemon_still_accepts_connections_after_400_connect_disconnect_cycles(tm
         async def main() -> None:
             _, host = make_test_peer()
             async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-                for _ in range(400):
+                for _ in range(300):
                     with trio.fail_after(10):
                         await host.connect(info)
                         await host.disconnect(info.peer_id)
@@ -186,7 +188,7 @@ def test_daemon_still_accepts_connections_after_400_connect_disconnect_cycles(tm
                 done["final"] = info.peer_id in fresh.get_connected_peers()
 
         trio.run(main)
-        assert done == {"cycles": 400, "final": True}
+        assert done == {"cycles": 300, "final": True}
         assert node.is_up()
 
 
