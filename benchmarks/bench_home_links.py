@@ -169,10 +169,12 @@ def run_one(run: Run, demo: DemoSettings, step_sleep: float) -> dict[str, Any]:
         steps0 = [int(n.status().get("step", 0)) for n in swarm.nodes]
         curve: list[tuple[float, list[float], list[int]]] = []  # (t, accuracies, uplink bytes)
         payload_peak = [0.0] * NODES  # the data plane's own 10 s upload rate (exchange payload)
-        slowest_status = [0.0]  # the longest a node's local API took to answer /status
+        slowest_status = 0.0  # the longest a node's local API took to answer /status
         while time.monotonic() - t0 < demo.duration + 5:
             time.sleep(2.0)
-            statuses = [timed_status(n, slowest_status) for n in swarm.nodes]
+            answers = [timed_status(n) for n in swarm.nodes]
+            statuses = [status for status, _ in answers]
+            slowest_status = max(slowest_status, *(seconds for _, seconds in answers))
             payload_peak = [max(p, float(s["link"]["upload_rate_now"])) for p, s in zip(payload_peak, statuses, strict=True)]
             counts = meter.samples[-1][1] if meter.samples else {}
             curve.append((time.monotonic() - t0, [float((s.get("metrics") or {}).get("accuracy") or 0.0)
@@ -196,17 +198,17 @@ def run_one(run: Run, demo: DemoSettings, step_sleep: float) -> dict[str, Any]:
             "payload_avg_bps": 8 * float(s["link"]["upload_rate_avg"]),
         })
     return {"run": run.name, "profile": run.profile, "nodes": nodes, "start_counts": start_counts,
-            "slowest_status_s": slowest_status[0],
+            "slowest_status_s": slowest_status,
             "curve": [(tt, acc, [b - start_counts.get(m.name, 0) for b, m in zip(bts, machines, strict=True)])
                       for tt, acc, bts in curve]}
 
 
-def timed_status(node: NsNode, slowest: list[float]) -> dict[str, Any]:
-    """/status, waiting up to 60 s: a node whose main loop stalls is reported, not fatal."""
+def timed_status(node: NsNode) -> tuple[dict[str, Any], float]:
+    """/status and the seconds it took, waiting up to 60 s: a node whose main loop stalls is
+    reported, not fatal."""
     started = time.monotonic()
     status = node.status(timeout=60.0)
-    slowest[0] = max(slowest[0], time.monotonic() - started)
-    return status
+    return status, time.monotonic() - started
 
 
 def allreduce_baseline(demo: DemoSettings, samples: int) -> float:

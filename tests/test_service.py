@@ -215,7 +215,9 @@ def shm_mappings(pid: int) -> set[str]:
 
 # ---------------------------------------------------------------- crash safety
 
-CRASH_CYCLES = 20  # ~9 s each: the slow suite's longest test, sized to keep CI under 25 min
+# Kills per kind (see crash_schedule), ~10 s a cycle: the slow suite's longest test, sized for CI's 25 min.
+STARTUP_KILLS, RUNNING_KILLS, WRITE_KILLS = 3, 8, 9
+CRASH_CYCLES = STARTUP_KILLS + RUNNING_KILLS + WRITE_KILLS
 CRASH_CHECKPOINT_INTERVAL = 0.5
 CRASH_KEEP = 3
 
@@ -250,10 +252,10 @@ def crash_schedule(rng: random.Random) -> list[str]:
     "running" (daemon only, like a crash: its orphaned trainer checkpoints and exits), "write"
     (the whole process group the moment a checkpoint is being written, like the OOM killer or
     systemd's final SIGKILL)."""
-    plan = ["startup"] * 3 + ["running"] * 8 + ["write"] * 9
+    plan = ["startup"] * STARTUP_KILLS + ["running"] * RUNNING_KILLS + ["write"] * WRITE_KILLS
     rng.shuffle(plan)
     plan[-1] = "running"  # the last restart is checked below: make it a normal one
-    return plan[:CRASH_CYCLES]
+    return plan
 
 
 class CrashCycles:
@@ -360,7 +362,7 @@ def test_sigkill_at_random_moments_always_resumes_from_a_valid_checkpoint(tmp_pa
         assert found is not None and found[1]["step"] > crashes.on_disk
     print(f"{CRASH_CYCLES} kill cycles in {time.monotonic() - began:.0f} s; {crashes.mid_write_kills} kills "
           f"left a half-written checkpoint; resumed steps {crashes.resumes}")
-    assert len(crashes.resumes) >= CRASH_CYCLES - 3 and crashes.resumes[-1] > 0
+    assert len(crashes.resumes) >= CRASH_CYCLES - STARTUP_KILLS and crashes.resumes[-1] > 0
     assert crashes.mid_write_kills >= 1, "no kill landed during a checkpoint write"
 
 
