@@ -80,7 +80,7 @@ class P2PConfig(_Section):
     allowlist: tuple[PeerIdStr, ...] = ()
     max_peers: Int = Field(64, ge=1)
     max_connections: Int = Field(16, ge=1)  # the active view: live connections kept, whatever the swarm's size
-    port_mapping: Bool = True  # ask the home router (UPnP IGD) to forward our p2p and exchange ports
+    port_mapping: Bool = True  # ask the home router (UPnP IGD, else NAT-PMP) to forward our p2p and exchange ports
     relay_service: Bool = False  # relay circuits for peers behind NATs (a public box), within the caps below
     relay_max_bytes: Int = Field(64 << 20, ge=1)  # per relayed circuit, both directions together
     relay_max_seconds: Int = Field(300, ge=1)  # per relayed circuit

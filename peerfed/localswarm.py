@@ -181,7 +181,7 @@ class LocalSwarm:
             api_listen=f"127.0.0.1:{node.api_port}",
             bootstrap=list(bootstrap),
         )
-        # Nodes on 127.0.0.1 have no router to ask: no UPnP discovery out of the machine.
+        # Nodes on 127.0.0.1 have no router to ask: no UPnP discovery or NAT-PMP out of the machine.
         set_config_values(node.config_path, {"p2p.port_mapping": False, **(settings or {})})
         self.nodes.append(node)
         return node

@@ -12,8 +12,9 @@ on the internet has an on-link route to the other range, so it is the same flat 
 
 Every veth is created with both ends inside namespaces of ours, and no namespace has a link to
 the host's own: nothing can be routed to the real network. A router forwards LAN -> WAN and
-answers of those connections only (like a home router); with ``upnp=True`` it also runs
-miniupnpd (UPnP IGD and NAT-PMP) whose mappings open a port from the WAN.
+answers of those connections only (like a home router); one named in ``upnp`` also runs
+miniupnpd (UPnP IGD and NAT-PMP), one named in ``natpmp`` runs it with UPnP IGD off; their
+mappings open a port from the WAN.
 
 ``NetLab`` is a context manager: on exit (also after a failure) it ends every process it
 started, by process group, and deletes its namespaces, which takes their links along.
@@ -125,17 +126,19 @@ class NetLab:
         self.sh(ns_b, f"ip link set {if_b} up")
 
     def home_topology(self, rigs: dict[str, int] | None = None, *, upnp: Sequence[str] = (),
-                      symmetric: Sequence[str] = ()) -> HomeTopology:
+                      natpmp: Sequence[str] = (), symmetric: Sequence[str] = ()) -> HomeTopology:
         """The picture in the module docstring: ``rigs`` maps router name -> number of rigs
-        behind it (default a: 1, b: 1); routers named in ``upnp`` run miniupnpd; those in
-        ``symmetric`` pick a random outside port per connection (no hole punching through them)."""
+        behind it (default a: 1, b: 1); routers named in ``upnp`` run miniupnpd, those in
+        ``natpmp`` run it with UPnP IGD off (NAT-PMP/PCP only); those in ``symmetric`` pick a
+        random outside port per connection (no hole punching through them)."""
         rigs = {"a": 1, "b": 1} if rigs is None else rigs
         inet = self.add_ns("inet")
         self.sh(inet, "ip link add br0 type bridge && ip link set br0 up")
         public = self._on_internet(inet, "public", "198.18.0.10")
         routers: dict[str, Router] = {}
         for n, (name, count) in enumerate(rigs.items(), start=1):
-            routers[name] = self._router(inet, name, n, count, upnp=name in upnp, symmetric=name in symmetric)
+            routers[name] = self._router(inet, name, n, count, upnp=name in upnp or name in natpmp,
+                                         igd=name not in natpmp, symmetric=name in symmetric)
         return HomeTopology(internet=inet, public=public, routers=routers)
 
     def on_internet(self, topology: HomeTopology, name: str, ip: str) -> Machine:
@@ -154,7 +157,8 @@ class NetLab:
         self.sh(ns, f"ip route add {other} dev {ifname}")
         return Machine(name, ns, ip)
 
-    def _router(self, inet: str, name: str, n: int, count: int, *, upnp: bool, symmetric: bool = False) -> Router:
+    def _router(self, inet: str, name: str, n: int, count: int, *, upnp: bool, igd: bool = True,
+                symmetric: bool = False) -> Router:
         wan_ip = f"11.18.0.{n}" if upnp else f"198.18.{n}.1"
         machine = self._on_internet(inet, f"r{name}", wan_ip, ifname="wan")
         ns, prefix = machine.ns, f"192.168.{n}"
@@ -170,17 +174,19 @@ class NetLab:
             self.sh(rig_ns, f"ip addr add {ip}/24 dev eth0 && ip route add default via {prefix}.1")
             router.rigs.append(Machine(f"{name}{i + 1}", rig_ns, ip))
         if upnp:
-            self._start_miniupnpd(router)
+            self._start_miniupnpd(router, igd)
         return router
 
-    def _start_miniupnpd(self, router: Router) -> None:
+    def _start_miniupnpd(self, router: Router, igd: bool) -> None:
         ns = router.machine.ns
         conf = Path(f"/tmp/{ns}-miniupnpd.conf")
-        conf.write_text(_miniupnpd_conf(router.lan_prefix))
+        conf.write_text(_miniupnpd_conf(router.lan_prefix, igd))
         with open(f"/tmp/{ns}-miniupnpd.log", "wb") as log:
             self.spawn(ns, ["miniupnpd", "-d", "-f", str(conf), "-P", f"/tmp/{ns}-miniupnpd.pid"], stdout=log)
         deadline = time.monotonic() + 10
-        while not self.can_connect(ns, router.lan_ip, 5000, timeout=0.5):
+        # Up once it listens: on its HTTP port (UPnP IGD), else on NAT-PMP's UDP port.
+        while not (self.can_connect(ns, router.lan_ip, 5000, timeout=0.5) if igd
+                   else "5351" in self.sh(ns, "ss -Hlun")):
             if time.monotonic() > deadline:
                 raise RuntimeError("miniupnpd did not start:\n" + Path(log.name).read_text()[-2000:])
             time.sleep(0.2)
@@ -330,13 +336,13 @@ table inet home {{
 """
 
 
-def _miniupnpd_conf(lan_prefix: str) -> str:
+def _miniupnpd_conf(lan_prefix: str, igd: bool = True) -> str:
     return f"""
 ext_ifname=wan
 listening_ip=lan
 port=5000
 enable_natpmp=yes
-enable_upnp=yes
+enable_upnp={"yes" if igd else "no"}
 secure_mode=yes
 system_uptime=no
 upnp_table_name=home

@@ -96,6 +96,6 @@ def test_status_text_says_reachability_and_the_mapping() -> None:
 
     status = {"peer_id": "x", "reachability": "public", "observed_addrs": ["/ip4/11.18.0.1/tcp/40000"],
               "nat": {"port_mapping": {"mapped": [{"external_ip": "11.18.0.1", "external_port": 7401,
-                                                   "internal_port": 7401}]}}}
+                                                   "internal_port": 7401}], "protocol": "NAT-PMP"}}}
     line = [x for x in status_lines(status) if x.startswith("reachability")]
-    assert line == ["reachability     public (seen at: /ip4/11.18.0.1/tcp/40000; mapped 11.18.0.1:7401->7401)"]
+    assert line == ["reachability     public (seen at: /ip4/11.18.0.1/tcp/40000; mapped 11.18.0.1:7401->7401 by NAT-PMP)"]

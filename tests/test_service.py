@@ -216,7 +216,7 @@ def shm_mappings(pid: int) -> set[str]:
 # ---------------------------------------------------------------- crash safety
 
 # Kills per kind (see crash_schedule), ~10 s a cycle: the slow suite's longest test, sized for CI's 25 min.
-STARTUP_KILLS, RUNNING_KILLS, WRITE_KILLS = 3, 8, 9
+STARTUP_KILLS, RUNNING_KILLS, WRITE_KILLS = 2, 5, 6
 CRASH_CYCLES = STARTUP_KILLS + RUNNING_KILLS + WRITE_KILLS
 CRASH_CHECKPOINT_INTERVAL = 0.5
 CRASH_KEEP = 3

@@ -8,7 +8,8 @@
   ``<relay address>/p2p-circuit/p2p/<us>``, and dial such addresses.
 - DCUtR: on every relayed connection py-libp2p's DCUtR tries, within seconds, to replace it
   by a direct one (TCP simultaneous open from both listen ports at the addresses each side was
-  observed at); the relayed connection stays as the fallback.
+  observed at); the relayed connection stays as the fallback. Only one end leads
+  (``OneEndDCUtR``).
 - Exchange tunnels (net/tunnel.py): the HTTP exchange over a libp2p stream, for peers whose
   exchange URL cannot be reached.
 
@@ -41,6 +42,34 @@ log = logging.getLogger("peerfed.relay")
 
 RESERVE_TIMEOUT = 10.0
 CIRCUIT_DIAL_TIMEOUT = 15.0
+# Longer than one DCUtR attempt of py-libp2p 0.8.1 (a 10 s direct dial, then 3 rounds of
+# 5 s + 2 s), so the follower starts only once the leader has had a whole one.
+FOLLOWER_DELAY = 45.0
+
+
+class OneEndDCUtR(DCUtRProtocol):
+    """DCUtR led by the end with the lower peer ID.
+
+    py-libp2p drives a hole punch from both ends of a relayed connection every 2 s. When both
+    start at once, two sessions run crossed (each end the initiator of one): their simultaneous
+    dials meet with both ends in the same security role and both fail (CI, stop 23). The higher
+    ID waits: it starts only if the connection is still relayed FOLLOWER_DELAY after it saw it,
+    which covers a peer that never leads (another implementation)."""
+
+    def __init__(self, host: Any) -> None:
+        super().__init__(host)
+        self._relayed_since: dict[ID, float] = {}
+
+    async def initiate_hole_punch(self, peer_id: ID) -> bool:
+        if self.host.get_id().to_bytes() > peer_id.to_bytes():
+            since = self._relayed_since.setdefault(peer_id, trio.current_time())
+            if trio.current_time() - since < FOLLOWER_DELAY:
+                return False
+        return await super().initiate_hole_punch(peer_id)
+
+    def on_peer_disconnected(self, peer_id: ID) -> None:
+        super().on_peer_disconnected(peer_id)
+        self._relayed_since.pop(peer_id, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +91,7 @@ class NatTraversal:
         self._protocol = CircuitV2Protocol(host, limits=limits, allow_hop=relay.enabled)
         roles = RelayRole.STOP | RelayRole.CLIENT | (RelayRole.HOP if relay.enabled else RelayRole(0))
         self._transport = CircuitV2Transport(host, self._protocol, RelayConfig(roles=roles, limits=limits))
-        self._dcutr = DCUtRProtocol(host)
+        self._dcutr = OneEndDCUtR(host)
         self.tunnels = Tunnels(host, network)
         self.reserved: set[str] = set()   # relays that hold a slot for us
         self._nursery: trio.Nursery | None = None
