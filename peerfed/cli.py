@@ -309,11 +309,9 @@ def status_lines(status: dict[str, Any], now: float | None = None) -> list[str]:
     if status.get("exchanges"):
         lines.append(f"{'exchanges':16} " + ", ".join(f"{k}={v}" for k, v in status["exchanges"].items()))
     if "reachability" in status:  # how peers see us (identify); the router's port mappings
-        port_mapping = (status.get("nat") or {}).get("port_mapping") or {}
-        mapped = ", ".join(f"{m['external_ip']}:{m['external_port']}->{m['internal_port']}"
-                           for m in port_mapping.get("mapped") or [])
-        if mapped and port_mapping.get("protocol"):
-            mapped += f" by {port_mapping['protocol']}"
+        pm = (status.get("nat") or {}).get("port_mapping") or {}
+        mapped = ", ".join(f"{m['external_ip']}:{m['external_port']}->{m['internal_port']}" for m in pm.get("mapped") or [])
+        mapped += f" by {pm['protocol']}" if mapped and pm.get("protocol") else ""
         lines.append(f"{'reachability':16} {status['reachability']} (seen at: "
                      f"{', '.join(status.get('observed_addrs') or []) or 'none yet'}{'; mapped ' + mapped if mapped else ''})")
     return lines
